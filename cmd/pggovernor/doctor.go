@@ -1,0 +1,202 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sort"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"go.uber.org/zap"
+
+	"github.com/pggovernor/pggovernor/auth"
+	"github.com/pggovernor/pggovernor/config"
+	"github.com/pggovernor/pggovernor/pool"
+	"github.com/pggovernor/pggovernor/pool/budget"
+)
+
+// doctorCommand loads the same configuration as run, connects upstream and
+// prints what Coder's guide makes operators look up by hand, flagging each
+// problem with what to change. It exits non-zero when any problem is found.
+func doctorCommand(ctx context.Context, args, environ []string, stdout, stderr io.Writer) error {
+	cfg, err := loadConfig("doctor", args, environ, stderr)
+	if err != nil {
+		return err
+	}
+	d := &doctor{out: stdout}
+	d.run(ctx, &cfg)
+	if d.problems > 0 {
+		return &exitError{Code: 1, Err: fmt.Errorf("%d problem(s) found", d.problems)}
+	}
+	fmt.Fprintln(stdout, "no problems found")
+	return nil
+}
+
+type doctor struct {
+	out      io.Writer
+	problems int
+}
+
+func (d *doctor) row(name string, value any) { fmt.Fprintf(d.out, "%-32s %v\n", name, value) }
+
+func (d *doctor) problem(format string, args ...any) {
+	d.problems++
+	fmt.Fprintf(d.out, "PROBLEM: "+format+"\n", args...)
+}
+
+func (d *doctor) run(ctx context.Context, cfg *config.Config) {
+	d.row("config: listen", cfg.Listen)
+	d.row("config: pool_mode", cfg.PoolMode)
+	d.row("config: upstream.url", config.RedactURL(cfg.Upstream.URL))
+	if f := cfg.Upstream.PasswordFile; f != "" {
+		d.row("config: upstream.password_file", f)
+		if _, trimmed, err := auth.ReadPasswordFile(f); err != nil {
+			d.problem("%v: create it with the password and nothing else", err)
+			return
+		} else if trimmed {
+			d.problem("upstream.password_file %s has surrounding whitespace or a trailing newline: pggovernor trims it, but other tools may not; write it with printf '%%s' \"$PASSWORD\" > %s", f, f)
+		}
+	}
+	users, err := auth.NewUsers(cfg.Clients.UsersFile)
+	if err != nil {
+		d.problem("key clients.users_file: %v", err)
+		return
+	}
+	up, err := newUpstream(cfg, users, zap.NewNop())
+	if err != nil {
+		d.problem("%v", err)
+		return
+	}
+	model := "multi-role (each client's own user goes upstream)"
+	if up.sidecarUser != "" {
+		model = "sidecar (every client is served as " + up.sidecarUser + ")"
+	}
+	d.row("identity model", model)
+
+	connCfg, err := pgx.ParseConfig(up.connString)
+	if err != nil {
+		d.problem("key upstream.url: %s", redactParseError(err, cfg.Upstream.URL))
+		return
+	}
+	connCfg.Config = *up.base.Copy()
+	if up.password != nil {
+		pw, err := up.password(ctx, pool.Route{Database: up.base.Database, User: up.base.User})
+		if err != nil {
+			d.problem("%v", err)
+			return
+		}
+		if pw != "" {
+			connCfg.Password = pw
+		}
+	}
+	cctx, cancel := context.WithTimeout(ctx, cfg.Timeouts.ServerConnect)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(cctx, connCfg)
+	if err != nil {
+		d.connectProblem(err, up)
+		return
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+
+	var db, user string
+	if err := conn.QueryRow(ctx, "SELECT current_database(), current_user").Scan(&db, &user); err != nil {
+		d.problem("querying the server: %v", err)
+		return
+	}
+	pg := conn.PgConn()
+	d.row("server: host", hostOf(pg))
+	d.row("server: port", up.base.Port)
+	d.row("server: user", user)
+	d.row("server: current_database", db)
+	d.row("server: tls", tlsState(pg))
+
+	var l budget.Limits
+	if err := conn.QueryRow(ctx, `SELECT current_setting('server_version'),
+		current_setting('max_connections')::int,
+		current_setting('superuser_reserved_connections')::int,
+		coalesce(current_setting('reserved_connections', true), '0')::int`).
+		Scan(&l.ServerVersion, &l.MaxConnections, &l.SuperuserReserved, &l.Reserved); err != nil {
+		d.problem("reading the connection limits: %v", err)
+		return
+	}
+	d.row("server: server_version", l.ServerVersion)
+	d.row("server: max_connections", l.MaxConnections)
+	d.row("server: superuser_reserved_connections", l.SuperuserReserved)
+	d.row("server: reserved_connections", l.Reserved)
+	n := budget.Compute(l, cfg.Budget.Reserve)
+	if cfg.Budget.Max > 0 {
+		d.row("budget (budget.max)", cfg.Budget.Max)
+		if room := l.MaxConnections - l.SuperuserReserved - l.Reserved; cfg.Budget.Max > room {
+			d.problem("budget.max (%d) is above what the server allows ordinary roles (%d = max_connections %d − reserved %d): Postgres would refuse connections; lower budget.max or raise max_connections",
+				cfg.Budget.Max, room, l.MaxConnections, l.SuperuserReserved+l.Reserved)
+		}
+	} else {
+		d.row("budget (derived)", fmt.Sprintf("%d = %d max_connections − %d superuser_reserved − %d reserved − %d budget.reserve − %d control connection",
+			n, l.MaxConnections, l.SuperuserReserved, l.Reserved, cfg.Budget.Reserve, budget.ControlConnections))
+		if n <= 0 {
+			d.problem("the derived budget is %d: no client could be served; lower budget.reserve, raise the server's max_connections, or set budget.max", n)
+		}
+	}
+	var open int
+	if err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'").Scan(&open); err == nil {
+		d.row("server: client connections now", open)
+	}
+	d.row("round trip (median of 10)", medianRTT(ctx, conn).Round(time.Microsecond))
+}
+
+// connectProblem explains a failed upstream connection with what to change.
+func (d *doctor) connectProblem(err error, up *upstream) {
+	var pgErr *pgconn.PgError
+	var netErr net.Error
+	switch {
+	case errors.As(err, &pgErr) && (pgErr.Code == "28P01" || pgErr.Code == "28000"):
+		what := "upstream.password_file, upstream.password or the URL's password"
+		if up.sidecarUser == "" {
+			what = "the user's plaintext password in clients.users_file"
+		}
+		d.problem("authentication failed: %s (SQLSTATE %s); check %s", pgErr.Message, pgErr.Code, what)
+	case errors.As(err, &pgErr) && pgErr.Code == "3D000":
+		d.problem("%s: check the database name in upstream.url", pgErr.Message)
+	case errors.As(err, &pgErr):
+		d.problem("the server refused the connection: %s (SQLSTATE %s)", pgErr.Message, pgErr.Code)
+	case errors.As(err, &netErr), errors.Is(err, context.DeadlineExceeded):
+		d.problem("cannot reach the server at %s:%d: %v; check the host and port in upstream.url and the network path", up.base.Host, up.base.Port, err)
+	default:
+		d.problem("cannot connect to the server: %v", err)
+	}
+}
+
+func medianRTT(ctx context.Context, conn *pgx.Conn) time.Duration {
+	var rtts []time.Duration
+	for i := 0; i < 10; i++ {
+		start := time.Now()
+		if _, err := conn.Exec(ctx, ";"); err != nil {
+			break
+		}
+		rtts = append(rtts, time.Since(start))
+	}
+	if len(rtts) == 0 {
+		return 0
+	}
+	sort.Slice(rtts, func(i, j int) bool { return rtts[i] < rtts[j] })
+	return rtts[len(rtts)/2]
+}
+
+func hostOf(pg *pgconn.PgConn) string {
+	if a := pg.Conn().RemoteAddr(); a != nil {
+		return a.String()
+	}
+	return ""
+}
+
+func tlsState(pg *pgconn.PgConn) string {
+	if tc, ok := pg.Conn().(*tls.Conn); ok {
+		return "yes (" + tls.VersionName(tc.ConnectionState().Version) + ")"
+	}
+	return "no"
+}

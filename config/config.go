@@ -1,0 +1,245 @@
+// Package config owns pggovernor's configuration: the Config struct, its
+// defaults, loading from a YAML file, PGGOVERNOR_* environment variables and
+// command-line flags (flags > env > file > defaults), the environment that
+// Coder's Helm chart already sets, and validation with errors that name the
+// key to change.
+package config
+
+import (
+	"time"
+)
+
+// Pool modes accepted by pool_mode.
+const (
+	PoolModeTransaction = "transaction"
+	PoolModeSession     = "session"
+)
+
+// Client authentication methods accepted by clients.auth.
+const (
+	AuthSCRAM = "scram-sha-256"
+	AuthMD5   = "md5"
+	AuthCert  = "cert"
+	AuthTrust = "trust"
+)
+
+// Upstream connectors accepted by upstream.connector.
+const (
+	ConnectorPassword   = "password"
+	ConnectorAWSIAMRDS  = "awsiamrds"
+	defaultAdminListen  = "127.0.0.1:9187"
+	defaultClientListen = "127.0.0.1:6432"
+)
+
+// Config is the whole configuration of one pggovernor process. Every field is
+// settable from the YAML file (by its yaml tag path), from the environment
+// (PGGOVERNOR_ + upper-snake path) and from a flag (--dotted.path with
+// dashes). Use Load to build one; the zero value is not valid.
+type Config struct {
+	// Listen is the TCP address clients connect to, host:port.
+	Listen string `yaml:"listen"`
+	// UnixSocketDir, when set, is a directory in which pggovernor also
+	// listens on a Unix socket named .s.PGSQL.<port>, as Postgres does.
+	UnixSocketDir string `yaml:"unix_socket_dir"`
+	// AdminListen is the HTTP address serving /metrics, /healthz and /readyz.
+	// Empty disables the HTTP endpoint.
+	AdminListen string `yaml:"admin_listen"`
+	// PoolMode is how server connections are shared: "transaction" attaches
+	// one for each transaction, "session" for the whole client session.
+	PoolMode string `yaml:"pool_mode" enum:"transaction,session"`
+	// Upstream says where the real Postgres server is and how to log in to it.
+	Upstream Upstream `yaml:"upstream"`
+	// Budget bounds the server connections pggovernor opens.
+	Budget Budget `yaml:"budget"`
+	// Pool tunes the server connection pools.
+	Pool Pool `yaml:"pool"`
+	// Clients configures the client-facing side.
+	Clients Clients `yaml:"clients"`
+	// Timeouts bound every wait.
+	Timeouts Timeouts `yaml:"timeouts"`
+	// Log configures logging.
+	Log Log `yaml:"log"`
+}
+
+// Upstream describes the Postgres server behind pggovernor.
+type Upstream struct {
+	// URL is a libpq connection URL or key=value DSN. PG* environment
+	// variables fill in what it leaves out, as with libpq. A user in it
+	// selects the sidecar model (every client is served as that user); no
+	// user selects the multi-role model (each client's own role goes
+	// upstream, with its password from clients.users_file).
+	URL string `yaml:"url" secret:"url"`
+	// Password is the upstream password for the sidecar model, when it is
+	// not in the URL or a file. Prefer PasswordFile.
+	Password string `yaml:"password" secret:"true"`
+	// PasswordFile is a file holding the upstream password (Coder's
+	// DB_PASSWORD_PATH). It is re-read for each new server connection, so a
+	// rotated secret is used without a restart. Surrounding whitespace is
+	// trimmed, with a warning.
+	PasswordFile string `yaml:"password_file"`
+	// Connector selects how upstream credentials are obtained: "password"
+	// (URL, Password or PasswordFile) or "awsiamrds" (an RDS IAM token minted
+	// for each new connection).
+	Connector string `yaml:"connector" enum:"password,awsiamrds"`
+	// AWSRegion is the AWS region used to sign RDS IAM tokens; empty uses
+	// the AWS SDK's default (AWS_REGION, shared config).
+	AWSRegion string `yaml:"aws_region"`
+	// SSL configures TLS to the upstream server. Fields left empty keep what
+	// the URL says.
+	SSL UpstreamSSL `yaml:"ssl"`
+}
+
+// UpstreamSSL configures TLS to the upstream server with libpq's semantics.
+type UpstreamSSL struct {
+	// Mode is libpq's sslmode. Empty keeps the URL's sslmode (libpq's
+	// default is prefer).
+	Mode string `yaml:"mode" enum:",disable,allow,prefer,require,verify-ca,verify-full"`
+	// RootCertFile is a PEM file of CA certificates trusted to sign the
+	// server's certificate (libpq's sslrootcert).
+	RootCertFile string `yaml:"root_cert_file"`
+	// CertFile is the PEM client certificate presented to the server (mTLS).
+	CertFile string `yaml:"cert_file"`
+	// KeyFile is the PEM private key of CertFile; it must not be readable by
+	// group or others, as libpq requires.
+	KeyFile string `yaml:"key_file"`
+	// ServerName overrides the host name checked against the server's
+	// certificate in verify-full mode and sent as SNI.
+	ServerName string `yaml:"server_name"`
+}
+
+// Budget bounds the total number of server connections.
+type Budget struct {
+	// Max is the number of server connections pggovernor may hold. Zero
+	// derives it from the live server: max_connections −
+	// superuser_reserved_connections − reserved_connections − Reserve, minus
+	// pggovernor's own control connection.
+	Max int `yaml:"max" min:"0"`
+	// Reserve is the number of server slots left for humans and other
+	// applications when Max is derived from the server.
+	Reserve int `yaml:"reserve" min:"0"`
+	// RefreshInterval is how often the server's limits are re-read.
+	RefreshInterval time.Duration `yaml:"refresh_interval" min:"1s"`
+	// Cluster shares one budget among all replicas pointed at the same
+	// server, coordinated through Postgres.
+	Cluster Cluster `yaml:"cluster"`
+}
+
+// Cluster configures sharing one budget among replicas.
+type Cluster struct {
+	// Enabled turns on budget sharing with other replicas.
+	Enabled bool `yaml:"enabled"`
+	// Namespace is the first 32-bit key of the advisory locks that hold
+	// leases, so that several independent fleets can share one server.
+	Namespace int `yaml:"namespace"`
+	// CountForeign subtracts connections of other applications, seen in
+	// pg_stat_activity, from the shared budget.
+	CountForeign bool `yaml:"count_foreign"`
+}
+
+// Pool tunes the per-route server connection pools.
+type Pool struct {
+	// MaxPreparedStatements bounds the statements pggovernor keeps prepared
+	// on each server connection in transaction mode; the least recently
+	// used one is closed beyond it.
+	MaxPreparedStatements int `yaml:"max_prepared_statements" min:"1"`
+}
+
+// Clients configures the client-facing side.
+type Clients struct {
+	// MaxConnections is the number of client connections accepted at once;
+	// beyond it a client gets SQLSTATE 53300.
+	MaxConnections int `yaml:"max_connections" min:"1"`
+	// Auth is how clients prove who they are: scram-sha-256, md5, cert or
+	// trust. trust is refused on non-loopback listeners unless
+	// AllowTrustRemote is set.
+	Auth string `yaml:"auth" enum:"scram-sha-256,md5,cert,trust"`
+	// UsersFile is a file in PgBouncer's userlist.txt format: one
+	// "user" "password" pair per line, the password in plaintext, md5 or
+	// SCRAM-SHA-256 verifier form. It is re-read on SIGHUP.
+	UsersFile string `yaml:"users_file"`
+	// AllowTrustRemote permits Auth trust on a listener that is not
+	// loopback. Anyone who can reach the port then logs in as anyone.
+	AllowTrustRemote bool `yaml:"allow_trust_remote"`
+	// MaxMessageSize bounds one protocol message from a client, in bytes.
+	// Postgres itself accepts up to 1 GiB.
+	MaxMessageSize int `yaml:"max_message_size" min:"1024"`
+	// TLS configures TLS termination for clients.
+	TLS ClientTLS `yaml:"tls"`
+}
+
+// ClientTLS configures TLS termination for clients.
+type ClientTLS struct {
+	// Mode is disable, allow (TLS offered), require (plaintext refused) or
+	// verify-client (TLS with a client certificate signed by ClientCAFile).
+	Mode string `yaml:"mode" enum:"disable,allow,require,verify-client"`
+	// CertFile is the PEM server certificate presented to clients.
+	CertFile string `yaml:"cert_file"`
+	// KeyFile is the PEM private key of CertFile.
+	KeyFile string `yaml:"key_file"`
+	// ClientCAFile is a PEM file of CAs trusted to sign client certificates.
+	ClientCAFile string `yaml:"client_ca_file"`
+}
+
+// Timeouts bound every wait.
+type Timeouts struct {
+	// QueryWait is how long a client waits in the queue for a server
+	// connection before it gets SQLSTATE 53300.
+	QueryWait time.Duration `yaml:"query_wait" min:"1ms"`
+	// ClientLogin is how long a client may take from connecting to being
+	// logged in.
+	ClientLogin time.Duration `yaml:"client_login" min:"1ms"`
+	// ServerConnect bounds one attempt to open a server connection.
+	ServerConnect time.Duration `yaml:"server_connect" min:"1ms"`
+	// ServerIdle closes server connections unused for this long.
+	ServerIdle time.Duration `yaml:"server_idle" min:"1s"`
+	// ServerLifetime closes server connections older than this (with 10%
+	// jitter) at their next release.
+	ServerLifetime time.Duration `yaml:"server_lifetime" min:"1s"`
+	// ServerCheckDelay is how long a server connection may sit idle before
+	// it is checked with a round trip before reuse.
+	ServerCheckDelay time.Duration `yaml:"server_check_delay" min:"0s"`
+	// ShutdownDrain is how long in-flight transactions may run after
+	// SIGTERM before the remaining clients are disconnected.
+	ShutdownDrain time.Duration `yaml:"shutdown_drain" min:"0s"`
+}
+
+// Log configures logging.
+type Log struct {
+	// Level is debug, info, warn or error.
+	Level string `yaml:"level" enum:"debug,info,warn,error"`
+	// Format is json or console.
+	Format string `yaml:"format" enum:"json,console"`
+}
+
+// Default returns the configuration used where nothing else is said.
+func Default() Config {
+	return Config{
+		Listen:      defaultClientListen,
+		AdminListen: defaultAdminListen,
+		PoolMode:    PoolModeTransaction,
+		Upstream: Upstream{
+			Connector: ConnectorPassword,
+		},
+		Budget: Budget{
+			RefreshInterval: time.Minute,
+			Cluster:         Cluster{Namespace: 0x70676776}, // "pggv"
+		},
+		Pool: Pool{MaxPreparedStatements: 200},
+		Clients: Clients{
+			MaxConnections: 10000,
+			Auth:           AuthSCRAM,
+			MaxMessageSize: 1 << 30,
+			TLS:            ClientTLS{Mode: "disable"},
+		},
+		Timeouts: Timeouts{
+			QueryWait:        30 * time.Second,
+			ClientLogin:      15 * time.Second,
+			ServerConnect:    10 * time.Second,
+			ServerIdle:       10 * time.Minute,
+			ServerLifetime:   time.Hour,
+			ServerCheckDelay: 30 * time.Second,
+			ShutdownDrain:    30 * time.Second,
+		},
+		Log: Log{Level: "info", Format: "json"},
+	}
+}

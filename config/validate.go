@@ -1,0 +1,307 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"reflect"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Validate checks the whole configuration and returns every problem found,
+// each naming the key to change.
+func (c *Config) Validate() error {
+	var errs []error
+	if err := checkTags(c); err != nil {
+		errs = append(errs, err)
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		errs = append(errs, fmt.Errorf("key listen: %q is not host:port", c.Listen))
+	}
+	if c.AdminListen != "" {
+		if _, _, err := net.SplitHostPort(c.AdminListen); err != nil {
+			errs = append(errs, fmt.Errorf("key admin_listen: %q is not host:port", c.AdminListen))
+		}
+	}
+	if c.Upstream.Password != "" && c.Upstream.PasswordFile != "" {
+		errs = append(errs, errors.New("keys upstream.password and upstream.password_file: set only one of them"))
+	}
+	switch c.Clients.Auth {
+	case AuthSCRAM, AuthMD5:
+		if c.Clients.UsersFile == "" {
+			errs = append(errs, fmt.Errorf("key clients.users_file: required when clients.auth is %s (a PgBouncer userlist.txt: \"user\" \"password\" per line)", c.Clients.Auth))
+		}
+	case AuthTrust:
+		if !c.Clients.AllowTrustRemote && !IsLoopback(c.Listen) {
+			errs = append(errs, fmt.Errorf("key clients.auth: trust is refused on the non-loopback listener %s; set clients.allow_trust_remote: true to accept it anyway, or choose scram-sha-256", c.Listen))
+		}
+	case AuthCert:
+		if c.Clients.TLS.Mode != "verify-client" {
+			errs = append(errs, errors.New("key clients.auth: cert needs clients.tls.mode: verify-client"))
+		}
+	}
+	if c.Clients.TLS.Mode != "disable" && (c.Clients.TLS.CertFile == "" || c.Clients.TLS.KeyFile == "") {
+		errs = append(errs, fmt.Errorf("keys clients.tls.cert_file and clients.tls.key_file: required when clients.tls.mode is %s", c.Clients.TLS.Mode))
+	}
+	if c.Clients.TLS.Mode == "verify-client" && c.Clients.TLS.ClientCAFile == "" {
+		errs = append(errs, errors.New("key clients.tls.client_ca_file: required when clients.tls.mode is verify-client"))
+	}
+	if c.Upstream.Connector == ConnectorAWSIAMRDS {
+		switch mode := c.EffectiveSSLMode(); mode {
+		case "require", "verify-ca", "verify-full":
+		default:
+			errs = append(errs, fmt.Errorf("key upstream.ssl.mode: RDS IAM authentication sends its token as a cleartext password, so it needs TLS: set upstream.ssl.mode to require, verify-ca or verify-full (it is %s)", mode))
+		}
+		if !c.UpstreamHasUser() {
+			errs = append(errs, errors.New("key upstream.url: upstream.connector awsiamrds needs the database user in the URL"))
+		}
+	}
+	if (c.Upstream.SSL.CertFile == "") != (c.Upstream.SSL.KeyFile == "") {
+		errs = append(errs, errors.New("keys upstream.ssl.cert_file and upstream.ssl.key_file: set both or neither"))
+	}
+	if c.Budget.Max > 0 && c.Budget.Reserve > 0 {
+		errs = append(errs, errors.New("keys budget.max and budget.reserve: reserve only applies when max is 0 (derived from the server); set one of them"))
+	}
+	return errors.Join(errs...)
+}
+
+// IsLoopback reports whether a listen address only accepts local clients.
+func IsLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// UpstreamHasUser reports whether the upstream URL (or DSN, or PGUSER) names
+// a user, which selects the sidecar model.
+func (c *Config) UpstreamHasUser() bool {
+	return URLParam(c.Upstream.URL, "user") != ""
+}
+
+// EffectiveSSLMode is the upstream sslmode after upstream.ssl.mode, the URL
+// and PGSSLMODE are considered, as libpq would decide it.
+func (c *Config) EffectiveSSLMode() string {
+	if c.Upstream.SSL.Mode != "" {
+		return c.Upstream.SSL.Mode
+	}
+	if m := URLParam(c.Upstream.URL, "sslmode"); m != "" {
+		return m
+	}
+	return "prefer"
+}
+
+// URLParam returns a parameter of a libpq URL or key=value DSN ("user",
+// "sslmode", "dbname", ...), or "" when it is not given.
+func URLParam(connString, name string) string {
+	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+		u, err := url.Parse(connString)
+		if err != nil {
+			return ""
+		}
+		if v := u.Query().Get(name); v != "" {
+			return v
+		}
+		switch name {
+		case "user":
+			if u.User != nil {
+				return u.User.Username()
+			}
+		case "dbname":
+			return strings.TrimPrefix(u.Path, "/")
+		}
+		return ""
+	}
+	for k, v := range parseDSN(connString) {
+		if k == name {
+			return v
+		}
+	}
+	return ""
+}
+
+// parseDSN splits a libpq key=value string, honouring single quotes and
+// backslash escapes.
+func parseDSN(s string) map[string]string {
+	out := map[string]string{}
+	for {
+		s = strings.TrimLeft(s, " \t\n\r")
+		if s == "" {
+			return out
+		}
+		eq := strings.IndexByte(s, '=')
+		if eq < 0 {
+			return out
+		}
+		k := strings.TrimSpace(s[:eq])
+		s = strings.TrimLeft(s[eq+1:], " \t\n\r")
+		var v strings.Builder
+		if strings.HasPrefix(s, "'") {
+			s = s[1:]
+			for len(s) > 0 && s[0] != '\'' {
+				if s[0] == '\\' && len(s) > 1 {
+					s = s[1:]
+				}
+				v.WriteByte(s[0])
+				s = s[1:]
+			}
+			if len(s) > 0 {
+				s = s[1:]
+			}
+		} else {
+			for len(s) > 0 && s[0] != ' ' && s[0] != '\t' && s[0] != '\n' && s[0] != '\r' {
+				if s[0] == '\\' && len(s) > 1 {
+					s = s[1:]
+				}
+				v.WriteByte(s[0])
+				s = s[1:]
+			}
+		}
+		out[k] = v.String()
+	}
+}
+
+// applyCoderEnv reads the environment that Coder's Helm chart sets for
+// coderd (DB_HOST, DB_PORT, DB_USER, DB_NAME, DB_PASSWORD, DB_PASSWORD_PATH,
+// DB_SSL_MODE, DB_SEARCH_PATH, DB_CERT, DB_KEY, DB_ROOT_CERT, DB_CONNECTOR,
+// or Coder v2's CODER_PG_CONNECTION_URL and CODER_PG_AUTH) when nothing
+// else names the upstream, so pggovernor drops in beside coderd unchanged.
+func applyCoderEnv(c *Config, env map[string]string, explicit map[string]bool) error {
+	if explicit["upstream.url"] {
+		return nil
+	}
+	fill := func(path, value string) error {
+		if value == "" || explicit[path] {
+			return nil
+		}
+		return set(c, path, value)
+	}
+	switch {
+	case env["CODER_PG_CONNECTION_URL"] != "":
+		c.Upstream.URL = env["CODER_PG_CONNECTION_URL"]
+	case env["DB_HOST"] != "":
+		port := env["DB_PORT"]
+		if port == "" {
+			port = "5432"
+		}
+		if _, err := strconv.Atoi(port); err != nil {
+			return fmt.Errorf("environment variable DB_PORT: %q is not a port number", port)
+		}
+		u := url.URL{Scheme: "postgres", Host: net.JoinHostPort(env["DB_HOST"], port), Path: "/" + env["DB_NAME"]}
+		if env["DB_USER"] != "" {
+			u.User = url.User(env["DB_USER"])
+		}
+		q := url.Values{}
+		if sp := env["DB_SEARCH_PATH"]; sp != "" {
+			q.Set("search_path", sp)
+		}
+		u.RawQuery = q.Encode()
+		c.Upstream.URL = u.String()
+	default:
+		return nil
+	}
+	if !explicit["upstream.password"] && !explicit["upstream.password_file"] {
+		if err := fill("upstream.password_file", env["DB_PASSWORD_PATH"]); err != nil {
+			return err
+		}
+		if c.Upstream.PasswordFile == "" {
+			if err := fill("upstream.password", env["DB_PASSWORD"]); err != nil {
+				return err
+			}
+		}
+	}
+	for path, name := range map[string]string{
+		"upstream.ssl.mode":           "DB_SSL_MODE",
+		"upstream.ssl.cert_file":      "DB_CERT",
+		"upstream.ssl.key_file":       "DB_KEY",
+		"upstream.ssl.root_cert_file": "DB_ROOT_CERT",
+	} {
+		if err := fill(path, env[name]); err != nil {
+			return fmt.Errorf("environment variable %s: %w", name, err)
+		}
+	}
+	connector := env["DB_CONNECTOR"]
+	if connector == "" {
+		connector = env["CODER_PG_AUTH"]
+	}
+	if connector != "" && !explicit["upstream.connector"] {
+		if connector != ConnectorPassword && connector != ConnectorAWSIAMRDS {
+			return fmt.Errorf("environment variable DB_CONNECTOR/CODER_PG_AUTH: %q is not one of: password, awsiamrds", connector)
+		}
+		c.Upstream.Connector = connector
+	}
+	return nil
+}
+
+// Redacted returns the configuration as key/value pairs for display (admin
+// console, doctor), with secrets replaced.
+func (c *Config) Redacted() [][2]string {
+	root := reflect.ValueOf(c).Elem()
+	var out [][2]string
+	for _, k := range keys() {
+		v := root.FieldByIndex(k.index)
+		s := fmt.Sprint(v.Interface())
+		if v.Kind() == reflect.Slice {
+			var items []string
+			for i := 0; i < v.Len(); i++ {
+				items = append(items, fmt.Sprint(v.Index(i).Interface()))
+			}
+			s = strings.Join(items, ",")
+		}
+		switch k.field.Tag.Get("secret") {
+		case "true":
+			if s != "" {
+				s = "********"
+			}
+		case "url":
+			s = RedactURL(s)
+		}
+		out = append(out, [2]string{k.path, s})
+	}
+	return out
+}
+
+// RedactURL hides the password of a libpq URL or DSN.
+func RedactURL(s string) string {
+	if strings.HasPrefix(s, "postgres://") || strings.HasPrefix(s, "postgresql://") {
+		u, err := url.Parse(s)
+		if err != nil {
+			return "(unparsable URL)"
+		}
+		if _, has := u.User.Password(); has {
+			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+		}
+		q := u.Query()
+		if q.Has("password") {
+			q.Set("password", "xxxxx")
+			u.RawQuery = q.Encode()
+		}
+		return u.String()
+	}
+	m := parseDSN(s)
+	if _, ok := m["password"]; !ok {
+		return s
+	}
+	names := make([]string, 0, len(m))
+	for k := range m {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	parts := make([]string, 0, len(names))
+	for _, k := range names {
+		v := m[k]
+		if k == "password" {
+			v = "xxxxx"
+		}
+		parts = append(parts, k+"="+v)
+	}
+	return strings.Join(parts, " ")
+}

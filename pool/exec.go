@@ -1,0 +1,134 @@
+package pool
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pggovernor/pggovernor/wire"
+)
+
+// Exec runs each query as its own simple Query message on a connection
+// the caller holds, and waits for all of them to finish. Parameter changes
+// are recorded in s.Params and the final transaction status in s.TxStatus.
+// It returns the first error the server reported. If ctx ends first, the
+// connection is marked broken. The caller keeps the connection.
+func (p *Pool) Exec(ctx context.Context, s *Server, queries ...string) error {
+	if len(queries) == 0 {
+		return nil
+	}
+	h := &execHandler{remaining: len(queries), done: make(chan struct{})}
+	s.SetHandler(h)
+	defer s.SetHandler(nil)
+	var buf []byte
+	for _, q := range queries {
+		start := len(buf)
+		buf = append(buf, 'Q', 0, 0, 0, 0)
+		buf = append(buf, q...)
+		buf = append(buf, 0)
+		wire.SetLength(buf, start)
+	}
+	s.writeMu.Lock()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = s.conn.SetWriteDeadline(dl)
+	}
+	_, err := s.conn.Write(buf)
+	_ = s.conn.SetWriteDeadline(time.Time{})
+	s.writeMu.Unlock()
+	if err != nil {
+		s.MarkBroken()
+		return fmt.Errorf("writing to the server: %w", err)
+	}
+	select {
+	case <-h.done:
+	case <-ctx.Done():
+		s.MarkBroken()
+		return fmt.Errorf("waiting for the server: %w", ctx.Err())
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.lost != nil {
+		return h.lost
+	}
+	s.TxStatus = h.status
+	for k, v := range h.params {
+		s.Params[k] = v
+	}
+	return h.err
+}
+
+// Reset runs queries (for example DISCARD ALL) on a held connection, then
+// releases it: reused when they succeeded and left it idle, closed
+// otherwise.
+func (p *Pool) Reset(ctx context.Context, s *Server, queries ...string) error {
+	err := p.Exec(ctx, s, queries...)
+	if err != nil {
+		s.MarkBroken()
+	}
+	p.Release(s)
+	return err
+}
+
+// execHandler collects the outcome of the pool's own queries.
+type execHandler struct {
+	mu        sync.Mutex
+	remaining int
+	status    byte
+	err       error
+	lost      error
+	params    map[string]string
+	done      chan struct{}
+	finished  bool
+}
+
+func (h *execHandler) ServerMessage(_ *Server, typ byte, data []byte, more int) error {
+	if more > 0 {
+		return nil // a large row of a query the pool ran: ignored
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	body := data[wire.HeaderLen:]
+	switch typ {
+	case 'E':
+		var er pgproto3.ErrorResponse
+		if err := er.Decode(body); err == nil && h.err == nil {
+			h.err = pgconn.ErrorResponseToPgError(&er)
+		}
+	case 'S':
+		var ps pgproto3.ParameterStatus
+		if err := ps.Decode(body); err == nil {
+			if h.params == nil {
+				h.params = map[string]string{}
+			}
+			h.params[ps.Name] = ps.Value
+		}
+	case 'Z':
+		if len(body) == 1 {
+			h.status = body[0]
+		}
+		h.remaining--
+		if h.remaining == 0 && !h.finished {
+			h.finished = true
+			close(h.done)
+		}
+	}
+	return nil
+}
+
+func (h *execHandler) ServerFlush(*Server) error { return nil }
+
+func (h *execHandler) ServerLost(_ *Server, err error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.finished {
+		return
+	}
+	h.lost = errors.Join(errors.New("server connection lost"), err)
+	h.finished = true
+	close(h.done)
+}

@@ -1,0 +1,292 @@
+package pool
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+	"go.uber.org/zap"
+
+	"github.com/pggovernor/pggovernor/wire"
+)
+
+// Handler receives what a server sends while a client holds it. Its methods
+// are called from the server's reader goroutine, one at a time.
+type Handler interface {
+	// ServerMessage handles one frame, header included, or a part of a
+	// frame too large to buffer: more is the number of bytes of the same
+	// frame still to come in later calls (same typ). data is valid only
+	// during the call. An error closes the server connection.
+	ServerMessage(s *Server, typ byte, data []byte, more int) error
+	// ServerFlush is called when the reader has nothing more buffered,
+	// before it blocks: the moment to flush what was forwarded.
+	ServerFlush(s *Server) error
+	// ServerLost is called once if the connection fails while attached.
+	ServerLost(s *Server, err error)
+}
+
+// Server is one connection to the upstream Postgres server. Fields without
+// a note belong to whoever holds the Server: the pool while it is idle, the
+// client session between Acquire and Release.
+type Server struct {
+	pool  *Pool
+	route Route
+	conn  net.Conn
+	id    uint64
+
+	// PID and secret key of the backend, for CancelRequest.
+	pid       uint32
+	secretKey []byte
+
+	created  time.Time
+	expires  time.Time
+	lastUsed time.Time
+
+	// Params are the server's reported run-time parameters as it last said
+	// (ParameterStatus), updated by the holder's handler.
+	Params map[string]string
+	// Settings are the values of non-reported parameters the governor set
+	// on this connection (startup values and SETs it injected).
+	Settings map[string]string
+	// TxStatus is the transaction status of the last ReadyForQuery.
+	TxStatus byte
+	// State is free for the holder's per-connection data (the proxy keeps
+	// its prepared-statement cache here). It travels with the connection.
+	State any
+
+	handler  atomic.Pointer[handlerBox]
+	closing  atomic.Bool
+	broken   atomic.Bool
+	readDone chan struct{}
+	cancelMu sync.Mutex // held while a cancel to this backend is in flight
+	lifeMu   sync.Mutex // orders close and the reader's exit
+	gone     bool       // the reader has exited (guarded by lifeMu)
+	writeMu  sync.Mutex // serialises the pool's own writes (Close) with nothing else writing
+}
+
+type handlerBox struct{ h Handler }
+
+// ID is the connection's process-unique number, for logs.
+func (s *Server) ID() uint64 { return s.id }
+
+// Route is the database and user the connection serves.
+func (s *Server) Route() Route { return s.route }
+
+// PID is the backend process ID.
+func (s *Server) PID() uint32 { return s.pid }
+
+// Conn is the raw connection, for the holder's writes.
+func (s *Server) Conn() net.Conn { return s.conn }
+
+// Created is when the connection was opened.
+func (s *Server) Created() time.Time { return s.created }
+
+// SetHandler directs the server's messages to h (nil: the pool's idle
+// handling). The holder sets it before its first write.
+func (s *Server) SetHandler(h Handler) {
+	if h == nil {
+		s.handler.Store(nil)
+		return
+	}
+	s.handler.Store(&handlerBox{h: h})
+}
+
+// MarkBroken records that the connection's state is unknown, so it is
+// closed instead of being reused at release.
+func (s *Server) MarkBroken() { s.broken.Store(true) }
+
+// Broken reports whether the connection failed or was marked broken.
+func (s *Server) Broken() bool { return s.broken.Load() || s.closing.Load() }
+
+// maxDecodedServerMessage bounds a server message that the reader must hold
+// whole (everything but DataRow and CopyData, which stream).
+const maxDecodedServerMessage = 1 << 20
+
+// readLoop is the connection's only reader. It runs from connect to close
+// and is the owner of the connection's lifetime: when it returns, the
+// connection is closed and its budget slot released.
+func (s *Server) readLoop(buf []byte) {
+	defer func() {
+		_ = s.conn.Close()
+		close(s.readDone)
+		s.pool.serverGone(s)
+		s.pool.putBuf(buf)
+	}()
+	rd := wire.NewReader(s.conn, buf, 1<<30)
+	for {
+		if rd.Buffered() < wire.HeaderLen {
+			if b := s.handler.Load(); b != nil && rd.Buffered() == 0 {
+				if err := b.h.ServerFlush(s); err != nil {
+					s.fail(err)
+					return
+				}
+			}
+			if err := rd.Fill(); err != nil {
+				s.fail(err)
+				return
+			}
+			continue
+		}
+		typ, n, _, err := rd.PeekHeader()
+		if err != nil {
+			s.fail(err)
+			return
+		}
+		streamable := typ == 'D' || typ == 'd'
+		if n > rd.Buffered() && (n <= len(rd.Buffer()) || !streamable) {
+			if !streamable && n > maxDecodedServerMessage {
+				s.fail(&wire.FrameError{Type: typ, Length: int64(n - 1), Limit: maxDecodedServerMessage, Err: wire.ErrMessageTooLarge})
+				return
+			}
+			if err := rd.Ensure(n); err != nil {
+				s.fail(err)
+				return
+			}
+		}
+		if n <= rd.Buffered() {
+			frame := rd.Bytes()[:n]
+			err = s.dispatch(typ, frame, 0)
+			rd.Discard(n)
+			rd.Shrink()
+		} else {
+			err = s.stream(rd, typ, n)
+		}
+		if err != nil {
+			s.fail(err)
+			return
+		}
+	}
+}
+
+// stream hands a frame larger than the buffer to the handler in parts.
+func (s *Server) stream(rd *wire.Reader, typ byte, n int) error {
+	for n > 0 {
+		if rd.Buffered() == 0 {
+			if err := rd.Fill(); err != nil {
+				return err
+			}
+		}
+		chunk := rd.Buffered()
+		if chunk > n {
+			chunk = n
+		}
+		n -= chunk
+		if err := s.dispatch(typ, rd.Bytes()[:chunk], n); err != nil {
+			return err
+		}
+		rd.Discard(chunk)
+	}
+	return nil
+}
+
+func (s *Server) dispatch(typ byte, data []byte, more int) error {
+	if b := s.handler.Load(); b != nil {
+		return b.h.ServerMessage(s, typ, data, more)
+	}
+	return s.idleMessage(typ, data)
+}
+
+// idleMessage handles what a server says while nobody holds it: a
+// parameter change marks it for closing, notices are ignored, and anything else (typically a
+// FATAL error before the backend exits) ends the connection.
+func (s *Server) idleMessage(typ byte, frame []byte) error {
+	switch typ {
+	case 'S':
+		// A parameter changed while idle (in_hot_standby at a promotion,
+		// say): the connection's recorded state is stale, so it is not
+		// reused.
+		s.broken.Store(true)
+		return nil
+	case 'N':
+		return nil
+	case 'E':
+		var er pgproto3.ErrorResponse
+		if err := er.Decode(frame[wire.HeaderLen:]); err == nil {
+			return fmt.Errorf("idle server connection closed by the server: %s (SQLSTATE %s)", er.Message, er.Code)
+		}
+	}
+	return fmt.Errorf("idle server connection sent an unexpected message of type %q", typ)
+}
+
+// fail ends the connection after a read error: the holder (if any) learns
+// it was lost; an expected close (Close) is not an error.
+func (s *Server) fail(err error) {
+	expected := s.closing.Load()
+	s.broken.Store(true)
+	if b := s.handler.Load(); b != nil {
+		b.h.ServerLost(s, err)
+	}
+	if !expected && !errors.Is(err, net.ErrClosed) {
+		level := zap.WarnLevel
+		if errors.Is(err, io.EOF) {
+			level = zap.InfoLevel
+		}
+		s.pool.logger.Log(level, "server connection lost", zap.Uint64("server_id", s.id),
+			zap.String("db", s.route.Database), zap.String("user", s.route.User), zap.Error(err))
+	}
+}
+
+// terminateTimeout bounds how long a closing connection waits for the
+// backend to exit (the server closing its end) before it is dropped.
+const terminateTimeout = 5 * time.Second
+
+// close asks the backend to exit (Terminate) and lets the reader wait for
+// the server to close its end, so the budget slot is freed only once the
+// backend is gone from pg_stat_activity. Idempotent.
+func (s *Server) close() {
+	s.lifeMu.Lock()
+	if s.closing.Load() || s.gone {
+		s.lifeMu.Unlock()
+		return
+	}
+	s.closing.Store(true)
+	s.pool.closingN.Add(1)
+	s.lifeMu.Unlock()
+	s.broken.Store(true)
+	s.writeMu.Lock()
+	_ = s.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	_, _ = s.conn.Write([]byte{'X', 0, 0, 0, 4})
+	s.writeMu.Unlock()
+	_ = s.conn.SetReadDeadline(time.Now().Add(terminateTimeout))
+}
+
+// Cancel sends a CancelRequest for this backend's current query to the
+// server, and holds off the connection's release until the server has
+// processed it, so a late cancel never hits the next client's query.
+func (s *Server) Cancel(ctx context.Context) error {
+	s.cancelMu.Lock()
+	defer s.cancelMu.Unlock()
+	if s.closing.Load() {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, s.conn.RemoteAddr().Network(), s.conn.RemoteAddr().String())
+	if err != nil {
+		return fmt.Errorf("sending cancel request to the server: %w", err)
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	}
+	buf := make([]byte, 0, 16+len(s.secretKey))
+	buf = binary.BigEndian.AppendUint32(buf, uint32(12+len(s.secretKey)))
+	buf = binary.BigEndian.AppendUint32(buf, 80877102)
+	buf = binary.BigEndian.AppendUint32(buf, s.pid)
+	buf = append(buf, s.secretKey...)
+	if _, err := c.Write(buf); err != nil {
+		return fmt.Errorf("sending cancel request to the server: %w", err)
+	}
+	// The postmaster closes the connection once it has signalled the
+	// backend; wait for that so the release that follows is safe.
+	_, _ = c.Read(make([]byte, 1))
+	return nil
+}

@@ -1,0 +1,310 @@
+// Package proxy is the client-facing side of pggovernor: listeners, the
+// per-client session (startup, authentication, cancel keys), the relay of
+// frames between a client and the server connection it holds, the
+// transaction-boundary and session-state tracking that decide when that
+// connection goes back to the pool, the errors sent to clients, and the
+// drain at shutdown.
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/pggovernor/pggovernor/auth"
+	"github.com/pggovernor/pggovernor/config"
+	"github.com/pggovernor/pggovernor/pool"
+)
+
+// Options configure a Server.
+type Options struct {
+	// Config is the process configuration (listen addresses, pool mode,
+	// client limits, timeouts).
+	Config *config.Config
+	// Pool serves server connections.
+	Pool *pool.Pool
+	// Verifier authenticates clients.
+	Verifier *auth.Verifier
+	// UpstreamUser, when set (sidecar model), is the upstream user every
+	// client is served as; empty (multi-role model) sends each client's
+	// own user upstream.
+	UpstreamUser string
+	// Logger receives the proxy's logs.
+	Logger *zap.Logger
+}
+
+// Server accepts clients and serves them until Shutdown.
+type Server struct {
+	opts    Options
+	cfg     *config.Config
+	logger  *zap.Logger
+	pool    *pool.Pool
+	nextID  atomic.Uint64
+	clients atomic.Int64
+	bufs    sync.Pool
+	welcome welcomeCache
+
+	mu        sync.Mutex
+	listeners []net.Listener
+	sessions  map[*session]struct{}
+	keys      map[uint32]*session // cancel keys by process ID
+	draining  bool
+	empty     chan struct{} // closed when draining and no session is left
+	wg        sync.WaitGroup
+	ready     atomic.Bool
+}
+
+// NewServer returns a Server; call Listen then Serve.
+func NewServer(opts Options) *Server {
+	s := &Server{
+		opts:     opts,
+		cfg:      opts.Config,
+		logger:   opts.Logger,
+		pool:     opts.Pool,
+		sessions: map[*session]struct{}{},
+		keys:     map[uint32]*session{},
+		empty:    make(chan struct{}),
+		welcome:  welcomeCache{entries: map[welcomeKey]map[string]string{}},
+	}
+	s.bufs.New = func() any { b := make([]byte, 8192); return &b }
+	return s
+}
+
+func (s *Server) getBuf() []byte  { return *(s.bufs.Get().(*[]byte)) }
+func (s *Server) putBuf(b []byte) { b = b[:cap(b)]; s.bufs.Put(&b) }
+
+// Listen opens the TCP listener (and the Unix socket when configured).
+func (s *Server) Listen() error {
+	l, err := net.Listen("tcp", s.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listening on %s (key listen): %w", s.cfg.Listen, err)
+	}
+	s.listeners = append(s.listeners, l)
+	if dir := s.cfg.UnixSocketDir; dir != "" {
+		port := strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+		path := filepath.Join(dir, ".s.PGSQL."+port)
+		_ = os.Remove(path)
+		ul, err := net.Listen("unix", path)
+		if err != nil {
+			_ = l.Close()
+			return fmt.Errorf("listening on unix socket %s (key unix_socket_dir): %w", path, err)
+		}
+		_ = os.Chmod(path, 0o777)
+		s.listeners = append(s.listeners, ul)
+	}
+	return nil
+}
+
+// Addr is the TCP listener's address (useful with port 0).
+func (s *Server) Addr() net.Addr { return s.listeners[0].Addr() }
+
+// Ready reports whether the server accepts clients.
+func (s *Server) Ready() bool { return s.ready.Load() }
+
+// Serve accepts clients on every listener until Shutdown. It returns nil
+// after Shutdown, or the first fatal accept error.
+func (s *Server) Serve() error {
+	s.ready.Store(true)
+	errc := make(chan error, len(s.listeners))
+	for _, l := range s.listeners {
+		go func(l net.Listener) { errc <- s.acceptLoop(l) }(l) // owner: Serve; exits when l closes
+	}
+	var first error
+	for range s.listeners {
+		if err := <-errc; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+func (s *Server) acceptLoop(l net.Listener) error {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) || isTemporaryAccept(err) {
+				s.logger.Warn("accept failed; retrying", zap.Error(err))
+				time.Sleep(100 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("accepting clients: %w", err)
+		}
+		s.mu.Lock()
+		if s.draining {
+			s.mu.Unlock()
+			_ = c.Close()
+			continue
+		}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() { // owner: the Server; exits when the client's session ends
+			defer s.wg.Done()
+			s.serveConn(c)
+		}()
+	}
+}
+
+// isTemporaryAccept recognises errors after which accepting can go on
+// (too many open files, connection aborted before accept).
+func isTemporaryAccept(err error) bool {
+	var se interface{ Temporary() bool }
+	return errors.As(err, &se) && se.Temporary()
+}
+
+func (s *Server) register(sess *session) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining {
+		return false
+	}
+	s.sessions[sess] = struct{}{}
+	return true
+}
+
+func (s *Server) unregister(sess *session) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.sessions, sess)
+	if sess.key.pid != 0 && s.keys[sess.key.pid] == sess {
+		delete(s.keys, sess.key.pid)
+	}
+	if s.draining && len(s.sessions) == 0 {
+		select {
+		case <-s.empty:
+		default:
+			close(s.empty)
+		}
+	}
+}
+
+// newCancelKey gives a session a process ID and secret unique among live
+// sessions.
+func (s *Server) newCancelKey(sess *session) cancelKey {
+	var b [8]byte
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for {
+		if _, err := rand.Read(b[:]); err != nil {
+			panic("crypto/rand failed: " + err.Error())
+		}
+		pid := binary.BigEndian.Uint32(b[:4]) & 0x7fffffff
+		if pid == 0 || s.keys[pid] != nil {
+			continue
+		}
+		k := cancelKey{pid: pid, secret: binary.BigEndian.Uint32(b[4:])}
+		s.keys[pid] = sess
+		return k
+	}
+}
+
+func (s *Server) sessionByKey(pid uint32) *session {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.keys[pid]
+}
+
+// Shutdown stops accepting clients, disconnects idle ones, lets clients in
+// a transaction finish it until ctx ends, then disconnects the rest, all
+// with SQLSTATE 57P01. It returns once every session has ended.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.ready.Store(false)
+	s.mu.Lock()
+	s.draining = true
+	for _, l := range s.listeners {
+		_ = l.Close()
+	}
+	sessions := make([]*session, 0, len(s.sessions))
+	for sess := range s.sessions {
+		sessions = append(sessions, sess)
+	}
+	if len(s.sessions) == 0 {
+		select {
+		case <-s.empty:
+		default:
+			close(s.empty)
+		}
+	}
+	s.mu.Unlock()
+	for _, sess := range sessions {
+		sess.drain(false)
+	}
+	var err error
+	select {
+	case <-s.empty:
+	case <-ctx.Done():
+		err = fmt.Errorf("shutdown drain (timeouts.shutdown_drain) ended with clients still in a transaction: %w", ctx.Err())
+		s.mu.Lock()
+		sessions = sessions[:0]
+		for sess := range s.sessions {
+			sessions = append(sessions, sess)
+		}
+		s.mu.Unlock()
+		for _, sess := range sessions {
+			sess.drain(true)
+		}
+	}
+	s.wg.Wait()
+	return err
+}
+
+// Draining reports whether Shutdown has begun.
+func (s *Server) Draining() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.draining
+}
+
+// ClientCount is the number of connected clients.
+func (s *Server) ClientCount() int64 { return s.clients.Load() }
+
+// welcomeCache remembers, per route and set of startup parameters, the
+// parameter values a client is told at login, so that logins do not need
+// a server connection once the combination has been seen.
+type welcomeCache struct {
+	mu      sync.Mutex
+	entries map[welcomeKey]map[string]string
+}
+
+type welcomeKey struct {
+	route  pool.Route
+	params string
+}
+
+const maxWelcomeEntries = 4096
+
+func (c *welcomeCache) get(k welcomeKey) map[string]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.entries[k]
+}
+
+func (c *welcomeCache) put(k welcomeKey, v map[string]string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.entries) >= maxWelcomeEntries {
+		for old := range c.entries {
+			delete(c.entries, old)
+			break
+		}
+	}
+	c.entries[k] = v
+}

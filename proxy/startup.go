@@ -1,0 +1,414 @@
+package proxy
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+	"go.uber.org/zap"
+
+	"github.com/pggovernor/pggovernor/auth"
+	"github.com/pggovernor/pggovernor/config"
+	"github.com/pggovernor/pggovernor/pool"
+	"github.com/pggovernor/pggovernor/wire"
+)
+
+// Startup-phase request codes (src/include/libpq/pqcomm.h).
+const (
+	sslRequestCode    = 80877103
+	gssEncRequestCode = 80877104
+	cancelRequestCode = 80877102
+	protocolMajor3    = 3
+)
+
+// cancelKey is the BackendKeyData the governor gives a client.
+type cancelKey struct {
+	pid    uint32
+	secret uint32
+}
+
+// serveConn runs one client connection from accept to close.
+func (s *Server) serveConn(c net.Conn) {
+	n := s.clients.Add(1)
+	defer s.clients.Add(-1)
+	id := s.nextID.Add(1)
+	log := s.logger.With(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()))
+	rbuf := s.getBuf()
+	wbuf := s.getBuf()
+	defer func() { s.putBuf(rbuf); s.putBuf(wbuf) }()
+
+	sess := &session{
+		srv:     s,
+		id:      id,
+		conn:    c,
+		log:     log,
+		started: time.Now(),
+		txMode:  s.cfg.PoolMode == config.PoolModeTransaction,
+		tx:      'I',
+	}
+	sess.rd = wire.NewReader(c, rbuf, s.cfg.Clients.MaxMessageSize)
+	sess.cw = wire.NewWriter(c, wbuf)
+	sess.sw = wire.NewWriter(nil, nil)
+
+	_ = c.SetDeadline(time.Now().Add(s.cfg.Timeouts.ClientLogin))
+	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.ClientLogin)
+	err := sess.startup(ctx, n)
+	cancel()
+	if err != nil {
+		if !errors.Is(err, errCancelRequest) {
+			sess.loginFailed(err)
+		}
+		_ = c.Close()
+		return
+	}
+	_ = c.SetDeadline(time.Time{})
+	sess.serve()
+}
+
+var errCancelRequest = errors.New("cancel request handled")
+
+// startup reads startup packets until a StartupMessage, authenticates the
+// client and sends the welcome. On error nothing final has been sent; the
+// caller reports it.
+func (sess *session) startup(ctx context.Context, clients int64) error {
+	s := sess.srv
+	for {
+		body, err := sess.rd.ReadStartup()
+		if err != nil {
+			return err
+		}
+		code := binary.BigEndian.Uint32(body)
+		switch {
+		case code == sslRequestCode && len(body) == 4:
+			// TLS termination is not configured: refuse, as Postgres does
+			// without ssl = on, and read the next packet in plaintext.
+			if sess.rd.Buffered() > 0 {
+				return fatalf(codeProtocolViolation, "received unencrypted data after SSL request")
+			}
+			if _, err := sess.conn.Write([]byte{'N'}); err != nil {
+				return err
+			}
+		case code == gssEncRequestCode && len(body) == 4:
+			if sess.rd.Buffered() > 0 {
+				return fatalf(codeProtocolViolation, "received unencrypted data after GSSAPI encryption request")
+			}
+			if _, err := sess.conn.Write([]byte{'N'}); err != nil {
+				return err
+			}
+		case code == cancelRequestCode && len(body) == 12:
+			s.handleCancel(binary.BigEndian.Uint32(body[4:]), binary.BigEndian.Uint32(body[8:]))
+			return errCancelRequest
+		case code>>16 == protocolMajor3:
+			return sess.login(ctx, body, clients)
+		default:
+			return fatalf(codeFeatureNotSupported, "unsupported frontend protocol %d.%d: server supports 3.0", code>>16, code&0xffff)
+		}
+	}
+}
+
+// handleCancel forwards a CancelRequest to the server connection that the
+// client with this key holds right now, and drops it otherwise.
+func (s *Server) handleCancel(pid, secret uint32) {
+	sess := s.sessionByKey(pid)
+	if sess == nil || subtle.ConstantTimeEq(int32(sess.key.secret), int32(secret)) != 1 {
+		s.logger.Debug("cancel request for an unknown key dropped")
+		return
+	}
+	sess.mu.Lock()
+	srv := sess.server
+	busy := !sess.q.empty()
+	sess.mu.Unlock()
+	if srv == nil || !busy {
+		sess.log.Debug("cancel request dropped: the client has no query running")
+		return
+	}
+	if err := srv.Cancel(context.Background()); err != nil {
+		sess.log.Warn("forwarding cancel request failed", zap.Error(err))
+		return
+	}
+	sess.log.Debug("cancel request forwarded", zap.Uint32("backend_pid", srv.PID()))
+}
+
+// login handles a StartupMessage: checks, authentication, welcome.
+func (sess *session) login(ctx context.Context, body []byte, clients int64) error {
+	s := sess.srv
+	var sm pgproto3.StartupMessage
+	minor := binary.BigEndian.Uint32(body) & 0xffff
+	if minor != 0 {
+		// Accept 3.x as 3.0, as Postgres does: decode with the 3.0 number.
+		binary.BigEndian.PutUint32(body, pgproto3.ProtocolVersion30)
+	}
+	if err := sm.Decode(body); err != nil {
+		return fatalf(codeProtocolViolation, "invalid startup packet layout")
+	}
+	sess.user = sm.Parameters["user"]
+	if sess.user == "" {
+		return fatalf(codeInvalidAuthSpec, "no PostgreSQL user name specified in startup packet")
+	}
+	sess.database = sm.Parameters["database"]
+	if sess.database == "" {
+		sess.database = sess.user
+	}
+	sess.log = sess.log.With(zap.String("db", sess.database), zap.String("user", sess.user))
+	if r := sm.Parameters["replication"]; r != "" && r != "false" && r != "off" && r != "no" && r != "0" {
+		return fatalf(codeFeatureNotSupported, "replication connections are not supported through pggovernor").
+			withHint("Connect replication clients to the server directly.")
+	}
+	if clients > int64(s.cfg.Clients.MaxConnections) {
+		return fatalf(codeTooManyConnections, "sorry, too many clients already: clients.max_connections (%d) reached", s.cfg.Clients.MaxConnections).
+			withHint("Raise clients.max_connections, or lower the number of client connections.")
+	}
+	if minor != 0 {
+		var unrecognized []string
+		for k := range sm.Parameters {
+			if strings.HasPrefix(k, "_pq_.") {
+				unrecognized = append(unrecognized, k)
+			}
+		}
+		sort.Strings(unrecognized)
+		if err := sess.sendStartup(&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: unrecognized}); err != nil {
+			return err
+		}
+	}
+	params, err := startupSettings(sm.Parameters)
+	if err != nil {
+		return err
+	}
+	sess.settings = params
+
+	res, err := s.opts.Verifier.Authenticate(ctx, (*authConn)(sess), sess.user)
+	if err != nil {
+		return err
+	}
+	upstreamUser := s.opts.UpstreamUser
+	if upstreamUser == "" {
+		upstreamUser = res.User
+	}
+	sess.route = pool.Route{Database: sess.database, User: upstreamUser}
+	if !s.register(sess) {
+		return fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down")
+	}
+	sess.key = s.newCancelKey(sess)
+	if err := sess.welcome(ctx); err != nil {
+		return err
+	}
+	return nil
+}
+
+// startupSettings keeps the run-time parameters of a StartupMessage that go
+// to the server (everything but user, database, replication and protocol
+// options), with "options" split into its -c name=value settings.
+func startupSettings(p map[string]string) (map[string]string, error) {
+	out := map[string]string{}
+	for k, v := range p {
+		switch {
+		case k == "user" || k == "database" || k == "replication" || strings.HasPrefix(k, "_pq_."):
+		case k == "options":
+			opts, err := parseOptions(v)
+			if err != nil {
+				return nil, err
+			}
+			for ok, ov := range opts {
+				out[ok] = ov
+			}
+		default:
+			out[k] = v
+		}
+	}
+	return out, nil
+}
+
+// parseOptions parses the "options" startup parameter: command-line style
+// "-c name=value" and "--name=value" settings, with backslash escapes.
+func parseOptions(s string) (map[string]string, error) {
+	var args []string
+	var cur strings.Builder
+	escaped, in := false, false
+	for _, r := range s {
+		switch {
+		case escaped:
+			cur.WriteRune(r)
+			escaped, in = false, true
+		case r == '\\':
+			escaped = true
+		case r == ' ' || r == '\t':
+			if in {
+				args = append(args, cur.String())
+				cur.Reset()
+				in = false
+			}
+		default:
+			cur.WriteRune(r)
+			in = true
+		}
+	}
+	if in {
+		args = append(args, cur.String())
+	}
+	out := map[string]string{}
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		var kv string
+		switch {
+		case a == "-c" && i+1 < len(args):
+			i++
+			kv = args[i]
+		case strings.HasPrefix(a, "-c"):
+			kv = a[2:]
+		case strings.HasPrefix(a, "--"):
+			kv = a[2:]
+		default:
+			return nil, fatalf(codeFeatureNotSupported, "unsupported switch %q in the options startup parameter: pggovernor accepts only -c name=value", a)
+		}
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok {
+			return nil, fatalf(codeProtocolViolation, "invalid setting %q in the options startup parameter: expected name=value", kv)
+		}
+		out[strings.ReplaceAll(k, "-", "_")] = v
+	}
+	return out, nil
+}
+
+// welcome completes the login: AuthenticationOk, the parameters the client
+// sees, its BackendKeyData and ReadyForQuery. The parameters come from the
+// cache for this route and settings, or from a server connection on which
+// the client's settings are applied (which also checks that the database
+// exists and the settings are valid, as a direct login would).
+func (sess *session) welcome(ctx context.Context) error {
+	s := sess.srv
+	key := welcomeKey{route: sess.route, params: settingsKey(sess.settings)}
+	view := s.welcome.get(key)
+	if view == nil || !sess.txMode {
+		wctx, cancel := context.WithTimeout(ctx, s.cfg.Timeouts.QueryWait)
+		srv, err := s.pool.Acquire(wctx, sess.route, nil)
+		cancel()
+		if err != nil {
+			return toClientError(err, true, s.cfg.Timeouts.QueryWait)
+		}
+		if stmts := sess.settingStatements(srv, nil); stmts != "" {
+			if err := s.pool.Exec(ctx, srv, stmts); err != nil {
+				s.pool.Release(srv)
+				return toClientError(err, true, s.cfg.Timeouts.QueryWait)
+			}
+			sess.recordSettings(srv)
+		}
+		view = make(map[string]string, len(srv.Params))
+		for k, v := range srv.Params {
+			view[k] = v
+		}
+		s.welcome.put(key, view)
+		if sess.txMode {
+			s.pool.Release(srv)
+		} else {
+			sess.server = srv
+			sess.tx = srv.TxStatus
+			srv.SetHandler(sess)
+			sess.sw.Reset(srv.Conn())
+		}
+	}
+	sess.view = make(map[string]string, len(view))
+	for k, v := range view {
+		sess.view[k] = v
+	}
+	buf := make([]byte, 0, 512)
+	buf, _ = (&pgproto3.AuthenticationOk{}).Encode(buf)
+	names := make([]string, 0, len(view))
+	for k := range view {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, k := range names {
+		buf, _ = (&pgproto3.ParameterStatus{Name: k, Value: view[k]}).Encode(buf)
+	}
+	buf = binary.BigEndian.AppendUint32(append(buf, 'K'), 12)
+	buf = binary.BigEndian.AppendUint32(buf, sess.key.pid)
+	buf = binary.BigEndian.AppendUint32(buf, sess.key.secret)
+	buf, _ = (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(buf)
+	_, err := sess.conn.Write(buf)
+	return err
+}
+
+func settingsKey(m map[string]string) string {
+	if len(m) == 0 {
+		return ""
+	}
+	names := make([]string, 0, len(m))
+	for k := range m {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	var b strings.Builder
+	for _, k := range names {
+		fmt.Fprintf(&b, "%s=%s\x00", k, m[k])
+	}
+	return b.String()
+}
+
+// loginFailed reports a failed login to the client (if it is still there)
+// and to the log, once.
+func (sess *session) loginFailed(err error) {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) {
+		sess.log.Debug("client left during login", zap.Error(err))
+		return
+	}
+	var ce *clientError
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		ce = fatalf(codeQueryCanceled, "canceling authentication due to timeout").
+			withHint(fmt.Sprintf("The client did not finish logging in within timeouts.client_login (%s).", sess.srv.cfg.Timeouts.ClientLogin))
+	default:
+		ce = toClientError(err, true, sess.srv.cfg.Timeouts.QueryWait)
+	}
+	ce.fatal = true
+	level := zap.InfoLevel
+	if errors.Is(err, auth.ErrAuthFailed) {
+		level = zap.WarnLevel
+	}
+	sess.log.Log(level, "login failed", zap.String("sqlstate", ce.code), zap.Error(err))
+	_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	_, _ = sess.conn.Write(appendError(nil, ce, sess.user))
+}
+
+func (sess *session) sendStartup(msg pgproto3.BackendMessage) error {
+	buf, err := msg.Encode(nil)
+	if err != nil {
+		return err
+	}
+	_, err = sess.conn.Write(buf)
+	return err
+}
+
+// authConn adapts a session to auth.Conn for the login exchange.
+type authConn session
+
+func (a *authConn) Send(msg pgproto3.BackendMessage) error { return (*session)(a).sendStartup(msg) }
+
+func (a *authConn) ReceivePassword(context.Context) ([]byte, error) {
+	sess := (*session)(a)
+	sess.rd.SetMaxLen(maxAuthMessage)
+	defer sess.rd.SetMaxLen(sess.srv.cfg.Clients.MaxMessageSize)
+	typ, n, err := sess.rd.Header()
+	if err != nil {
+		return nil, err
+	}
+	if typ != 'p' {
+		return nil, fatalf(codeProtocolViolation, "expected password response, got message type %d", typ)
+	}
+	frame, err := sess.rd.Frame(n)
+	if err != nil {
+		return nil, err
+	}
+	return frame[wire.HeaderLen:], nil
+}
+
+// maxAuthMessage bounds a password or SASL message.
+const maxAuthMessage = 8192

@@ -1,0 +1,309 @@
+// Package wire frames the PostgreSQL protocol without decoding it: a Reader
+// buffers bytes from a connection and yields whole frames (type byte, length,
+// body) from one reusable buffer, and a Writer coalesces outgoing frames into
+// one write per batch. Only the messages pggovernor must understand are
+// decoded, elsewhere, with pgproto3.
+package wire
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// HeaderLen is the size of a regular message header: one type byte and a
+// four-byte big-endian length that counts itself but not the type byte.
+const HeaderLen = 5
+
+// BufferSize is the default buffer size: 8 KiB, as Postgres' own
+// PQ_RECV_BUFFER_SIZE/PQ_SEND_BUFFER_SIZE in src/backend/libpq/pqcomm.c.
+const BufferSize = 8192
+
+// MaxStartupLen bounds a startup packet, as Postgres'
+// MAX_STARTUP_PACKET_LENGTH in src/include/libpq/pqcomm.h.
+const MaxStartupLen = 10000
+
+// ErrMessageTooLarge is returned (wrapped in *FrameError) when a message is
+// longer than the Reader's limit.
+var ErrMessageTooLarge = errors.New("message too large")
+
+// FrameError describes a malformed frame: a length below 4 or above the
+// limit. The connection cannot be resynchronised after it.
+type FrameError struct {
+	Type   byte
+	Length int64
+	Limit  int
+	Err    error
+}
+
+func (e *FrameError) Error() string {
+	if errors.Is(e.Err, ErrMessageTooLarge) {
+		return fmt.Sprintf("message of type %q is %d bytes, more than the limit of %d bytes", e.Type, e.Length, e.Limit)
+	}
+	return fmt.Sprintf("invalid length %d in message of type %q", e.Length, e.Type)
+}
+
+func (e *FrameError) Unwrap() error { return e.Err }
+
+// Reader buffers a connection's bytes and exposes them frame by frame. It is
+// not safe for concurrent use.
+type Reader struct {
+	rd     io.Reader
+	buf    []byte
+	r, w   int
+	maxLen int // maximum message length (including the 4 length bytes)
+	base   int // the buffer size to shrink back to
+}
+
+// NewReader returns a Reader with a buffer of BufferSize bytes that accepts
+// messages up to maxLen bytes (counting the length field, as the protocol
+// does).
+func NewReader(rd io.Reader, buf []byte, maxLen int) *Reader {
+	if buf == nil {
+		buf = make([]byte, BufferSize)
+	}
+	return &Reader{rd: rd, buf: buf, maxLen: maxLen, base: len(buf)}
+}
+
+// Reset points the Reader at a new source with an empty buffer.
+func (r *Reader) Reset(rd io.Reader) {
+	r.rd = rd
+	r.r, r.w = 0, 0
+}
+
+// SetMaxLen changes the message length limit.
+func (r *Reader) SetMaxLen(n int) { r.maxLen = n }
+
+// Buffered returns the number of unread bytes in the buffer.
+func (r *Reader) Buffered() int { return r.w - r.r }
+
+// Bytes returns the unread bytes, valid until the next Fill.
+func (r *Reader) Bytes() []byte { return r.buf[r.r:r.w] }
+
+// Discard drops n buffered bytes.
+func (r *Reader) Discard(n int) { r.r += n }
+
+// Buffer returns the Reader's buffer, for returning it to a pool once the
+// Reader is no longer used.
+func (r *Reader) Buffer() []byte { return r.buf }
+
+// Fill reads at least once from the source into the buffer, moving unread
+// bytes to the front first. It returns io.EOF only when nothing was read.
+func (r *Reader) Fill() error {
+	if r.r > 0 {
+		n := copy(r.buf, r.buf[r.r:r.w])
+		r.r, r.w = 0, n
+	}
+	if r.w == len(r.buf) {
+		return errors.New("wire: Fill on a full buffer")
+	}
+	n, err := r.rd.Read(r.buf[r.w:])
+	r.w += n
+	if n > 0 {
+		return nil
+	}
+	if err == nil {
+		err = io.ErrNoProgress
+	}
+	return err
+}
+
+// Header returns the type and total frame length (header included) of the
+// next regular message, reading until five bytes are buffered. A length
+// field below 4 or above the limit is a *FrameError.
+func (r *Reader) Header() (typ byte, frameLen int, err error) {
+	for r.Buffered() < HeaderLen {
+		if err := r.Fill(); err != nil {
+			return 0, 0, err
+		}
+	}
+	typ = r.buf[r.r]
+	n := int64(binary.BigEndian.Uint32(r.buf[r.r+1:]))
+	if n < 4 {
+		return typ, 0, &FrameError{Type: typ, Length: n, Limit: r.maxLen, Err: errors.New("length below 4")}
+	}
+	if n > int64(r.maxLen) {
+		return typ, 0, &FrameError{Type: typ, Length: n, Limit: r.maxLen, Err: ErrMessageTooLarge}
+	}
+	return typ, int(n) + 1, nil
+}
+
+// PeekHeader parses the next header if five bytes are buffered, without
+// reading: ok is false when fewer are.
+func (r *Reader) PeekHeader() (typ byte, frameLen int, ok bool, err error) {
+	if r.Buffered() < HeaderLen {
+		return 0, 0, false, nil
+	}
+	typ = r.buf[r.r]
+	n := int64(binary.BigEndian.Uint32(r.buf[r.r+1:]))
+	if n < 4 {
+		return typ, 0, false, &FrameError{Type: typ, Length: n, Limit: r.maxLen, Err: errors.New("length below 4")}
+	}
+	if n > int64(r.maxLen) {
+		return typ, 0, false, &FrameError{Type: typ, Length: n, Limit: r.maxLen, Err: ErrMessageTooLarge}
+	}
+	return typ, int(n) + 1, true, nil
+}
+
+// Frame returns the next n bytes, reading (and growing the buffer) until
+// they are all buffered, and consumes them. The slice is valid until the
+// next call on the Reader.
+func (r *Reader) Frame(n int) ([]byte, error) {
+	if err := r.Ensure(n); err != nil {
+		return nil, err
+	}
+	b := r.buf[r.r : r.r+n]
+	r.r += n
+	return b, nil
+}
+
+// Ensure reads until n bytes are buffered, growing the buffer if needed.
+func (r *Reader) Ensure(n int) error {
+	if n > len(r.buf) {
+		grown := make([]byte, n)
+		r.w = copy(grown, r.buf[r.r:r.w])
+		r.r = 0
+		r.buf = grown
+	}
+	for r.Buffered() < n {
+		if err := r.Fill(); err != nil {
+			if errors.Is(err, io.EOF) {
+				return io.ErrUnexpectedEOF
+			}
+			return err
+		}
+	}
+	return nil
+}
+
+// Shrink returns a buffer grown by Frame to its original size once it holds
+// nothing unread, so one large message does not pin memory.
+func (r *Reader) Shrink() {
+	if len(r.buf) > r.base && r.Buffered() == 0 {
+		r.buf = make([]byte, r.base)
+		r.r, r.w = 0, 0
+	}
+}
+
+// ReadStartup reads one untyped startup-phase packet (StartupMessage,
+// SSLRequest, GSSENCRequest, CancelRequest): a four-byte length then the
+// body. It returns the body (after the length), valid until the next call.
+func (r *Reader) ReadStartup() ([]byte, error) {
+	for r.Buffered() < 4 {
+		if err := r.Fill(); err != nil {
+			return nil, err
+		}
+	}
+	n := int64(binary.BigEndian.Uint32(r.buf[r.r:]))
+	if n < 8 || n > MaxStartupLen {
+		return nil, &FrameError{Length: n, Limit: MaxStartupLen, Err: fmt.Errorf("invalid startup packet length %d", n)}
+	}
+	b, err := r.Frame(int(n))
+	if err != nil {
+		return nil, err
+	}
+	return b[4:], nil
+}
+
+// Stream copies the next n bytes to w, first from the buffer, then straight
+// from the source through the buffer, without growing it.
+func (r *Reader) Stream(w io.Writer, n int) error {
+	for n > 0 {
+		if r.Buffered() == 0 {
+			if err := r.Fill(); err != nil {
+				if errors.Is(err, io.EOF) {
+					return io.ErrUnexpectedEOF
+				}
+				return err
+			}
+		}
+		chunk := r.Buffered()
+		if chunk > n {
+			chunk = n
+		}
+		if w != nil {
+			if _, err := w.Write(r.buf[r.r : r.r+chunk]); err != nil {
+				return err
+			}
+		}
+		r.r += chunk
+		n -= chunk
+	}
+	return nil
+}
+
+// Writer coalesces frames into one buffer and writes it in one call on
+// Flush, or straight through when a frame does not fit.
+type Writer struct {
+	wr  io.Writer
+	buf []byte
+}
+
+// NewWriter returns a Writer over wr using buf's capacity as its buffer.
+func NewWriter(wr io.Writer, buf []byte) *Writer {
+	if buf == nil {
+		buf = make([]byte, 0, BufferSize)
+	}
+	return &Writer{wr: wr, buf: buf[:0]}
+}
+
+// Reset points the Writer at a new destination, dropping buffered bytes.
+func (w *Writer) Reset(wr io.Writer) {
+	w.wr = wr
+	w.buf = w.buf[:0]
+}
+
+// Buffered returns the number of bytes waiting for Flush.
+func (w *Writer) Buffered() int { return len(w.buf) }
+
+// Write buffers p, flushing first when it would not fit; a p larger than the
+// buffer is written straight through.
+func (w *Writer) Write(p []byte) (int, error) {
+	if len(w.buf)+len(p) > cap(w.buf) {
+		if err := w.Flush(); err != nil {
+			return 0, err
+		}
+		if len(p) > cap(w.buf) {
+			return w.wr.Write(p)
+		}
+	}
+	w.buf = append(w.buf, p...)
+	return len(p), nil
+}
+
+// Flush writes the buffered bytes.
+func (w *Writer) Flush() error {
+	if len(w.buf) == 0 {
+		return nil
+	}
+	_, err := w.wr.Write(w.buf)
+	w.buf = w.buf[:0]
+	return err
+}
+
+// Buffer returns the Writer's buffer, for returning it to a pool.
+func (w *Writer) Buffer() []byte { return w.buf[:0] }
+
+// AppendHeader appends a message header with the given type and body
+// length to dst.
+func AppendHeader(dst []byte, typ byte, bodyLen int) []byte {
+	return append(dst, typ, byte((bodyLen+4)>>24), byte((bodyLen+4)>>16), byte((bodyLen+4)>>8), byte(bodyLen+4))
+}
+
+// SetLength rewrites the length field of the frame starting at dst[start]
+// (its type byte) to cover everything appended after it.
+func SetLength(dst []byte, start int) {
+	binary.BigEndian.PutUint32(dst[start+1:], uint32(len(dst)-start-1))
+}
+
+// CString returns the NUL-terminated string at the start of b and the rest
+// after the NUL; ok is false when there is no NUL.
+func CString(b []byte) (s, rest []byte, ok bool) {
+	for i, c := range b {
+		if c == 0 {
+			return b[:i], b[i+1:], true
+		}
+	}
+	return nil, nil, false
+}
