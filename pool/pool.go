@@ -701,10 +701,10 @@ func (p *Pool) Wait(ctx context.Context) error {
 // waitQueue is a FIFO of waiters.
 type waitQueue struct{ items []*waiter }
 
-func (q *waitQueue) len() int        { return len(q.items) }
-func (q *waitQueue) push(w *waiter)  { q.items = append(q.items, w) }
-func (q *waitQueue) peek() *waiter   { return q.items[0] }
-func (q *waitQueue) pop() *waiter    { w := q.items[0]; q.items[0] = nil; q.items = q.items[1:]; return w }
+func (q *waitQueue) len() int       { return len(q.items) }
+func (q *waitQueue) push(w *waiter) { q.items = append(q.items, w) }
+func (q *waitQueue) peek() *waiter  { return q.items[0] }
+func (q *waitQueue) pop() *waiter   { w := q.items[0]; q.items[0] = nil; q.items = q.items[1:]; return w }
 func (q *waitQueue) remove(w *waiter) bool {
 	for i, x := range q.items {
 		if x == w {

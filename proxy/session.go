@@ -812,7 +812,7 @@ func sortedKeys(m map[string]string) []string {
 
 func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
 
-// quoteLiteral quotes a value as an E'' literal, correct whatever
+// quoteLiteral quotes a value as an E” literal, correct whatever
 // standard_conforming_strings is.
 func quoteLiteral(s string) string {
 	s = strings.ReplaceAll(s, `\`, `\\`)
