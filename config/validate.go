@@ -120,28 +120,30 @@ func URLParam(connString, name string) string {
 		}
 		return ""
 	}
-	for k, v := range parseDSN(connString) {
-		if k == name {
-			return v
-		}
-	}
-	return ""
+	m, _ := parseDSN(connString)
+	return m[name]
 }
 
 // parseDSN splits a libpq key=value string, honouring single quotes and
-// backslash escapes.
-func parseDSN(s string) map[string]string {
-	out := map[string]string{}
+// backslash escapes. ok is false when s is not well formed (text without
+// "=", a keyword that is empty or has characters other than letters, digits,
+// "_", "." and "-", or an unterminated quote); out then holds what was read
+// before the problem.
+func parseDSN(s string) (out map[string]string, ok bool) {
+	out = map[string]string{}
 	for {
 		s = strings.TrimLeft(s, " \t\n\r")
 		if s == "" {
-			return out
+			return out, true
 		}
 		eq := strings.IndexByte(s, '=')
 		if eq < 0 {
-			return out
+			return out, false
 		}
 		k := strings.TrimSpace(s[:eq])
+		if !validDSNKeyword(k) {
+			return out, false
+		}
 		s = strings.TrimLeft(s[eq+1:], " \t\n\r")
 		var v strings.Builder
 		if strings.HasPrefix(s, "'") {
@@ -153,9 +155,10 @@ func parseDSN(s string) map[string]string {
 				v.WriteByte(s[0])
 				s = s[1:]
 			}
-			if len(s) > 0 {
-				s = s[1:]
+			if len(s) == 0 {
+				return out, false // unterminated quote
 			}
+			s = s[1:]
 		} else {
 			for len(s) > 0 && s[0] != ' ' && s[0] != '\t' && s[0] != '\n' && s[0] != '\r' {
 				if s[0] == '\\' && len(s) > 1 {
@@ -167,6 +170,29 @@ func parseDSN(s string) map[string]string {
 		}
 		out[k] = v.String()
 	}
+}
+
+// validDSNKeyword reports whether k can be a keyword of a key=value
+// connection string: libpq's keywords and server parameter names.
+func validDSNKeyword(k string) bool {
+	if k == "" {
+		return false
+	}
+	for i := 0; i < len(k); i++ {
+		c := k[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '.' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// quoteDSNValue quotes a key=value connection string value when it needs it.
+func quoteDSNValue(v string) string {
+	if v != "" && !strings.ContainsAny(v, " \t\n\r\v\f'\\") {
+		return v
+	}
+	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(v) + "'"
 }
 
 // applyCoderEnv reads the environment that Coder's Helm chart sets for
@@ -286,7 +312,13 @@ func RedactURL(s string) string {
 		}
 		return u.String()
 	}
-	m := parseDSN(s)
+	m, ok := parseDSN(s)
+	if !ok {
+		// A string that is neither a URL nor a well-formed key=value list
+		// (a misspelt or upper-case scheme, a stray word) may hold a
+		// password where parseDSN cannot see it: show none of it.
+		return "(unparsable connection string)"
+	}
 	if _, ok := m["password"]; !ok {
 		return s
 	}
@@ -301,7 +333,7 @@ func RedactURL(s string) string {
 		if k == "password" {
 			v = "xxxxx"
 		}
-		parts = append(parts, k+"="+v)
+		parts = append(parts, k+"="+quoteDSNValue(v))
 	}
 	return strings.Join(parts, " ")
 }

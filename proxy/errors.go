@@ -108,7 +108,10 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 	var fe *wire.FrameError
 	if errors.As(err, &fe) {
 		e := &clientError{fatal: true, code: codeProtocolViolation, message: "invalid message length", cause: err}
-		if errors.Is(err, wire.ErrMessageTooLarge) {
+		switch {
+		case fe.Type == 0: // a startup packet
+			e.message = fmt.Sprintf("invalid startup packet length %d (from 8 to %d bytes)", fe.Length, wire.MaxStartupLen)
+		case errors.Is(err, wire.ErrMessageTooLarge):
 			e.message = fmt.Sprintf("message of type %q is %d bytes, more than the limit of %d bytes", fe.Type, fe.Length, fe.Limit)
 			e.hint = "Raise clients.max_message_size."
 		}

@@ -719,32 +719,25 @@ func (sess *session) finish(cause error) {
 }
 
 // settingStatements returns the SQL that brings srv to what the client
-// expects: its reported parameters (view; nil at login, when its startup
-// values are used) and its other startup settings, "" if nothing differs.
+// expects: the reported parameters of view, and its other startup
+// settings; "" if nothing differs.
 func (sess *session) settingStatements(srv *pool.Server, view map[string]string) string {
+	// set_config takes a value as the startup packet does (a list such as
+	// search_path is not one quoted identifier, as SET would make it).
 	var b strings.Builder
 	add := func(name, value string, reset bool) {
 		if reset {
 			fmt.Fprintf(&b, "RESET %s;", quoteIdent(name))
 			return
 		}
-		fmt.Fprintf(&b, "SET %s TO %s;", quoteIdent(name), quoteLiteral(value))
+		fmt.Fprintf(&b, "SELECT pg_catalog.set_config(%s, %s, false);", quoteLiteral(name), quoteLiteral(value))
 	}
 	wanted := map[string]bool{}
-	names := make([]string, 0, len(sess.settings))
-	for k := range sess.settings {
-		names = append(names, k)
-	}
-	sort.Strings(names)
-	for _, k := range names {
-		v := sess.settings[k]
-		canon, reported := reportedName(srv.Params, k)
-		if reported {
-			if view == nil && srv.Params[canon] != v {
-				add(canon, v, false)
-			}
-			continue
+	for _, k := range sortedKeys(sess.settings) {
+		if _, reported := reportedName(srv.Params, k); reported {
+			continue // part of view
 		}
+		v := sess.settings[k]
 		lk := strings.ToLower(k)
 		wanted[lk] = true
 		if cur, ok := srv.Settings[lk]; !ok || cur != v {
@@ -756,18 +749,34 @@ func (sess *session) settingStatements(srv *pool.Server, view map[string]string)
 			add(k, "", true)
 		}
 	}
-	if view != nil {
-		for _, k := range settableReported {
-			canon, ok := reportedName(srv.Params, k)
-			if !ok {
-				continue
-			}
-			if want, ok := view[canon]; ok && srv.Params[canon] != want {
-				add(canon, want, false)
-			}
+	for _, k := range settableReported {
+		canon, ok := reportedName(srv.Params, k)
+		if !ok {
+			continue
+		}
+		if want, ok := view[canon]; ok && srv.Params[canon] != want {
+			add(canon, want, false)
 		}
 	}
 	return b.String()
+}
+
+// loginView is what a client should see at login before normalisation:
+// the route's defaults for the reported parameters it can change,
+// overridden by its own startup values.
+func (sess *session) loginView(srv *pool.Server, defaults map[string]string) map[string]string {
+	view := make(map[string]string, len(settableReported))
+	for _, k := range settableReported {
+		if canon, ok := reportedName(srv.Params, k); ok {
+			view[canon] = defaults[canon]
+		}
+	}
+	for k, v := range sess.settings {
+		if canon, ok := reportedName(srv.Params, k); ok {
+			view[canon] = v
+		}
+	}
+	return view
 }
 
 // recordSettings notes on srv the non-reported settings the client's SETs

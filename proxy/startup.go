@@ -294,7 +294,7 @@ func (sess *session) welcome(ctx context.Context) error {
 		if err != nil {
 			return toClientError(err, true, s.cfg.Timeouts.QueryWait)
 		}
-		if stmts := sess.settingStatements(srv, nil); stmts != "" {
+		if stmts := sess.settingStatements(srv, sess.loginView(srv, s.pool.Welcome(sess.route))); stmts != "" {
 			if err := s.pool.Exec(ctx, srv, stmts); err != nil {
 				s.pool.Release(srv)
 				return toClientError(err, true, s.cfg.Timeouts.QueryWait)

@@ -1,0 +1,373 @@
+package main
+
+import (
+	"context"
+	"debug/buildinfo"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+)
+
+// resultKey identifies one cell of the matrix.
+type resultKey struct {
+	Case    string
+	Clients int
+	Target  string
+}
+
+// resultSet collects the runs of a session.
+type resultSet struct {
+	runs map[resultKey][]runResult
+	na   map[resultKey]string
+}
+
+func newResultSet() *resultSet {
+	return &resultSet{runs: map[resultKey][]runResult{}, na: map[resultKey]string{}}
+}
+
+func (rs *resultSet) add(r runResult) {
+	k := resultKey{r.Case, r.Clients, r.Target}
+	rs.runs[k] = append(rs.runs[k], r)
+}
+
+func (rs *resultSet) markNA(c string, clients int, t, why string) {
+	rs.na[resultKey{c, clients, t}] = why
+}
+
+// row is one line of the table: the aggregate of a cell's reps.
+type row struct {
+	key       resultKey
+	na        string // reason, when the cell cannot run
+	runs      int
+	ok        bool // at least one run produced a TPS
+	tps       float64
+	meanMs    float64
+	p99Ms     float64
+	connMs    float64
+	cpuPer10k float64
+	cpuOK     bool
+	rssMiB    float64
+	errors    int64
+}
+
+// aggregate summarizes a cell: medians over reps of TPS, mean latency, p99
+// latency and connection time; CPU is total CPU over total transactions;
+// RSS is the highest peak; errors are summed.
+func (rs *resultSet) aggregate(k resultKey) row {
+	r := row{key: k}
+	if why, ok := rs.na[k]; ok {
+		r.na = why
+		return r
+	}
+	runs := rs.runs[k]
+	r.runs = len(runs)
+	var tps, mean, p99, conn []float64
+	var cpu float64
+	var tx int64
+	for _, x := range runs {
+		r.errors += x.Errors()
+		r.rssMiB = max(r.rssMiB, float64(x.PeakRSS)/(1<<20))
+		if x.TPS <= 0 {
+			continue
+		}
+		tps = append(tps, x.TPS)
+		mean = append(mean, x.MeanMs)
+		p99 = append(p99, x.P99Ms)
+		conn = append(conn, x.ConnMs)
+		if x.CPUOK {
+			cpu += x.CPUSeconds
+			tx += x.CPUTx
+		}
+	}
+	if len(tps) == 0 {
+		return r
+	}
+	r.ok = true
+	r.tps, r.meanMs, r.p99Ms, r.connMs = median(tps), median(mean), median(p99), median(conn)
+	if tx > 0 {
+		r.cpuPer10k, r.cpuOK = cpu/float64(tx)*10000, true
+	}
+	return r
+}
+
+// median of a non-empty slice.
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// facts describe the machine and the software measured.
+type facts struct {
+	cpuModel       string
+	nproc          int
+	kernel         string
+	postgres       string
+	pgbouncer      string
+	goVersion      string
+	governorGo     string
+	governorCommit string
+	date           time.Time
+	elapsed        time.Duration
+	command        string
+	notes          []string
+}
+
+// gatherFacts collects the machine facts for the report.
+func gatherFacts(ctx context.Context, e *env, bins tools) facts {
+	f := facts{nproc: runtime.NumCPU(), goVersion: runtime.Version(), date: time.Now().UTC(), pgbouncer: "not used"}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "model name" {
+				f.cpuModel = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		f.kernel = strings.TrimSpace(string(b))
+	}
+	if rows, err := e.cluster.Exec(ctx, "SELECT version()"); err == nil && len(rows) > 0 {
+		f.postgres = rows[0][0]
+	}
+	if bins.pgbouncer != "" {
+		f.pgbouncer = "PgBouncer " + bins.pgbouncerVersion + " (" + bins.pgbouncer + ")"
+	}
+	f.governorCommit = "unknown (binary has no VCS stamp)"
+	if bi, err := buildinfo.ReadFile(bins.governor); err == nil {
+		f.governorGo = bi.GoVersion
+		var rev, modified, when string
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				rev = s.Value
+			case "vcs.modified":
+				modified = s.Value
+			case "vcs.time":
+				when = s.Value
+			}
+		}
+		if rev != "" {
+			f.governorCommit = rev
+			if when != "" {
+				f.governorCommit += " (" + when + ")"
+			}
+			if modified == "true" {
+				f.governorCommit += ", with uncommitted changes"
+			}
+		}
+	}
+	if bins.governorBuilt && strings.HasPrefix(f.governorCommit, "unknown") {
+		// Built here without a VCS stamp (GOFLAGS=-buildvcs=false, say).
+		if rev := gitHead(e.opts.root); rev != "" {
+			f.governorCommit = rev + " (HEAD of the work tree it was built from; uncommitted changes not detected)"
+		}
+	}
+	f.command = commandLine()
+	return f
+}
+
+// gitHead reads the commit HEAD points to from the .git directory's files
+// (no git command is run), or "" when it cannot.
+func gitHead(root string) string {
+	gitDir := filepath.Join(root, ".git")
+	head, err := os.ReadFile(filepath.Join(gitDir, "HEAD"))
+	if err != nil {
+		return ""
+	}
+	ref, isRef := strings.CutPrefix(strings.TrimSpace(string(head)), "ref: ")
+	if !isRef {
+		return ref // detached HEAD
+	}
+	if b, err := os.ReadFile(filepath.Join(gitDir, filepath.FromSlash(ref))); err == nil {
+		return strings.TrimSpace(string(b))
+	}
+	packed, err := os.ReadFile(filepath.Join(gitDir, "packed-refs"))
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(packed), "\n") {
+		if sha, name, ok := strings.Cut(line, " "); ok && name == ref {
+			return sha
+		}
+	}
+	return ""
+}
+
+// commandLine is how this session was started.
+func commandLine() string {
+	name := os.Args[0]
+	if strings.Contains(name, "go-build") { // go run
+		name = "go run ./bench"
+	}
+	parts := []string{name}
+	for _, a := range os.Args[1:] {
+		if strings.ContainsAny(a, " \t'\"$") {
+			a = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
+		}
+		parts = append(parts, a)
+	}
+	return strings.Join(parts, " ")
+}
+
+// writeReport prints the report and writes it, and the chart, to o.out.
+func writeReport(o options, f facts, cases []benchCase, targetNames []string, rs *resultSet, idle []idleResult, stdout io.Writer, logf func(string, ...any)) error {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# pggovernor benchmark, %s\n\n", f.date.Format("2006-01-02 15:04 UTC"))
+	if rs != nil {
+		writeTable(&b, o, cases, targetNames, rs)
+	}
+	if len(idle) > 0 {
+		writeIdleTable(&b, idle)
+	}
+	fmt.Fprintf(&b, "## Machine and software\n\n")
+	fmt.Fprintf(&b, "- CPU: %s, nproc %d\n", f.cpuModel, f.nproc)
+	fmt.Fprintf(&b, "- kernel: %s\n", f.kernel)
+	fmt.Fprintf(&b, "- Postgres: %s\n", f.postgres)
+	fmt.Fprintf(&b, "- PgBouncer: %s\n", f.pgbouncer)
+	fmt.Fprintf(&b, "- Go: %s (harness), %s (pggovernor binary)\n", f.goVersion, f.governorGo)
+	fmt.Fprintf(&b, "- pggovernor commit: %s\n", f.governorCommit)
+	fmt.Fprintf(&b, "- date: %s, session took %s\n", f.date.Format(time.RFC3339), f.elapsed.Round(time.Second))
+	for _, n := range f.notes {
+		fmt.Fprintf(&b, "- note: %s\n", n)
+	}
+	fmt.Fprintf(&b, "\nCommand: `%s`\n", f.command)
+	text := b.String()
+	fmt.Fprint(stdout, "\n"+text)
+
+	if err := os.MkdirAll(o.out, 0o755); err != nil {
+		return err
+	}
+	name, latest := f.date.Format("20060102-150405")+".md", "latest.md"
+	if rs == nil {
+		name, latest = f.date.Format("20060102-150405")+"-idle.md", "latest-idle.md"
+	}
+	for _, n := range []string{name, latest} {
+		if err := os.WriteFile(filepath.Join(o.out, n), []byte(text), 0o644); err != nil {
+			return err
+		}
+	}
+	logf("wrote %s and %s", filepath.Join(o.out, name), filepath.Join(o.out, latest))
+	if rs != nil {
+		png := filepath.Join(o.out, "tps.png")
+		if wrote, err := writeChart(png, rs, targetNames); err != nil {
+			logf("chart: %v", err)
+		} else if wrote {
+			logf("wrote %s", png)
+		}
+	}
+	return nil
+}
+
+// writeTable writes the results table and its notes.
+func writeTable(b *strings.Builder, o options, cases []benchCase, targetNames []string, rs *resultSet) {
+	fmt.Fprintf(b, "pgbench -T %s, %d reps interleaved across targets, scale %d, pooler budget %d server connections, pgbench -j 2 (-j 1 for 1 client).\n\n",
+		o.duration, o.reps, o.scale, o.budget)
+	fmt.Fprintf(b, "| case | clients | target | median TPS | mean latency ms | p99 latency ms | ratio vs direct | ratio vs PgBouncer | pooler CPU s per 10k tx | peak RSS MiB | errors |\n")
+	fmt.Fprintf(b, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	var notes []string
+	naSeen := map[string]bool{}
+	for _, c := range cases {
+		for _, n := range c.Clients {
+			direct := rs.aggregate(resultKey{c.Name, n, targetDirect})
+			bouncer := rs.aggregate(resultKey{c.Name, n, targetPgBouncer})
+			for _, t := range targetNames {
+				r := rs.aggregate(resultKey{c.Name, n, t})
+				if r.na != "" {
+					fmt.Fprintf(b, "| %s | %d | %s | n/a | | | | | | | |\n", c.Name, n, t)
+					if !naSeen[r.na] {
+						naSeen[r.na] = true
+						notes = append(notes, fmt.Sprintf("n/a %s: %s.", t, r.na))
+					}
+					continue
+				}
+				if r.runs == 0 {
+					continue // not run (interrupted)
+				}
+				if !r.ok {
+					fmt.Fprintf(b, "| %s | %d | %s | failed | | | | | | %s | %d |\n", c.Name, n, t, mib(r), r.errors)
+					continue
+				}
+				fmt.Fprintf(b, "| %s | %d | %s | %.0f | %.3f | %.3f | %s | %s | %s | %s | %d |\n",
+					c.Name, n, t, r.tps, r.meanMs, r.p99Ms, ratio(r, direct), ratio(r, bouncer), cpu(r), mib(r), r.errors)
+				if c.Storm {
+					notes = append(notes, fmt.Sprintf("storm, %s: average connection time %.3f ms (pgbench).", t, r.connMs))
+				}
+			}
+		}
+	}
+	fmt.Fprintf(b, "\n")
+	for _, n := range notes {
+		fmt.Fprintf(b, "- %s\n", n)
+	}
+	for _, e := range errorSamples(rs) {
+		fmt.Fprintf(b, "- errors, %s\n", e)
+	}
+	if slices.ContainsFunc(cases, func(c benchCase) bool { return c.Storm }) {
+		fmt.Fprintf(b, "- storm is `pgbench -C -S`: a new connection per transaction, with md5 client authentication for every target (Postgres: a role with an md5 verifier and an md5 pg_hba line), so that pgbench's own SCRAM cost does not dominate; its TPS includes the reconnections.\n")
+	}
+	fmt.Fprintf(b, "- TPS is pgbench's, without the initial connection time (storm: including reconnections); latencies are from pgbench's per-transaction log (--log), connection time excluded; each is the median over reps.\n\n")
+}
+
+// errorSamples returns, for each cell with errors, the first pgbench error
+// line seen.
+func errorSamples(rs *resultSet) []string {
+	var out []string
+	keys := make([]resultKey, 0, len(rs.runs))
+	for k := range rs.runs {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b resultKey) int {
+		return strings.Compare(fmt.Sprintf("%s %06d %s", a.Case, a.Clients, a.Target), fmt.Sprintf("%s %06d %s", b.Case, b.Clients, b.Target))
+	})
+	for _, k := range keys {
+		for _, r := range rs.runs[k] {
+			if r.Errors() == 0 {
+				continue
+			}
+			line := r.Err
+			for _, l := range strings.Split(r.Output, "\n") {
+				if strings.Contains(l, "error") || strings.Contains(l, "aborted") || strings.Contains(l, "FATAL") {
+					line = strings.TrimSpace(l)
+					break
+				}
+			}
+			out = append(out, fmt.Sprintf("%s c=%d %s rep %d: `%s`", k.Case, k.Clients, k.Target, r.Rep, line))
+			break
+		}
+	}
+	return out
+}
+
+// ratio formats r's TPS over base's.
+func ratio(r, base row) string {
+	if !base.ok || base.tps == 0 {
+		return "n/a"
+	}
+	return fmt.Sprintf("%.2f", r.tps/base.tps)
+}
+
+// cpu formats the pooler CPU column.
+func cpu(r row) string {
+	if !r.cpuOK {
+		return "-"
+	}
+	return fmt.Sprintf("%.3f", r.cpuPer10k)
+}
+
+// mib formats the peak RSS column.
+func mib(r row) string {
+	if r.rssMiB == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f", r.rssMiB)
+}
