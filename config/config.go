@@ -59,7 +59,13 @@ type Config struct {
 	Timeouts Timeouts `yaml:"timeouts"`
 	// Log configures logging.
 	Log Log `yaml:"log"`
+
+	// libpqEnv holds the PG* variables that decide, as in libpq, what the
+	// URL leaves out (read by Load, used by Validate).
+	libpqEnv libpqEnv
 }
+
+type libpqEnv struct{ user, sslMode string }
 
 // Upstream describes the Postgres server behind pggovernor.
 type Upstream struct {

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
 	"gopkg.in/yaml.v3"
 
 	"github.com/pggovernor/pggovernor/config"
@@ -135,7 +136,7 @@ func TestLoadDefaults(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Load: want = no error, got = %v", err)
 			}
-			if diff := cmp.Diff(withUsers(), got); diff != "" {
+			if diff := cmp.Diff(withUsers(), got, ignoreEnv); diff != "" {
 				t.Errorf("Load: want = Default() with clients.users_file, got = diff (-want +got):\n%s", diff)
 			}
 		})
@@ -289,7 +290,7 @@ func TestEverySourceSetsEveryKey(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := mustLoad(t, tc.file, tc.environ, tc.args...)
-			if diff := cmp.Diff(fullWant(), got); diff != "" {
+			if diff := cmp.Diff(fullWant(), got, ignoreEnv); diff != "" {
 				t.Errorf("Load: want = testdata/full.yaml's settings, got = diff (-want +got):\n%s", diff)
 			}
 		})
@@ -1606,5 +1607,35 @@ func TestEffectiveSSLModeAndUser(t *testing.T) {
 		if got := c.UpstreamHasUser(); got != tc.wantHasUser {
 			t.Errorf("UpstreamHasUser(url=%q): want = %v, got = %v", tc.url, tc.wantHasUser, got)
 		}
+	}
+}
+
+// ignoreEnv skips the PG* environment Load records for validation.
+var ignoreEnv = cmpopts.IgnoreUnexported(config.Config{})
+
+// TestLibpqEnvironmentInValidation: PGUSER and PGSSLMODE count as libpq
+// counts them when the URL leaves them out; hex integers are accepted.
+func TestLibpqEnvironmentInValidation(t *testing.T) {
+	users := filepath.Join(t.TempDir(), "users")
+	if err := os.WriteFile(users, []byte(`"u" "p"`+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	base := []string{"PGGOVERNOR_CLIENTS_USERS_FILE=" + users, "PGGOVERNOR_UPSTREAM_URL=postgres://db.internal/app",
+		"PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_BUDGET_CLUSTER_NAMESPACE=0x10"}
+	if _, err := config.Load(config.Source{Environ: base}); err == nil {
+		t.Fatal("want = an error without a user and TLS, got = nil")
+	}
+	cfg, err := config.Load(config.Source{Environ: append(base, "PGUSER=coder", "PGSSLMODE=verify-full")})
+	if err != nil {
+		t.Fatalf("with PGUSER and PGSSLMODE: want = nil, got = %v", err)
+	}
+	if got := cfg.EffectiveSSLMode(); got != "verify-full" {
+		t.Fatalf("EffectiveSSLMode: want = verify-full, got = %s", got)
+	}
+	if !cfg.UpstreamHasUser() {
+		t.Fatal("UpstreamHasUser: want = true with PGUSER, got = false")
+	}
+	if cfg.Budget.Cluster.Namespace != 16 {
+		t.Fatalf("hex namespace: want = 16, got = %d", cfg.Budget.Cluster.Namespace)
 	}
 }

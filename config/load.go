@@ -147,10 +147,13 @@ func Load(src Source) (Config, error) {
 	cfg := Default()
 	explicit := map[string]bool{}
 	setKey := func(path, value string) error {
-		explicit[path] = true
+		if value != "" || path != "upstream.url" { // an empty URL names no upstream
+			explicit[path] = true
+		}
 		return set(&cfg, path, value)
 	}
 	env := envMap(src.Environ)
+	cfg.libpqEnv = libpqEnv{user: env["PGUSER"], sslMode: env["PGSSLMODE"]}
 	file := src.File
 	if file == "" && src.Flags != nil {
 		file = src.Flags.ConfigFile
@@ -328,7 +331,7 @@ func set(cfg *Config, path, value string) error {
 	case k.field.Type.Kind() == reflect.String:
 		v.SetString(value)
 	case k.field.Type.Kind() == reflect.Int:
-		n, err := strconv.Atoi(strings.TrimSpace(value))
+		n, err := strconv.ParseInt(strings.TrimSpace(value), 0, 64) // 0x… and 0o… too
 		if err != nil {
 			return fmt.Errorf("key %s: %q is not a whole number", path, value)
 		}

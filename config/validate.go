@@ -84,7 +84,7 @@ func IsLoopback(addr string) bool {
 // UpstreamHasUser reports whether the upstream URL (or DSN, or PGUSER) names
 // a user, which selects the sidecar model.
 func (c *Config) UpstreamHasUser() bool {
-	return URLParam(c.Upstream.URL, "user") != ""
+	return URLParam(c.Upstream.URL, "user") != "" || c.libpqEnv.user != ""
 }
 
 // EffectiveSSLMode is the upstream sslmode after upstream.ssl.mode, the URL
@@ -95,6 +95,9 @@ func (c *Config) EffectiveSSLMode() string {
 	}
 	if m := URLParam(c.Upstream.URL, "sslmode"); m != "" {
 		return m
+	}
+	if c.libpqEnv.sslMode != "" {
+		return c.libpqEnv.sslMode
 	}
 	return "prefer"
 }
@@ -218,7 +221,7 @@ func applyCoderEnv(c *Config, env map[string]string, explicit map[string]bool) e
 		if port == "" {
 			port = "5432"
 		}
-		if _, err := strconv.Atoi(port); err != nil {
+		if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 || port[0] == '+' {
 			return fmt.Errorf("environment variable DB_PORT: %q is not a port number", port)
 		}
 		u := url.URL{Scheme: "postgres", Host: net.JoinHostPort(env["DB_HOST"], port), Path: "/" + env["DB_NAME"]}

@@ -266,6 +266,7 @@ func (sess *session) toServer(typ byte, frame []byte, streamLen int, eff sqlEffe
 			sess.pins |= pinAdvisory
 		}
 	}
+	sess.pendingUnpin &^= eff.pin // state created after an unpin in the same batch stays
 	sess.pendingUnpin |= eff.unpin
 	if eff.advisory < 0 && sess.advisory <= 0 {
 		sess.pendingUnpin |= pinAdvisory

@@ -46,8 +46,22 @@ type sqlEffects struct {
 	transaction bool    // the text contains BEGIN/START/COMMIT/… (not used for pinning)
 }
 
+// addPin records state created by a statement: an earlier unpin of the
+// same kind in the text no longer holds.
+func (e *sqlEffects) addPin(k pinKind) {
+	e.pin |= k
+	e.unpin &^= k
+}
+
+// addUnpin records state dropped by a statement.
+func (e *sqlEffects) addUnpin(k pinKind) { e.unpin |= k }
+
 // reportedParam reports whether Postgres announces changes of a parameter
 // with ParameterStatus, so that the governor can follow it without pinning.
+func isRoleParam(name []byte) bool {
+	return equalFold(name, "role") || equalFold(name, "session_authorization")
+}
+
 func reportedParam(name []byte) bool {
 	for _, p := range [...]string{"application_name", "client_encoding", "datestyle", "intervalstyle", "timezone", "standard_conforming_strings", "default_transaction_read_only"} {
 		if equalFold(name, p) {
@@ -105,7 +119,7 @@ func scanSQL(q []byte) sqlEffects {
 				flags.intoTemp = true
 			}
 		}
-		if t.kind == tokPunct && w[0] == '(' && prev.kind == tokWord {
+		if t.kind == tokPunct && w[0] == '(' && (prev.kind == tokWord || prev.kind == tokQuotedIdent) {
 			analyzeCall(&eff, prev.text(q), &lx)
 		}
 		prev = t
@@ -132,70 +146,78 @@ func analyzeStatement(eff *sqlEffects, words []token, f stmtFlags) {
 	case equalFold(first, "set"):
 		switch {
 		case equalFold(w(1), "local"), equalFold(w(1), "transaction"):
-		case equalFold(w(1), "session") && equalFold(w(2), "authorization"), equalFold(w(1), "role"):
-			eff.pin |= pinRole
-		case equalFold(w(1), "session") && equalFold(w(2), "characteristics"):
-			eff.pin |= pinGUC
-		case equalFold(w(1), "time") && equalFold(w(2), "zone"), equalFold(w(1), "names"):
-			// TimeZone and client_encoding are reported parameters.
-		case equalFold(w(1), "session"):
-			if !reportedParam(w(2)) {
-				eff.pin |= pinGUC
-			}
+			// Transaction-scoped.
 		default:
-			if !reportedParam(w(1)) {
-				eff.pin |= pinGUC
+			i := 1
+			if equalFold(w(1), "session") { // SET SESSION x is SET x
+				i = 2
+			}
+			switch name := w(i); {
+			case equalFold(name, "characteristics"):
+				eff.addPin(pinGUC)
+			case equalFold(name, "time") && equalFold(w(i+1), "zone"), equalFold(name, "names"):
+				// TimeZone and client_encoding are reported parameters.
+			case isRoleParam(name), i == 2 && equalFold(name, "authorization"),
+				equalFold(name, "session") && equalFold(w(i+1), "authorization"):
+				// RESET ALL does not reset these (GUC_NO_RESET_ALL): only
+				// DISCARD ALL (or the client leaving) ends this pin.
+				eff.addPin(pinRole)
+			case !reportedParam(name):
+				eff.addPin(pinGUC)
 			}
 		}
 	case equalFold(first, "reset"):
 		if equalFold(w(1), "all") {
-			eff.unpin |= pinGUC
+			eff.addUnpin(pinGUC)
 		}
 	case equalFold(first, "listen"):
-		eff.pin |= pinListen
+		eff.addPin(pinListen)
 	case equalFold(first, "unlisten"):
 		if len(w(1)) == 1 && w(1)[0] == '*' {
-			eff.unpin |= pinListen
+			eff.addUnpin(pinListen)
 		}
 	case equalFold(first, "prepare"):
 		if !equalFold(w(1), "transaction") {
-			eff.pin |= pinPrepare
+			eff.addPin(pinPrepare)
 		}
 	case equalFold(first, "deallocate"):
 		if equalFold(w(1), "all") || (equalFold(w(1), "prepare") && equalFold(w(2), "all")) {
-			eff.unpin |= pinPrepare
+			eff.addUnpin(pinPrepare)
 			eff.deallocAll = true
 		}
 	case equalFold(first, "declare"):
 		if f.withHold {
-			eff.pin |= pinCursor
+			eff.addPin(pinCursor)
 		}
 	case equalFold(first, "close"):
 		if equalFold(w(1), "all") {
-			eff.unpin |= pinCursor
+			eff.addUnpin(pinCursor)
 		}
 	case equalFold(first, "create"):
 		i := 1
+		if equalFold(w(i), "or") && equalFold(w(i+1), "replace") {
+			i += 2
+		}
 		if equalFold(w(i), "global") || equalFold(w(i), "local") {
 			i++
 		}
 		if (equalFold(w(i), "temp") || equalFold(w(i), "temporary")) && !f.onCommitDrop {
-			eff.pin |= pinTemp
+			eff.addPin(pinTemp)
 		}
-	case equalFold(first, "select"):
+	case equalFold(first, "select"), equalFold(first, "with"):
 		if f.intoTemp {
-			eff.pin |= pinTemp
+			eff.addPin(pinTemp)
 		}
 	case equalFold(first, "discard"):
 		switch {
 		case equalFold(w(1), "all"):
-			eff.unpin |= pinListen | pinGUC | pinAdvisory | pinTemp | pinPrepare | pinCursor | pinRole
+			eff.addUnpin(pinListen | pinGUC | pinAdvisory | pinTemp | pinPrepare | pinCursor | pinRole)
 			eff.discardAll = true
 		case equalFold(w(1), "temp"), equalFold(w(1), "temporary"):
-			eff.unpin |= pinTemp
+			eff.addUnpin(pinTemp)
 		}
 	case equalFold(first, "load"):
-		eff.pin |= pinLoad
+		eff.addPin(pinLoad)
 	case equalFold(first, "begin"), equalFold(first, "start"), equalFold(first, "commit"),
 		equalFold(first, "end"), equalFold(first, "rollback"), equalFold(first, "abort"):
 		eff.transaction = true
@@ -212,12 +234,12 @@ func analyzeCall(eff *sqlEffects, fn []byte, lx *lexer) {
 	switch {
 	case equalFold(name, "pg_advisory_lock"), equalFold(name, "pg_advisory_lock_shared"),
 		equalFold(name, "pg_try_advisory_lock"), equalFold(name, "pg_try_advisory_lock_shared"):
-		eff.pin |= pinAdvisory
+		eff.addPin(pinAdvisory)
 		eff.advisory++
 	case equalFold(name, "pg_advisory_unlock"), equalFold(name, "pg_advisory_unlock_shared"):
 		eff.advisory--
 	case equalFold(name, "pg_advisory_unlock_all"):
-		eff.unpin |= pinAdvisory
+		eff.addUnpin(pinAdvisory)
 	case equalFold(name, "set_config"):
 		// set_config(name, value, is_local): only is_local = true is
 		// transaction-scoped. Peek at the third argument without consuming
@@ -225,7 +247,7 @@ func analyzeCall(eff *sqlEffects, fn []byte, lx *lexer) {
 		// lexer keeps the outer scan intact).
 		peek := *lx
 		depth, arg := 1, 0
-		local := false
+		local, role := false, false
 		for depth > 0 {
 			t := peek.next()
 			if t.kind == tokEOF {
@@ -239,14 +261,20 @@ func analyzeCall(eff *sqlEffects, fn []byte, lx *lexer) {
 				depth--
 			case t.kind == tokPunct && tx[0] == ',' && depth == 1:
 				arg++
+			case arg == 0 && depth == 1 && t.kind == tokString && isRoleParam(stripQuotes(tx)):
+				role = true
 			case arg == 2 && depth == 1 && t.kind == tokWord && (equalFold(tx, "true") || equalFold(tx, "on")):
 				local = true
 			case arg == 2 && depth == 1 && t.kind == tokString && (equalFold(stripQuotes(tx), "true") || equalFold(stripQuotes(tx), "t") || equalFold(stripQuotes(tx), "on")):
 				local = true
 			}
 		}
-		if !local {
-			eff.pin |= pinGUC
+		switch {
+		case local:
+		case role:
+			eff.addPin(pinRole)
+		default:
+			eff.addPin(pinGUC)
 		}
 	}
 }

@@ -115,6 +115,9 @@ func (r *Reader) Fill() error {
 func (r *Reader) Header() (typ byte, frameLen int, err error) {
 	for r.Buffered() < HeaderLen {
 		if err := r.Fill(); err != nil {
+			if errors.Is(err, io.EOF) && r.Buffered() > 0 {
+				err = io.ErrUnexpectedEOF
+			}
 			return 0, 0, err
 		}
 	}
@@ -192,6 +195,9 @@ func (r *Reader) Shrink() {
 func (r *Reader) ReadStartup() ([]byte, error) {
 	for r.Buffered() < 4 {
 		if err := r.Fill(); err != nil {
+			if errors.Is(err, io.EOF) && r.Buffered() > 0 {
+				err = io.ErrUnexpectedEOF
+			}
 			return nil, err
 		}
 	}

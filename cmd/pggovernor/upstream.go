@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
-	"os"
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -86,7 +85,7 @@ func newUpstream(c *config.Config, users *auth.Users, logger *zap.Logger) (*upst
 		}
 	}
 	u := &upstream{connString: cs, base: base}
-	if c.UpstreamHasUser() || os.Getenv("PGUSER") != "" {
+	if c.UpstreamHasUser() {
 		u.sidecarUser = base.User
 	}
 	switch {
