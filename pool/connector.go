@@ -68,6 +68,12 @@ func (c *UpstreamConnector) Connect(ctx context.Context, route Route, params map
 	if err != nil {
 		return nil, err
 	}
+	// pgconn may still have a background read in flight or bytes buffered:
+	// SyncConn stops it, or the first response would go to pgconn, not us.
+	if err := conn.SyncConn(ctx); err != nil {
+		_ = conn.Close(ctx)
+		return nil, fmt.Errorf("taking over the server connection: %w", err)
+	}
 	hc, err := conn.Hijack()
 	if err != nil {
 		_ = conn.Close(ctx)

@@ -423,7 +423,10 @@ func (sess *session) releasableLocked() bool {
 func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more int) error {
 	sess.mu.Lock()
 	if sess.server != srv {
+		cur := sess.server
 		sess.mu.Unlock()
+		sess.log.Warn("dropped a message from a server connection this client no longer holds",
+			zap.Uint64("server_id", srv.ID()), zap.String("type", string(typ)), zap.Bool("holds_another", cur != nil))
 		return nil // a late message from a connection already released
 	}
 	suppress := false
