@@ -23,7 +23,7 @@ func (p *Pool) Exec(ctx context.Context, s *Server, queries ...string) error {
 		return nil
 	}
 	h := &execHandler{remaining: len(queries), done: make(chan struct{})}
-	s.SetHandler(h)
+	s.SetHandler(NewHandlerSlot(h))
 	defer s.SetHandler(nil)
 	var buf []byte
 	for _, q := range queries {

@@ -304,6 +304,29 @@ func (p *Pool) Acquire(ctx context.Context, r Route, params map[string]string) (
 	}
 }
 
+// TryAcquire returns an idle connection of route at once, or nil when
+// none is idle (or clients are already waiting). It needs no timer, so it
+// is the first thing a client tries.
+func (p *Pool) TryAcquire(r Route) *Server {
+	p.mu.Lock()
+	rs := p.routes[r]
+	if rs == nil || len(rs.idle) == 0 || p.waiters.len() > 0 || p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	n := len(rs.idle)
+	s := rs.idle[n-1]
+	rs.idle = rs.idle[:n-1]
+	rs.inUse++
+	p.mu.Unlock()
+	if s.Broken() || (p.opts.ServerCheckDelay > 0 && p.now().Sub(s.lastUsed) >= p.opts.ServerCheckDelay) {
+		// Let Acquire close it or check it.
+		p.Release(s)
+		return nil
+	}
+	return s
+}
+
 func (p *Pool) waitError(start time.Time, cause error) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -61,7 +61,7 @@ type Server struct {
 	// its prepared-statement cache here). It travels with the connection.
 	State any
 
-	handler  atomic.Pointer[handlerBox]
+	handler  atomic.Pointer[HandlerSlot]
 	closing  atomic.Bool
 	broken   atomic.Bool
 	readDone chan struct{}
@@ -71,7 +71,12 @@ type Server struct {
 	writeMu  sync.Mutex // serialises the pool's own writes (Close) with nothing else writing
 }
 
-type handlerBox struct{ h Handler }
+// HandlerSlot holds a Handler for Server.SetHandler. A holder makes one
+// for its lifetime, so attaching a connection allocates nothing.
+type HandlerSlot struct{ h Handler }
+
+// NewHandlerSlot wraps h.
+func NewHandlerSlot(h Handler) *HandlerSlot { return &HandlerSlot{h: h} }
 
 // ID is the connection's process-unique number, for logs.
 func (s *Server) ID() uint64 { return s.id }
@@ -88,15 +93,9 @@ func (s *Server) Conn() net.Conn { return s.conn }
 // Created is when the connection was opened.
 func (s *Server) Created() time.Time { return s.created }
 
-// SetHandler directs the server's messages to h (nil: the pool's idle
-// handling). The holder sets it before its first write.
-func (s *Server) SetHandler(h Handler) {
-	if h == nil {
-		s.handler.Store(nil)
-		return
-	}
-	s.handler.Store(&handlerBox{h: h})
-}
+// SetHandler directs the server's messages to the slot's handler (nil:
+// the pool's idle handling). The holder sets it before its first write.
+func (s *Server) SetHandler(slot *HandlerSlot) { s.handler.Store(slot) }
 
 // MarkBroken records that the connection's state is unknown, so it is
 // closed instead of being reused at release.

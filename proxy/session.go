@@ -39,6 +39,8 @@ type session struct {
 	key      cancelKey
 	// settings are the client's startup run-time parameters.
 	settings map[string]string
+	// slot carries this session as the attached server's handler.
+	slot *pool.HandlerSlot
 
 	// Owned by the client pump.
 	rd           *wire.Reader
@@ -312,19 +314,26 @@ func (sess *session) serverWriteErr(err error) error {
 // and brings it to the client's settings.
 func (sess *session) attach() (*pool.Server, error) {
 	s := sess.srv
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.QueryWait)
-	srv, err := s.pool.Acquire(ctx, sess.route, nil)
-	cancel()
-	if err != nil {
-		return nil, err
+	srv := s.pool.TryAcquire(sess.route) // the common case, without a timer
+	if srv == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.QueryWait)
+		var err error
+		srv, err = s.pool.Acquire(ctx, sess.route, nil)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
 	}
-	srv.SetHandler(sess)
+	srv.SetHandler(sess.slot)
 	sess.sw.Reset(srv.Conn())
 	sess.mu.Lock()
 	sess.server = srv
 	sess.tx = srv.TxStatus
 	sess.batchError = false
-	stmts := sess.settingStatements(srv, sess.view)
+	var stmts string
+	if sess.settingsDiffer(srv, sess.view) {
+		stmts = sess.settingStatements(srv, sess.view)
+	}
 	if stmts != "" {
 		sess.q.push(entry{kind: 'q', suppress: true})
 		sess.recordSettings(srv)
@@ -763,6 +772,45 @@ func (sess *session) settingStatements(srv *pool.Server, view map[string]string)
 		}
 	}
 	return b.String()
+}
+
+// settingsDiffer reports, without allocating, whether settingStatements
+// would return anything.
+func (sess *session) settingsDiffer(srv *pool.Server, view map[string]string) bool {
+	nonReported := 0
+	for k, v := range sess.settings {
+		if _, reported := reportedName(srv.Params, k); reported {
+			continue
+		}
+		nonReported++
+		if cur, ok := srv.Settings[lowerASCII(k)]; !ok || cur != v {
+			return true
+		}
+	}
+	if len(srv.Settings) != nonReported {
+		return true
+	}
+	for _, k := range settableReported {
+		canon, ok := reportedName(srv.Params, k)
+		if !ok {
+			continue
+		}
+		if want, ok := view[canon]; ok && srv.Params[canon] != want {
+			return true
+		}
+	}
+	return false
+}
+
+// lowerASCII lowercases a parameter name, without allocating when it is
+// lowercase already.
+func lowerASCII(s string) string {
+	for i := 0; i < len(s); i++ {
+		if 'A' <= s[i] && s[i] <= 'Z' {
+			return strings.ToLower(s)
+		}
+	}
+	return s
 }
 
 // loginView is what a client should see at login before normalisation:

@@ -55,6 +55,7 @@ func (s *Server) serveConn(c net.Conn) {
 		txMode:  s.cfg.PoolMode == config.PoolModeTransaction,
 		tx:      'I',
 	}
+	sess.slot = pool.NewHandlerSlot(sess)
 	sess.rd = wire.NewReader(c, rbuf, s.cfg.Clients.MaxMessageSize)
 	sess.cw = wire.NewWriter(c, wbuf)
 	sess.sw = wire.NewWriter(nil, nil)
@@ -311,7 +312,7 @@ func (sess *session) welcome(ctx context.Context) error {
 		} else {
 			sess.server = srv
 			sess.tx = srv.TxStatus
-			srv.SetHandler(sess)
+			srv.SetHandler(sess.slot)
 			sess.sw.Reset(srv.Conn())
 		}
 	}

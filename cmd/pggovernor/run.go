@@ -138,6 +138,9 @@ type governor struct {
 // start builds and starts every piece; on error, what was started is
 // stopped.
 func start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*governor, error) {
+	if err := notYetImplemented(cfg); err != nil {
+		return nil, err
+	}
 	users, err := auth.NewUsers(cfg.Clients.UsersFile)
 	if err != nil {
 		return nil, fmt.Errorf("key clients.users_file: %w", err)
@@ -306,4 +309,20 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 		_ = g.admin.Shutdown(ctx)
 	}
 	logger.Info("pggovernor stopped")
+}
+
+// notYetImplemented refuses settings whose feature has not landed yet, so
+// that no configuration silently does less than it says.
+func notYetImplemented(cfg *config.Config) error {
+	switch {
+	case cfg.Upstream.Connector == config.ConnectorAWSIAMRDS:
+		return errors.New("key upstream.connector: awsiamrds is not implemented in this version")
+	case cfg.Clients.TLS.Mode != "disable":
+		return errors.New("key clients.tls.mode: TLS termination is not implemented in this version; use disable")
+	case cfg.Clients.Auth == config.AuthCert:
+		return errors.New("key clients.auth: cert is not implemented in this version")
+	case cfg.Budget.Cluster.Enabled:
+		return errors.New("key budget.cluster.enabled: the cluster-wide budget is not implemented in this version")
+	}
+	return nil
 }

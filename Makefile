@@ -1,0 +1,66 @@
+# pggovernor — the two commands a newcomer runs are `make run` and `make test`.
+# Everything the tests and the benchmark need from outside Go (PostgreSQL
+# server binaries, psql, pgbench, PgBouncer for the benchmark) is checked
+# here and installed with apt-get when possible, or named precisely.
+
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -s -w -X main.version=$(VERSION)
+BIN      := bin/pggovernor
+
+.PHONY: all build run test test-short vet fmt bench bench-quick deps deps-bench clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/pggovernor
+
+## run: build, start an ephemeral Postgres and pggovernor in front of it, print the psql line.
+run: deps build
+	@$(GO) build -o bin/devrun ./internal/devrun
+	@bin/devrun -bin $(BIN)
+
+## test: go vet, then every test with the race detector against real Postgres.
+test: deps vet
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+test-short: deps
+	$(GO) test -short -count=1 ./...
+
+vet:
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	 if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
+
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+
+## bench: the interleaved benchmark against direct Postgres, PgBouncer and pggovernor.
+bench: deps deps-bench
+	$(GO) run ./bench $(BENCHFLAGS)
+
+bench-quick: deps deps-bench
+	$(GO) run ./bench -quick $(BENCHFLAGS)
+
+# deps: PostgreSQL server binaries (initdb, postgres), psql and pgbench.
+deps:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || [ -n "$$PG_BINDIR" ]; then :; \
+	 elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	   echo "installing PostgreSQL server binaries (apt-get install postgresql)"; \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql postgresql-client >/dev/null || \
+	   { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql postgresql-client >/dev/null; }; \
+	 else echo "missing: PostgreSQL server binaries (initdb, postgres). Install them: sudo apt-get install postgresql postgresql-client (Debian/Ubuntu), or set PG_BINDIR to their directory."; exit 1; fi
+	@command -v psql >/dev/null && command -v pgbench >/dev/null || \
+	 { echo "missing: psql and pgbench. Install them: sudo apt-get install postgresql-client postgresql-contrib"; exit 1; }
+
+# deps-bench: PgBouncer for the side-by-side benchmark.
+deps-bench:
+	@command -v pgbouncer >/dev/null || ls /usr/sbin/pgbouncer >/dev/null 2>&1 || \
+	 if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	   echo "installing PgBouncer (apt-get install pgbouncer)"; \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null || \
+	   { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null; }; \
+	 else echo "missing: pgbouncer. Install it: sudo apt-get install pgbouncer"; exit 1; fi
+
+clean:
+	rm -rf bin
