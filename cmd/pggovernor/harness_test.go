@@ -54,6 +54,12 @@ func runTests(m *testing.M) int {
 	}
 	code := m.Run()
 	if code == 0 {
+		if leaked := secretsInLogs(); leaked != "" {
+			fmt.Fprintln(os.Stderr, "a secret reached the logs:", leaked)
+			return 1
+		}
+	}
+	if code == 0 {
 		if err := goleak.Find(goleak.IgnoreCurrent()); err != nil {
 			fmt.Fprintln(os.Stderr, "goroutine leak:", err)
 			return 1
@@ -160,4 +166,27 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// testSecrets are every password the tests use; none may appear in any log
+// line of any governor started by the tests.
+func testSecrets() []string {
+	return []string{appPass, userPass, "old-pass", "new-pass", "pw-a", "pw-b", "carolpass", "bobpass", "davepass", "coder-env-secret", "erinpass", "lifer-pw", "victim-pw"}
+}
+
+// secretsInLogs returns the first log line holding a secret, "" if none.
+func secretsInLogs() string {
+	logsMu.Lock()
+	defer logsMu.Unlock()
+	if len(allLogs) == 0 {
+		return "no logs were captured, so the check proves nothing"
+	}
+	for _, line := range allLogs {
+		for _, s := range testSecrets() {
+			if strings.Contains(line, s) {
+				return fmt.Sprintf("%q in %s", s, line)
+			}
+		}
+	}
+	return ""
 }

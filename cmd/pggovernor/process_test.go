@@ -354,3 +354,31 @@ func TestPasswordFileRotation(t *testing.T) {
 	}
 	_ = pgconn.Config{}
 }
+
+// TestCoderEnvironment: with no upstream.url anywhere, the governor reads
+// the environment Coder's Helm chart sets for coderd.
+func TestCoderEnvironment(t *testing.T) {
+	pwFile := filepath.Join(t.TempDir(), "db-password")
+	if err := os.WriteFile(pwFile, []byte(appPass), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if _, err := shared.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS coder_schema AUTHORIZATION app"); err != nil {
+		t.Fatal(err)
+	}
+	env := []string{"DB_HOST=" + shared.Host, fmt.Sprintf("DB_PORT=%d", shared.Port), "DB_USER=app", "DB_NAME=appdb",
+		"DB_PASSWORD_PATH=" + pwFile, "DB_SSL_MODE=disable", "DB_SEARCH_PATH=coder_schema", "DB_PASSWORD=coder-env-secret"}
+	p := startProcess(t, env, "--clients.users-file="+usersFile(t), "--budget.max=2")
+	conn, err := pgx.Connect(ctx, p.url("alice", userPass, "appdb"))
+	if err != nil {
+		t.Fatalf("through a governor configured by Coder's environment: %v\n%s", err, p.stderr)
+	}
+	defer conn.Close(ctx)
+	var user, searchPath string
+	if err := conn.QueryRow(ctx, "SELECT current_user, current_setting('search_path')").Scan(&user, &searchPath); err != nil {
+		t.Fatal(err)
+	}
+	if user != "app" || searchPath != "coder_schema" {
+		t.Fatalf("want = app with search_path coder_schema, got = %s with %q", user, searchPath)
+	}
+}

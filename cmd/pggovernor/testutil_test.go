@@ -85,3 +85,5 @@ func scramLogin(fe *pgproto3.Frontend, user, password string) error {
 }
 
 func zapLevel() zap.AtomicLevel { return zap.NewAtomicLevelAt(zap.DebugLevel) }
+
+func zapInt(key string, v int64) zap.Field { return zap.Int64(key, v) }
