@@ -42,6 +42,11 @@ type Options struct {
 	UpstreamUser string
 	// Logger receives the proxy's logs.
 	Logger *zap.Logger
+	// LinkUnnamed keeps a server connection linked to a client from its
+	// Parse of the unnamed statement until the Execute, instead of
+	// re-preparing the statement on the connection that serves the Bind.
+	// For measurements only; see docs/architecture.md.
+	LinkUnnamed bool
 }
 
 // Server accepts clients and serves them until Shutdown.
@@ -54,6 +59,8 @@ type Server struct {
 	clients atomic.Int64
 	bufs    sync.Pool
 	welcome welcomeCache
+	hasher  stmtHasher
+	stats   serverStats
 
 	mu        sync.Mutex
 	listeners []net.Listener
@@ -76,6 +83,7 @@ func NewServer(opts Options) *Server {
 		keys:     map[uint32]*session{},
 		empty:    make(chan struct{}),
 		welcome:  welcomeCache{entries: map[welcomeKey]map[string]string{}},
+		hasher:   newStmtHasher(),
 	}
 	s.bufs.New = func() any { b := make([]byte, 8192); return &b }
 	return s
@@ -271,6 +279,36 @@ func (s *Server) Draining() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.draining
+}
+
+// serverStats are the proxy's counters, read by Stats.
+type serverStats struct {
+	pinned        atomic.Int64
+	prepareHits   atomic.Int64
+	prepareMisses atomic.Int64
+}
+
+// Stats are the proxy's figures for metrics.
+type Stats struct {
+	// Clients is the number of connected clients.
+	Clients int64
+	// Pinned is the number of clients pinned to a server connection by
+	// session state (transaction mode).
+	Pinned int64
+	// PrepareHits counts Bind/Describe of a statement already prepared on
+	// the serving connection; PrepareMisses counts statements the
+	// governor had to prepare there.
+	PrepareHits, PrepareMisses int64
+}
+
+// Stats returns the proxy's figures.
+func (s *Server) Stats() Stats {
+	return Stats{
+		Clients:       s.clients.Load(),
+		Pinned:        s.stats.pinned.Load(),
+		PrepareHits:   s.stats.prepareHits.Load(),
+		PrepareMisses: s.stats.prepareMisses.Load(),
+	}
 }
 
 // ClientCount is the number of connected clients.

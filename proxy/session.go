@@ -12,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 
 	"github.com/pggovernor/pggovernor/pool"
@@ -41,12 +40,23 @@ type session struct {
 	settings map[string]string
 	// slot carries this session as the attached server's handler.
 	slot *pool.HandlerSlot
+	// virtual is set in transaction mode: prepared statements are the
+	// governor's business, rewritten per server connection.
+	virtual bool
+	// linkUnnamed keeps a server linked from a Parse of the unnamed
+	// statement until its Execute, instead of re-preparing it on the
+	// connection that serves the Bind (see Options.LinkUnnamed).
+	linkUnnamed bool
 
 	// Owned by the client pump.
 	rd           *wire.Reader
 	sw           *wire.Writer // to the attached server
 	skipToSync   bool         // an error was reported mid-pipeline: drop until Sync
 	pinLogged    bool
+	inject       []byte // messages the governor adds before the client's, reused
+	scratch      []byte // a rewritten header, reused
+	synthOut     []byte // governor responses due before the pump next blocks
+	unnamedParse []byte // the client's last unnamed Parse, after its name
 	bytesIn      atomic.Int64
 	bytesOut     atomic.Int64
 	transactions atomic.Int64
@@ -63,21 +73,22 @@ type session struct {
 	writing         bool         // the pump has bytes for the server not yet flushed
 	releaseDeferred bool         // a release waits for the pump's flush
 	pins            pinKind
+	pinCounted      bool
 	advisory        int
 	pendingUnpin    pinKind // unpins taking effect at the next error-free ReadyForQuery
 	batchError      bool    // an error was seen since the last ReadyForQuery
-	linger          bool    // an unnamed statement was parsed and not executed yet
+	linger          bool    // linkUnnamed: an unnamed statement awaits its Execute
 	unsynced        bool    // extended-protocol messages were sent after the last Sync
 	copyIn          bool    // the server is in COPY FROM STDIN mode
 	view            map[string]string
 	draining        bool
 	qEmpty          chan struct{} // closed when q empties, for cleanup; nil when nobody waits
-}
-
-// entry is one expected response, in the order the server will send it.
-type entry struct {
-	kind     byte // client message type: P B D E C S Q F; or 'q' for the governor's own query
-	suppress bool // responses are not forwarded (the governor's own traffic)
+	stmts           map[string]*clientStmt
+	unnamedKey      stmtKey    // the client's unnamed statement
+	unnamedOK       bool       // the client has an unnamed statement
+	unnamedEff      sqlEffects // what executing it does to session state
+	synthBefore     []string   // synthetic responses due before the current server message
+	synthAfter      []string   // and after it
 }
 
 // queue is a FIFO of entries that reuses its storage.
@@ -169,139 +180,6 @@ func (sess *session) protocolError(err error) error {
 	return err
 }
 
-// clientMessage handles one client message of type typ and frame length n.
-func (sess *session) clientMessage(typ byte, n int) error {
-	if sess.skipToSync && typ != 'S' {
-		return sess.rd.Stream(nil, n)
-	}
-	var eff sqlEffects
-	switch typ {
-	case 'X':
-		_ = sess.rd.Stream(nil, n)
-		return errTerminate
-	case 'Q', 'P':
-		frame, err := sess.rd.Frame(n)
-		if err != nil {
-			return err
-		}
-		body := frame[wire.HeaderLen:]
-		if typ == 'P' {
-			name, rest, ok := wire.CString(body)
-			query, _, ok2 := wire.CString(rest)
-			if !ok || !ok2 {
-				return sess.protocolError(fatalf(codeProtocolViolation, "invalid Parse message"))
-			}
-			eff = scanSQL(query)
-			if len(name) > 0 {
-				eff.pin |= pinProtocol
-			}
-		} else {
-			eff = scanSQL(body)
-		}
-		// The frame stays buffered in the reader until sent below: put
-		// it back by rewinding is not possible, so send it from here.
-		return sess.toServer(typ, frame, 0, eff)
-	case 'B', 'D', 'E', 'C', 'S', 'H', 'F', 'd', 'c', 'f':
-		if n <= sess.rd.Buffered() {
-			frame, _ := sess.rd.Frame(n)
-			return sess.toServer(typ, frame, 0, eff)
-		}
-		if n <= len(sess.rd.Buffer()) {
-			frame, err := sess.rd.Frame(n)
-			if err != nil {
-				return err
-			}
-			return sess.toServer(typ, frame, 0, eff)
-		}
-		return sess.toServer(typ, nil, n, eff)
-	default:
-		return sess.protocolError(fatalf(codeProtocolViolation, "invalid frontend message type %d", typ))
-	}
-}
-
-// toServer relays a client message: frame holds it whole, or (frame nil)
-// streamLen bytes are streamed from the reader.
-func (sess *session) toServer(typ byte, frame []byte, streamLen int, eff sqlEffects) error {
-	sess.mu.Lock()
-	srv := sess.server
-	if srv == nil {
-		switch typ {
-		case 'H', 'd', 'c', 'f':
-			// Nothing to flush; copy messages outside COPY are ignored,
-			// as Postgres does.
-			sess.mu.Unlock()
-			return sess.discard(frame, streamLen)
-		case 'S':
-			sess.mu.Unlock()
-			sess.skipToSync = false
-			return sess.sendToClient(readyForQuery('I'))
-		}
-		sess.mu.Unlock()
-		var err error
-		srv, err = sess.attach()
-		if err != nil {
-			_ = sess.discard(frame, streamLen)
-			return sess.attachFailed(typ, err)
-		}
-		sess.mu.Lock()
-	}
-	switch typ {
-	case 'P', 'B', 'D', 'E', 'C', 'S', 'Q', 'F':
-		sess.q.push(entry{kind: typ})
-	}
-	switch typ {
-	case 'P':
-		sess.linger = true
-	case 'E', 'Q':
-		sess.linger = false
-	}
-	switch typ {
-	case 'P', 'B', 'D', 'E', 'C', 'H':
-		sess.unsynced = true
-	case 'S':
-		sess.unsynced = false
-	}
-	if eff.pin != 0 || eff.advisory != 0 {
-		sess.pins |= eff.pin
-		sess.advisory += eff.advisory
-		if sess.advisory > 0 {
-			sess.pins |= pinAdvisory
-		}
-	}
-	sess.pendingUnpin &^= eff.pin // state created after an unpin in the same batch stays
-	sess.pendingUnpin |= eff.unpin
-	if eff.advisory < 0 && sess.advisory <= 0 {
-		sess.pendingUnpin |= pinAdvisory
-	}
-	pins := sess.pins
-	sess.writing = true
-	sess.mu.Unlock()
-	if pins != 0 && !sess.pinLogged && sess.txMode {
-		sess.pinLogged = true
-		sess.log.Info("client pinned to its server connection by session state", zap.String("reason", pins.String()))
-	}
-	if frame != nil {
-		_, err := sess.sw.Write(frame)
-		return sess.serverWriteErr(err)
-	}
-	if err := sess.sw.Flush(); err != nil {
-		return sess.serverWriteErr(err)
-	}
-	if err := sess.rd.Stream(srv.Conn(), streamLen); err != nil {
-		// The server got part of a frame: it cannot be used again.
-		srv.MarkBroken()
-		return err
-	}
-	return nil
-}
-
-func (sess *session) discard(frame []byte, streamLen int) error {
-	if frame == nil {
-		return sess.rd.Stream(nil, streamLen)
-	}
-	return nil
-}
-
 func (sess *session) serverWriteErr(err error) error {
 	if err == nil {
 		return nil
@@ -335,7 +213,7 @@ func (sess *session) attach() (*pool.Server, error) {
 		stmts = sess.settingStatements(srv, sess.view)
 	}
 	if stmts != "" {
-		sess.q.push(entry{kind: 'q', suppress: true})
+		sess.q.push(entry{kind: 'q', flags: entSuppress})
 		sess.recordSettings(srv)
 		sess.writing = true
 	}
@@ -376,6 +254,14 @@ func (sess *session) attachFailed(typ byte, err error) error {
 // flushServer writes what the pump buffered for the server; then, if a
 // release waited for it, releases.
 func (sess *session) flushServer() error {
+	if len(sess.synthOut) > 0 {
+		// Governor responses due before anything in flight is answered.
+		err := sess.sendToClient(sess.synthOut)
+		sess.synthOut = sess.synthOut[:0]
+		if err != nil {
+			return err
+		}
+	}
 	if sess.sw.Buffered() > 0 {
 		if err := sess.sw.Flush(); err != nil {
 			return sess.serverWriteErr(err)
@@ -427,169 +313,24 @@ func (sess *session) releasableLocked() bool {
 	return sess.txMode && sess.q.empty() && sess.tx == 'I' && sess.pins == 0 && !sess.linger
 }
 
-// ServerMessage implements pool.Handler: it follows the server's responses
-// against the queue and forwards them to the client.
-func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more int) error {
+// afterIdle runs when the attached server connection became idle with
+// nothing in flight: in session mode, a draining client is disconnected;
+// in transaction mode the connection is released if the client is at a
+// safe point.
+func (sess *session) afterIdle(srv *pool.Server) {
 	sess.mu.Lock()
-	if sess.server != srv {
-		cur := sess.server
-		sess.mu.Unlock()
-		sess.log.Warn("dropped a message from a server connection this client no longer holds",
-			zap.Uint64("server_id", srv.ID()), zap.String("type", string(typ)), zap.Bool("holds_another", cur != nil))
-		return nil // a late message from a connection already released
-	}
-	suppress := false
-	if head := sess.q.peek(); head != nil {
-		suppress = head.suppress
-	}
-	release := false
-	switch typ {
-	case 'Z':
-		if len(data) == wire.HeaderLen+1 {
-			srv.TxStatus = data[wire.HeaderLen]
-		}
-		sess.completeSync()
-		if !suppress {
-			sess.tx = srv.TxStatus
-			if !sess.batchError {
-				sess.pins &^= sess.pendingUnpin
-				if sess.pendingUnpin&pinAdvisory != 0 {
-					sess.advisory = 0
-				}
-			}
-			sess.pendingUnpin = 0
-			sess.batchError = false
-		} else if sess.batchError {
-			// The governor's own SET failed: the connection's settings
-			// are unknown, so it must not serve anyone after this client.
-			srv.MarkBroken()
-			sess.batchError = false
-		}
-		release = sess.q.empty() && srv.TxStatus == 'I'
-		if sess.qEmpty != nil && sess.q.empty() {
-			close(sess.qEmpty)
-			sess.qEmpty = nil
-		}
-	case 'E':
-		sess.batchError = true
-		sess.copyIn = false
-		if head := sess.q.peek(); head != nil {
-			switch head.kind {
-			case 'P', 'B', 'D', 'E', 'C':
-				// The server skips everything up to the next Sync.
-				for h := sess.q.peek(); h != nil && h.kind != 'S'; h = sess.q.peek() {
-					sess.q.pop()
-				}
-			}
-		}
-	case '1':
-		sess.popIf('P')
-	case '2':
-		sess.popIf('B')
-	case '3':
-		sess.popIf('C')
-	case 'n', 'T':
-		sess.popIf('D')
-	case 'C', 'I', 's':
-		sess.copyIn = false
-		sess.popIf('E')
-	case 'G':
-		sess.copyIn = true
-	case 'S':
-		if more == 0 {
-			var ps pgproto3.ParameterStatus
-			if err := ps.Decode(data[wire.HeaderLen:]); err == nil {
-				srv.Params[ps.Name] = ps.Value
-				if !suppress && sess.view != nil {
-					sess.view[ps.Name] = ps.Value
-				}
-			}
-		}
-	}
+	drainNow := sess.draining && !sess.txMode && sess.q.empty()
 	sess.mu.Unlock()
-
-	if !suppress {
+	if drainNow {
 		sess.wmu.Lock()
 		if !sess.clientDead {
-			if _, err := sess.cw.Write(data); err != nil {
-				sess.clientDead = true
-				_ = sess.conn.Close()
-			}
-			sess.midFrame = more > 0
-			sess.bytesOut.Add(int64(len(data)))
+			_ = sess.cw.Flush()
 		}
 		sess.wmu.Unlock()
-	}
-	if release {
-		sess.mu.Lock()
-		if sess.draining && !sess.txMode && sess.q.empty() {
-			sess.mu.Unlock()
-			sess.wmu.Lock()
-			if !sess.clientDead {
-				_ = sess.cw.Flush()
-			}
-			sess.wmu.Unlock()
-			sess.terminate(fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down"))
-			return nil
-		}
-		sess.mu.Unlock()
-		sess.tryRelease(srv)
-	}
-	return nil
-}
-
-// completeSync pops the entries a ReadyForQuery completes: everything up to
-// and including the first Sync, simple query or governor query.
-func (sess *session) completeSync() {
-	for h := sess.q.peek(); h != nil; h = sess.q.peek() {
-		k := h.kind
-		sess.q.pop()
-		if k == 'S' || k == 'Q' || k == 'F' || k == 'q' {
-			return
-		}
-	}
-}
-
-func (sess *session) popIf(kind byte) {
-	if h := sess.q.peek(); h != nil && h.kind == kind {
-		sess.q.pop()
-	}
-}
-
-// ServerFlush implements pool.Handler: flush the client writer when the
-// server has nothing more buffered.
-func (sess *session) ServerFlush(*pool.Server) error {
-	sess.wmu.Lock()
-	defer sess.wmu.Unlock()
-	if sess.clientDead || sess.cw.Buffered() == 0 {
-		return nil
-	}
-	if err := sess.cw.Flush(); err != nil {
-		sess.clientDead = true
-		_ = sess.conn.Close()
-	}
-	return nil
-}
-
-// ServerLost implements pool.Handler: the attached server connection
-// failed, so the client's transaction is gone: tell it and end the session.
-func (sess *session) ServerLost(srv *pool.Server, err error) {
-	sess.mu.Lock()
-	if sess.server != srv {
-		sess.mu.Unlock()
+		sess.terminate(fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down"))
 		return
 	}
-	sess.server = nil
-	sess.q = queue{items: sess.q.items[:0]}
-	if sess.qEmpty != nil {
-		close(sess.qEmpty)
-		sess.qEmpty = nil
-	}
-	sess.mu.Unlock()
-	sess.srv.pool.Release(srv)
-	sess.terminate(fatalf(codeConnectionFailure, "server connection lost").
-		withDetail("The connection between pggovernor and the server failed; the current transaction, if any, is lost.").
-		withCause(err))
+	sess.tryRelease(srv)
 }
 
 // terminate sends a final error (at a message boundary only) and closes
@@ -723,6 +464,14 @@ func (sess *session) finish(cause error) {
 	if srv.Broken() || len(queries) == 0 {
 		sess.srv.pool.Release(srv)
 		return
+	}
+	if pins != 0 || !sess.txMode {
+		// DISCARD ALL drops every prepared statement: the connection's
+		// cache starts empty (it is closed if the reset fails).
+		if ss, ok := srv.State.(*serverStmts); ok {
+			ss.reset()
+		}
+		srv.Settings = map[string]string{}
 	}
 	sess.log.Debug("resetting the server connection the client left", zap.Strings("queries", queries), zap.NamedError("cause", cause))
 	if err := sess.srv.pool.Reset(ctx, srv, queries...); err != nil {

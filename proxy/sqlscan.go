@@ -6,6 +6,8 @@ package proxy
 // skip strings, quoted identifiers, dollar quotes and comments, without
 // allocating.
 
+import "bytes"
+
 // pinKind is a bit set of kinds of session state.
 type pinKind uint16
 
@@ -43,6 +45,7 @@ type sqlEffects struct {
 	advisory    int     // session advisory locks taken (+) or released (−)
 	discardAll  bool    // DISCARD ALL: every kind of state gone, prepared statements too
 	deallocAll  bool    // DEALLOCATE ALL
+	dealloc     bool    // a DEALLOCATE of one statement
 	transaction bool    // the text contains BEGIN/START/COMMIT/… (not used for pinning)
 }
 
@@ -184,6 +187,8 @@ func analyzeStatement(eff *sqlEffects, words []token, f stmtFlags) {
 		if equalFold(w(1), "all") || (equalFold(w(1), "prepare") && equalFold(w(2), "all")) {
 			eff.addUnpin(pinPrepare)
 			eff.deallocAll = true
+		} else {
+			eff.dealloc = true
 		}
 	case equalFold(first, "declare"):
 		if f.withHold {
@@ -469,4 +474,36 @@ func hasPrefix(b, p []byte) bool {
 		}
 	}
 	return true
+}
+
+// parseDeallocate recognises a query text that is exactly one
+// "DEALLOCATE [PREPARE] name" statement and returns the name as Postgres
+// reads it (unquoted names fold to lower case).
+func parseDeallocate(q []byte) (string, bool) {
+	lx := lexer{src: q}
+	t := lx.next()
+	if t.kind != tokWord || !equalFold(t.text(q), "deallocate") {
+		return "", false
+	}
+	t = lx.next()
+	if t.kind == tokWord && equalFold(t.text(q), "prepare") {
+		t = lx.next()
+	}
+	var name string
+	switch t.kind {
+	case tokWord:
+		if equalFold(t.text(q), "all") {
+			return "", false
+		}
+		name = lowerASCII(string(t.text(q)))
+	case tokQuotedIdent:
+		name = string(bytes.ReplaceAll(t.text(q), []byte(`""`), []byte(`"`)))
+	default:
+		return "", false
+	}
+	t = lx.next()
+	if t.kind == tokPunct && t.text(q)[0] == ';' {
+		t = lx.next()
+	}
+	return name, t.kind == tokEOF
 }

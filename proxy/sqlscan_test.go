@@ -38,6 +38,9 @@ func fmtEffects(e sqlEffects) string {
 	if e.deallocAll {
 		b.WriteString(" deallocAll")
 	}
+	if e.dealloc {
+		b.WriteString(" dealloc")
+	}
 	if e.transaction {
 		b.WriteString(" transaction")
 	}
@@ -116,8 +119,8 @@ func TestScanSQLPrepareAndDeallocate(t *testing.T) {
 		{"PREPARE TRANSACTION 'x'", sqlEffects{}},
 		{"COMMIT PREPARED 'x'", sqlEffects{transaction: true}},
 		{"EXECUTE s", sqlEffects{}},
-		{"DEALLOCATE s", sqlEffects{}},
-		{"DEALLOCATE PREPARE s", sqlEffects{}},
+		{"DEALLOCATE s", sqlEffects{dealloc: true}},
+		{"DEALLOCATE PREPARE s", sqlEffects{dealloc: true}},
 		{"DEALLOCATE ALL", sqlEffects{unpin: pinPrepare, deallocAll: true}},
 		{"DEALLOCATE PREPARE ALL", sqlEffects{unpin: pinPrepare, deallocAll: true}},
 		{"deallocate all", sqlEffects{unpin: pinPrepare, deallocAll: true}},

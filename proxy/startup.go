@@ -54,7 +54,10 @@ func (s *Server) serveConn(c net.Conn) {
 		started: time.Now(),
 		txMode:  s.cfg.PoolMode == config.PoolModeTransaction,
 		tx:      'I',
+		stmts:   map[string]*clientStmt{},
 	}
+	sess.virtual = sess.txMode
+	sess.linkUnnamed = s.opts.LinkUnnamed
 	sess.slot = pool.NewHandlerSlot(sess)
 	sess.rd = wire.NewReader(c, rbuf, s.cfg.Clients.MaxMessageSize)
 	sess.cw = wire.NewWriter(c, wbuf)

@@ -278,6 +278,20 @@ func (w *Writer) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
+// WriteString is Write for a string, without converting it.
+func (w *Writer) WriteString(s string) (int, error) {
+	if len(w.buf)+len(s) > cap(w.buf) {
+		if err := w.Flush(); err != nil {
+			return 0, err
+		}
+		if len(s) > cap(w.buf) {
+			return w.wr.Write([]byte(s))
+		}
+	}
+	w.buf = append(w.buf, s...)
+	return len(s), nil
+}
+
 // Flush writes the buffered bytes.
 func (w *Writer) Flush() error {
 	if len(w.buf) == 0 {

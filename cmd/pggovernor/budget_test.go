@@ -228,7 +228,7 @@ func TestQueueTimeoutAndFIFO(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			_, results[i] = conn.Exec(context.Background(), fmt.Sprintf("INSERT INTO fifo (client) VALUES (%d)", i))
+			_, results[i] = conn.Exec(context.Background(), "INSERT INTO fifo (client) VALUES ($1)", i)
 		}(i)
 		waitFor(t, 5*time.Second, fmt.Sprintf("waiter %d to queue", i), func() bool { return g.g.pool.Stats().Waiting == i+1 })
 	}

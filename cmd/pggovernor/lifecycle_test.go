@@ -83,14 +83,12 @@ func TestIdleAndLifetimeReaping(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer conn.Close(ctx)
-		// The simple protocol: the named statements of pgx's cache pin a
-		// client in this version.
 		var first, pid int
-		if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()", pgx.QueryExecModeSimpleProtocol).Scan(&first); err != nil {
+		if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&first); err != nil {
 			t.Fatal(err)
 		}
 		waitFor(t, 10*time.Second, "a new backend after server_lifetime", func() bool {
-			if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()", pgx.QueryExecModeSimpleProtocol).Scan(&pid); err != nil {
+			if err := conn.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
 				t.Fatal(err)
 			}
 			return pid != first

@@ -1,0 +1,611 @@
+package proxy
+
+// This file is the client pump's side of the relay: each client message is
+// inspected as little as it needs, rewritten where statements are
+// virtualised (transaction mode), recorded in the queue of expected
+// responses, and buffered for the attached server connection.
+
+import (
+	"go.uber.org/zap"
+
+	"github.com/pggovernor/pggovernor/pool"
+	"github.com/pggovernor/pggovernor/wire"
+)
+
+// Responses the governor answers itself.
+const (
+	parseCompleteMsg = "1\x00\x00\x00\x04"
+	closeCompleteMsg = "3\x00\x00\x00\x04"
+)
+
+// bindHeadLen is how much of a Bind must be buffered to rewrite its
+// statement name; the rest streams.
+const bindHeadLen = 4096
+
+// clientMessage handles one client message of type typ and frame length n.
+func (sess *session) clientMessage(typ byte, n int) error {
+	if sess.skipToSync && typ != 'S' {
+		return sess.rd.Stream(nil, n) // the server would skip it too
+	}
+	switch typ {
+	case 'X':
+		_ = sess.rd.Stream(nil, n)
+		return errTerminate
+	case 'Q':
+		frame, err := sess.rd.Frame(n)
+		if err != nil {
+			return err
+		}
+		return sess.query(frame)
+	case 'P':
+		frame, err := sess.rd.Frame(n)
+		if err != nil {
+			return err
+		}
+		return sess.parse(frame)
+	case 'B':
+		return sess.bind(n)
+	case 'D', 'C':
+		frame, err := sess.rd.Frame(n)
+		if err != nil {
+			return err
+		}
+		if typ == 'D' {
+			return sess.describe(frame)
+		}
+		return sess.closeMsg(frame)
+	case 'S':
+		frame, err := sess.rd.Frame(n)
+		if err != nil {
+			return err
+		}
+		return sess.sync(frame)
+	case 'E', 'H', 'F', 'd', 'c', 'f':
+		return sess.passthrough(typ, n)
+	default:
+		return sess.protocolError(fatalf(codeProtocolViolation, "invalid frontend message type %d", typ))
+	}
+}
+
+// frameOrStream returns the whole frame when it fits the buffer, or nil
+// (stream it) when it does not.
+func (sess *session) frameOrStream(n int) ([]byte, error) {
+	if n <= len(sess.rd.Buffer()) {
+		return sess.rd.Frame(n)
+	}
+	return nil, nil
+}
+
+// needServer returns the attached server connection, attaching one for the
+// client's message typ if there is none. ok is false when none could be
+// had; the client has then been told, and the message must be dropped.
+func (sess *session) needServer(typ byte) (srv *pool.Server, ok bool, err error) {
+	sess.mu.Lock()
+	srv = sess.server
+	sess.mu.Unlock()
+	if srv != nil {
+		return srv, true, nil
+	}
+	srv, err = sess.attach()
+	if err != nil {
+		return nil, false, sess.attachFailed(typ, err)
+	}
+	return srv, true, nil
+}
+
+// query relays a simple Query.
+func (sess *session) query(frame []byte) error {
+	text, _, ok := wire.CString(frame[wire.HeaderLen:])
+	if !ok {
+		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Query message"))
+	}
+	eff := scanSQL(text)
+	if handled, err := sess.queryLocally(text, eff); handled || err != nil {
+		return err
+	}
+	srv, ok, err := sess.needServer('Q')
+	if !ok {
+		return err
+	}
+	sess.mu.Lock()
+	if sess.virtual {
+		ss := sess.stmtsOf(srv)
+		ss.unnamedOK = false // a simple query replaces the unnamed statement
+		if eff.discardAll || eff.deallocAll {
+			ss.dropAll()
+		}
+	}
+	// On a direct connection a simple query destroys the client's unnamed
+	// statement, and DISCARD/DEALLOCATE ALL its named ones.
+	sess.unnamedOK = false
+	if eff.discardAll || eff.deallocAll {
+		sess.stmts = map[string]*clientStmt{}
+	}
+	sess.linger = false
+	sess.applyEffects(eff)
+	sess.push(entry{kind: 'Q'})
+	sess.writing = true
+	sess.mu.Unlock()
+	sess.logPin()
+	_, err = sess.sw.Write(frame)
+	return sess.serverWriteErr(err)
+}
+
+// queryLocally answers the simple queries the governor serves itself:
+// DEALLOCATE of a statement it virtualises.
+func (sess *session) queryLocally(text []byte, eff sqlEffects) (bool, error) {
+	if !sess.virtual || !eff.dealloc {
+		return false, nil
+	}
+	name, ok := parseDeallocate(text)
+	if !ok {
+		return false, nil
+	}
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	if _, ok := sess.stmts[name]; !ok || sess.tx == 'E' {
+		return false, nil // an SQL-level statement, or an error the server must report
+	}
+	delete(sess.stmts, name)
+	sess.pushSynthetic(commandComplete("DEALLOCATE") + string(readyForQuery(sess.tx)))
+	return true, nil
+}
+
+// parse relays a Parse. In transaction mode a named statement is recorded
+// for the client and prepared under its governor-owned name on the server
+// connection, unless that connection has it already.
+func (sess *session) parse(frame []byte) error {
+	body := frame[wire.HeaderLen:]
+	name, rest, ok := wire.CString(body)
+	query, _, ok2 := wire.CString(rest)
+	if !ok || !ok2 {
+		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Parse message"))
+	}
+	eff := scanSQL(query)
+	if !sess.virtual {
+		return sess.plain('P', frame, eff)
+	}
+	if len(name) == 0 {
+		return sess.parseUnnamed(frame, rest, eff)
+	}
+	sess.mu.Lock()
+	_, exists := sess.stmts[string(name)]
+	sess.mu.Unlock()
+	if exists {
+		return sess.failExtended(&clientError{code: "42P05", message: "prepared statement \"" + string(name) + "\" already exists"})
+	}
+	key := sess.srv.hasher.key(rest)
+	cs := &clientStmt{name: string(name), key: key, server: serverName(key), parse: append([]byte(nil), rest...), eff: eff}
+	srv, ok, err := sess.needServer('P')
+	if !ok {
+		return err
+	}
+	sess.mu.Lock()
+	sess.stmts[cs.name] = cs
+	ss := sess.stmtsOf(srv)
+	sess.inject = sess.inject[:0]
+	sess.closePending(ss)
+	if ss.has(key) {
+		sess.pushSynthetic(parseCompleteMsg)
+	} else {
+		sess.prepareOn(ss, cs, false)
+	}
+	sess.unsynced = true
+	sess.writing = true
+	sess.mu.Unlock()
+	_, err = sess.sw.Write(sess.inject)
+	return sess.serverWriteErr(err)
+}
+
+// parseUnnamed relays a Parse of the unnamed statement and remembers it,
+// so that a Bind after a Sync (lib/pq) finds it on whichever connection
+// serves the client then.
+func (sess *session) parseUnnamed(frame, rest []byte, eff sqlEffects) error {
+	srv, ok, err := sess.needServer('P')
+	if !ok {
+		return err
+	}
+	sess.mu.Lock()
+	sess.unnamedParse = append(sess.unnamedParse[:0], rest...)
+	sess.unnamedKey = sess.srv.hasher.key(rest)
+	sess.unnamedOK = true
+	sess.unnamedEff = eff
+	ss := sess.stmtsOf(srv)
+	ss.unnamed, ss.unnamedOK = sess.unnamedKey, true
+	sess.push(entry{kind: 'P', flags: entUnnamed | entOwnParse})
+	sess.linger = sess.linkUnnamed
+	sess.unsynced = true
+	sess.writing = true
+	sess.mu.Unlock()
+	_, err = sess.sw.Write(frame)
+	return sess.serverWriteErr(err)
+}
+
+// prepareOn appends to sess.inject a Parse of cs under its governor-owned
+// name (and the Close of an evicted statement), and records it. own says
+// whether this is the client's own Parse (its response goes to the client)
+// or one the governor adds before a Bind or Describe (suppressed).
+func (sess *session) prepareOn(ss *serverStmts, cs *clientStmt, suppress bool) {
+	if evict := ss.add(cs.key, cs.server); evict != nil {
+		sess.inject = appendClose(sess.inject, 'S', evict)
+		sess.push(entry{kind: 'C', flags: entSuppress})
+	}
+	start := len(sess.inject)
+	sess.inject = append(sess.inject, 'P', 0, 0, 0, 0)
+	sess.inject = append(append(sess.inject, cs.server...), 0)
+	sess.inject = append(sess.inject, cs.parse...)
+	wire.SetLength(sess.inject, start)
+	e := entry{kind: 'P', stmt: cs, key: cs.key}
+	if suppress {
+		e.flags = entSuppress
+		e.stmt = nil
+	}
+	sess.push(e)
+	sess.srv.stats.prepareMisses.Add(1)
+}
+
+// closePending appends Closes for statements the server may still hold
+// though the governor dropped them.
+func (sess *session) closePending(ss *serverStmts) {
+	for _, name := range ss.pendingClose {
+		sess.inject = appendClose(sess.inject, 'S', name)
+		sess.push(entry{kind: 'C', flags: entSuppress})
+	}
+	ss.pendingClose = ss.pendingClose[:0]
+}
+
+func appendClose(dst []byte, what byte, name []byte) []byte {
+	dst = wire.AppendHeader(dst, 'C', 1+len(name)+1)
+	dst = append(dst, what)
+	return append(append(dst, name...), 0)
+}
+
+// ensureStatement makes sure the statement a Bind or Describe names exists
+// on srv: for a named statement it returns the governor-owned name to use;
+// for the unnamed one it re-prepares the client's last unnamed statement if
+// the connection holds another (replay). Called with mu held; injected
+// messages go to sess.inject.
+func (sess *session) ensureStatement(srv *pool.Server, name []byte) (serverStmtName []byte, cs *clientStmt) {
+	ss := sess.stmtsOf(srv)
+	sess.closePending(ss)
+	if len(name) == 0 {
+		switch {
+		case !sess.unnamedOK:
+			if ss.unnamedOK {
+				// The connection holds another client's unnamed
+				// statement: close it so that a Bind without a Parse fails
+				// as it would on a direct connection.
+				sess.inject = appendClose(sess.inject, 'S', nil)
+				sess.push(entry{kind: 'C', flags: entSuppress})
+				ss.unnamedOK = false
+			}
+		case !ss.unnamedOK || ss.unnamed != sess.unnamedKey:
+			start := len(sess.inject)
+			sess.inject = append(sess.inject, 'P', 0, 0, 0, 0, 0)
+			sess.inject = append(sess.inject, sess.unnamedParse...)
+			wire.SetLength(sess.inject, start)
+			sess.push(entry{kind: 'P', flags: entSuppress | entUnnamed})
+			ss.unnamed, ss.unnamedOK = sess.unnamedKey, true
+			sess.srv.stats.prepareMisses.Add(1)
+		default:
+			sess.srv.stats.prepareHits.Add(1)
+		}
+		return nil, nil
+	}
+	cs = sess.stmts[string(name)]
+	if cs == nil {
+		return nil, nil // not ours: an SQL-level statement, or an error the server reports
+	}
+	if ss.has(cs.key) {
+		sess.srv.stats.prepareHits.Add(1)
+	} else {
+		sess.prepareOn(ss, cs, true)
+	}
+	return cs.server, cs
+}
+
+// bind relays a Bind, naming the governor-owned statement.
+func (sess *session) bind(n int) error {
+	head := min(n, bindHeadLen)
+	if err := sess.rd.Ensure(head); err != nil {
+		return err
+	}
+	buf := sess.rd.Bytes()[:head]
+	portal, rest, ok := wire.CString(buf[wire.HeaderLen:])
+	stmt, after, ok2 := wire.CString(rest)
+	if !ok || !ok2 {
+		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Bind message"))
+	}
+	srv, ok, err := sess.needServer('B')
+	if !ok {
+		_ = sess.rd.Stream(nil, n)
+		return err
+	}
+	// The reader's buffer is unchanged by needServer: re-slice it.
+	buf = sess.rd.Bytes()[:head]
+	sess.mu.Lock()
+	sess.inject = sess.inject[:0]
+	var newName []byte
+	if sess.virtual {
+		var cs *clientStmt
+		newName, cs = sess.ensureStatement(srv, stmt)
+		switch {
+		case cs != nil:
+			sess.applyEffects(cs.eff)
+		case len(stmt) == 0 && sess.unnamedOK:
+			sess.applyEffects(sess.unnamedEff)
+		}
+	}
+	sess.push(entry{kind: 'B'})
+	sess.unsynced = true
+	sess.writing = true
+	sess.mu.Unlock()
+	sess.logPin()
+	if _, err := sess.sw.Write(sess.inject); err != nil {
+		return sess.serverWriteErr(err)
+	}
+	afterOff := head - len(after) // where the parameters start in the frame
+	if newName != nil {
+		// Rewrite: header with the new length, portal, the new name.
+		newLen := n - len(stmt) + len(newName)
+		hdr := sess.scratch[:0]
+		hdr = wire.AppendHeader(hdr, 'B', newLen-wire.HeaderLen)
+		hdr = append(append(hdr, portal...), 0)
+		hdr = append(append(hdr, newName...), 0)
+		sess.scratch = hdr
+		if _, err := sess.sw.Write(hdr); err != nil {
+			return sess.serverWriteErr(err)
+		}
+		sess.rd.Discard(afterOff)
+		return sess.streamRest(srv, n-afterOff)
+	}
+	return sess.streamRest(srv, n)
+}
+
+// streamRest writes the next k bytes of the reader to the server: through
+// the buffer when they are all buffered, else streamed.
+func (sess *session) streamRest(srv *pool.Server, k int) error {
+	if k <= sess.rd.Buffered() {
+		b, _ := sess.rd.Frame(k)
+		_, err := sess.sw.Write(b)
+		return sess.serverWriteErr(err)
+	}
+	if err := sess.sw.Flush(); err != nil {
+		return sess.serverWriteErr(err)
+	}
+	if err := sess.rd.Stream(srv.Conn(), k); err != nil {
+		srv.MarkBroken() // the server got part of a frame
+		return err
+	}
+	return nil
+}
+
+// describe relays a Describe; a statement Describe names the
+// governor-owned statement.
+func (sess *session) describe(frame []byte) error {
+	body := frame[wire.HeaderLen:]
+	if len(body) < 2 {
+		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Describe message"))
+	}
+	name, _, ok := wire.CString(body[1:])
+	if !ok {
+		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Describe message"))
+	}
+	srv, ok, err := sess.needServer('D')
+	if !ok {
+		return err
+	}
+	sess.mu.Lock()
+	sess.inject = sess.inject[:0]
+	var newName []byte
+	if sess.virtual && body[0] == 'S' {
+		newName, _ = sess.ensureStatement(srv, name)
+	}
+	sess.push(entry{kind: 'D'})
+	sess.unsynced = true
+	sess.writing = true
+	sess.mu.Unlock()
+	if newName != nil {
+		sess.inject = wire.AppendHeader(sess.inject, 'D', 1+len(newName)+1)
+		sess.inject = append(sess.inject, 'S')
+		sess.inject = append(append(sess.inject, newName...), 0)
+	} else {
+		sess.inject = append(sess.inject, frame...)
+	}
+	_, err = sess.sw.Write(sess.inject)
+	return sess.serverWriteErr(err)
+}
+
+// closeMsg relays a Close. In transaction mode, closing a statement is the
+// client's business only: its name is forgotten and CloseComplete answered
+// by the governor (the server keeps the statement for others).
+func (sess *session) closeMsg(frame []byte) error {
+	body := frame[wire.HeaderLen:]
+	if len(body) < 2 {
+		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Close message"))
+	}
+	name, _, ok := wire.CString(body[1:])
+	if !ok {
+		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Close message"))
+	}
+	if sess.virtual && body[0] == 'S' {
+		sess.mu.Lock()
+		if len(name) == 0 {
+			sess.unnamedOK = false
+		} else {
+			delete(sess.stmts, string(name))
+		}
+		sess.pushSynthetic(closeCompleteMsg)
+		sess.unsynced = sess.unsynced || sess.server != nil
+		sess.mu.Unlock()
+		return nil
+	}
+	sess.mu.Lock()
+	attached := sess.server != nil
+	sess.mu.Unlock()
+	if !attached && sess.virtual {
+		// A portal lives only inside the transaction of an attached
+		// connection; closing one that does not exist is not an error.
+		sess.mu.Lock()
+		sess.pushSynthetic(closeCompleteMsg)
+		sess.mu.Unlock()
+		return nil
+	}
+	return sess.plain('C', frame, sqlEffects{})
+}
+
+// sync relays a Sync, or answers it when no server connection is attached.
+func (sess *session) sync(frame []byte) error {
+	sess.skipToSync = false
+	sess.mu.Lock()
+	if sess.server == nil {
+		sess.pushSynthetic(string(readyForQuery('I')))
+		sess.mu.Unlock()
+		return nil
+	}
+	sess.push(entry{kind: 'S'})
+	sess.unsynced = false
+	sess.writing = true
+	sess.mu.Unlock()
+	_, err := sess.sw.Write(frame)
+	return sess.serverWriteErr(err)
+}
+
+// passthrough relays Execute, Flush, FunctionCall and the COPY messages.
+func (sess *session) passthrough(typ byte, n int) error {
+	sess.mu.Lock()
+	attached := sess.server != nil
+	sess.mu.Unlock()
+	if !attached {
+		switch typ {
+		case 'H', 'd', 'c', 'f':
+			// Nothing to flush; COPY messages outside COPY are ignored,
+			// as Postgres does.
+			return sess.rd.Stream(nil, n)
+		}
+	}
+	srv, ok, err := sess.needServer(typ)
+	if !ok {
+		_ = sess.rd.Stream(nil, n)
+		return err
+	}
+	sess.mu.Lock()
+	switch typ {
+	case 'E':
+		sess.push(entry{kind: 'E'})
+		sess.linger = false
+		sess.unsynced = true
+	case 'F':
+		sess.push(entry{kind: 'F'})
+	case 'H':
+		sess.unsynced = true
+	}
+	sess.writing = true
+	sess.mu.Unlock()
+	return sess.streamRest(srv, n)
+}
+
+// plain relays a whole frame unchanged with its queue entry.
+func (sess *session) plain(typ byte, frame []byte, eff sqlEffects) error {
+	if _, ok, err := sess.needServer(typ); !ok {
+		return err
+	}
+	sess.mu.Lock()
+	if typ == 'P' && !sess.virtual {
+		sess.linger = false
+	}
+	sess.applyEffects(eff)
+	sess.push(entry{kind: typ})
+	sess.unsynced = true
+	sess.writing = true
+	sess.mu.Unlock()
+	sess.logPin()
+	_, err := sess.sw.Write(frame)
+	return sess.serverWriteErr(err)
+}
+
+// failExtended reports an error the governor detects in an
+// extended-protocol message, in its place in the pipeline, then skips the
+// client's messages up to Sync, as the server would.
+// NOTE: the server's transaction is not aborted by such an error.
+func (sess *session) failExtended(ce *clientError) error {
+	sess.mu.Lock()
+	sess.pushSynthetic(string(appendError(nil, ce, sess.user)))
+	sess.mu.Unlock()
+	sess.skipToSync = true
+	return nil
+}
+
+// push adds an entry to the queue. Called with mu held.
+func (sess *session) push(e entry) { sess.q.push(e) }
+
+// pushSynthetic queues a response the governor makes itself, in its place:
+// after what is in flight, or (nothing in flight) straight to the client
+// before the pump next blocks. Called with mu held.
+func (sess *session) pushSynthetic(msg string) {
+	if sess.q.empty() {
+		sess.synthOut = append(sess.synthOut, msg...)
+		return
+	}
+	sess.q.push(entry{kind: 'y', flags: entSynthetic, synth: msg})
+}
+
+// applyEffects records the session state a statement creates or drops.
+// Called with mu held.
+func (sess *session) applyEffects(eff sqlEffects) {
+	if eff.pin == 0 && eff.unpin == 0 && eff.advisory == 0 {
+		return
+	}
+	if eff.pin != 0 || eff.advisory != 0 {
+		sess.pins |= eff.pin
+		sess.advisory += eff.advisory
+		if sess.advisory > 0 {
+			sess.pins |= pinAdvisory
+		}
+	}
+	sess.pendingUnpin &^= eff.pin // state created after an unpin in the same batch stays
+	sess.pendingUnpin |= eff.unpin
+	if eff.advisory < 0 && sess.advisory <= 0 {
+		sess.pendingUnpin |= pinAdvisory
+	}
+	sess.countPinned()
+}
+
+// countPinned keeps the server's pinned-clients count. Called with mu held.
+func (sess *session) countPinned() {
+	pinned := sess.pins != 0 && sess.txMode
+	if pinned != sess.pinCounted {
+		sess.pinCounted = pinned
+		if pinned {
+			sess.srv.stats.pinned.Add(1)
+		} else {
+			sess.srv.stats.pinned.Add(-1)
+		}
+	}
+}
+
+// logPin logs the first pin of the session, once, with its reason.
+func (sess *session) logPin() {
+	if sess.pinLogged || !sess.txMode {
+		return
+	}
+	sess.mu.Lock()
+	pins := sess.pins
+	sess.mu.Unlock()
+	if pins != 0 {
+		sess.pinLogged = true
+		sess.log.Info("client pinned to its server connection by session state", zap.String("reason", pins.String()))
+	}
+}
+
+func (sess *session) stmtsOf(srv *pool.Server) *serverStmts {
+	return stmtsOf(srv, sess.srv.cfg.Pool.MaxPreparedStatements)
+}
+
+// commandComplete encodes a CommandComplete with tag.
+func commandComplete(tag string) string {
+	b := wire.AppendHeader(nil, 'C', len(tag)+1)
+	b = append(append(b, tag...), 0)
+	return string(b)
+}
+
