@@ -608,4 +608,3 @@ func commandComplete(tag string) string {
 	b = append(append(b, tag...), 0)
 	return string(b)
 }
-
