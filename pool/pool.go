@@ -80,12 +80,14 @@ type Pool struct {
 
 	done     chan struct{}
 	loopDone chan struct{}
-	// drained is closed and replaced whenever total drops, for Wait.
+	// drained is closed and replaced whenever a connection goes away or
+	// total drops, for Wait and CloseRoutes.
 	drained chan struct{}
 }
 
 type routeState struct {
-	idle    []*Server // most recently used last
+	idle     []*Server // most recently used last
+	retiring bool      // CloseRoutes: released connections are closed
 	open    int       // connections of this route (idle or in use)
 	inUse   int
 	welcome map[string]string
@@ -532,6 +534,8 @@ func (p *Pool) Release(s *Server) {
 	case expired:
 		p.stats.ClosedLifetime++
 		s.close()
+	case rs.retiring:
+		s.close()
 	case p.total > p.limit:
 		s.close()
 	case p.waiters.len() > 0:
@@ -559,6 +563,7 @@ func (p *Pool) serverGone(s *Server) {
 	rs := p.route(s.route)
 	rs.open--
 	p.removeIdleLocked(s)
+	p.broadcastLocked()
 	p.mu.Unlock()
 	p.slotFreed()
 }
@@ -574,6 +579,11 @@ func (p *Pool) slotFreed() {
 		return
 	}
 	p.total--
+	p.broadcastLocked()
+}
+
+// broadcastLocked wakes everyone waiting for connections to go away.
+func (p *Pool) broadcastLocked() {
 	close(p.drained)
 	p.drained = make(chan struct{})
 }
@@ -672,6 +682,53 @@ func (p *Pool) CloseIdle(ctx context.Context, match func(Route) bool) int {
 		}
 	}
 	return len(closing)
+}
+
+// CloseRoutes closes every connection of the routes match selects: idle
+// ones now, busy ones when they are released. It waits until they are all
+// gone or ctx ends, and returns how many there were.
+func (p *Pool) CloseRoutes(ctx context.Context, match func(Route) bool) int {
+	p.mu.Lock()
+	var idle []*Server
+	var retiring []*routeState
+	n := 0
+	for r, rs := range p.routes {
+		if !match(r) {
+			continue
+		}
+		rs.retiring = true
+		retiring = append(retiring, rs)
+		idle = append(idle, rs.idle...)
+		rs.idle = nil
+		n += rs.open
+	}
+	p.mu.Unlock()
+	for _, s := range idle {
+		s.close()
+	}
+	defer func() {
+		p.mu.Lock()
+		for _, rs := range retiring {
+			rs.retiring = false
+		}
+		p.mu.Unlock()
+	}()
+	for {
+		p.mu.Lock()
+		open, changed := 0, p.drained
+		for _, rs := range retiring {
+			open += rs.open
+		}
+		p.mu.Unlock()
+		if open == 0 {
+			return n
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return n
+		}
+	}
 }
 
 // Close closes idle connections, fails waiters with ErrClosed, and closes

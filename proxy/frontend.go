@@ -103,6 +103,11 @@ func (sess *session) query(frame []byte) error {
 	if handled, err := sess.queryLocally(text, eff); handled || err != nil {
 		return err
 	}
+	if eff.databaseDDL {
+		if target, ok := parseDatabaseDDL(text); ok {
+			sess.srv.freeDatabase(target)
+		}
+	}
 	srv, ok, err := sess.needServer('Q')
 	if !ok {
 		return err
@@ -134,6 +139,19 @@ func (sess *session) query(frame []byte) error {
 // queryLocally answers the simple queries the governor serves itself:
 // DEALLOCATE of a statement it virtualises.
 func (sess *session) queryLocally(text []byte, eff sqlEffects) (bool, error) {
+	if eff.listen {
+		return sess.listenLocally(text)
+	}
+	if len(text) == 0 || isBlank(text) {
+		// An empty query (pq.Listener's ping): answered without a server.
+		sess.mu.Lock()
+		defer sess.mu.Unlock()
+		if sess.server != nil {
+			return false, nil
+		}
+		sess.pushSynthetic("I\x00\x00\x00\x04" + string(readyForQuery('I')))
+		return true, nil
+	}
 	if !sess.virtual || !eff.dealloc {
 		return false, nil
 	}
@@ -600,6 +618,16 @@ func (sess *session) logPin() {
 
 func (sess *session) stmtsOf(srv *pool.Server) *serverStmts {
 	return stmtsOf(srv, sess.srv.cfg.Pool.MaxPreparedStatements)
+}
+
+func isBlank(b []byte) bool {
+	lx := lexer{src: b}
+	for t := lx.next(); t.kind != tokEOF; t = lx.next() {
+		if !(t.kind == tokPunct && t.text(b)[0] == ';') {
+			return false
+		}
+	}
+	return true
 }
 
 // commandComplete encodes a CommandComplete with tag.

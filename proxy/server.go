@@ -66,6 +66,7 @@ type Server struct {
 	listeners []net.Listener
 	sessions  map[*session]struct{}
 	keys      map[uint32]*session // cancel keys by process ID
+	hubs      map[pool.Route]*listenHub
 	draining  bool
 	empty     chan struct{} // closed when draining and no session is left
 	wg        sync.WaitGroup
@@ -81,6 +82,7 @@ func NewServer(opts Options) *Server {
 		pool:     opts.Pool,
 		sessions: map[*session]struct{}{},
 		keys:     map[uint32]*session{},
+		hubs:     map[pool.Route]*listenHub{},
 		empty:    make(chan struct{}),
 		welcome:  welcomeCache{entries: map[welcomeKey]map[string]string{}},
 		hasher:   newStmtHasher(),
@@ -335,6 +337,16 @@ func (c *welcomeCache) get(k welcomeKey) map[string]string {
 	return c.entries[k]
 }
 
+func (c *welcomeCache) drop(match func(pool.Route) bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k := range c.entries {
+		if match(k.route) {
+			delete(c.entries, k)
+		}
+	}
+}
+
 func (c *welcomeCache) put(k welcomeKey, v map[string]string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -345,4 +357,32 @@ func (c *welcomeCache) put(k welcomeKey, v map[string]string) {
 		}
 	}
 	c.entries[k] = v
+}
+
+// freeDatabase prepares for a statement that needs no other connection to
+// database db (DROP DATABASE, ALTER DATABASE … RENAME, CREATE DATABASE …
+// TEMPLATE db): the governor's idle connections to it are closed, busy ones
+// are closed when their clients finish (waiting briefly for that), and
+// clients listening through a listener connection to it are disconnected.
+func (s *Server) freeDatabase(db string) {
+	match := func(r pool.Route) bool { return r.Database == db }
+	s.mu.Lock()
+	var hubs []*listenHub
+	for r, h := range s.hubs {
+		if match(r) {
+			hubs = append(hubs, h)
+		}
+	}
+	s.mu.Unlock()
+	for _, h := range hubs {
+		h.close("the database is being dropped, renamed or copied")
+	}
+	wait := min(s.cfg.Timeouts.QueryWait, 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	n := s.pool.CloseRoutes(ctx, match)
+	s.welcome.drop(match)
+	if n > 0 {
+		s.logger.Info("closed pggovernor's connections to a database for a DROP/RENAME/TEMPLATE of it", zap.String("db", db), zap.Int("connections", n))
+	}
 }

@@ -61,8 +61,11 @@ type session struct {
 	bytesOut     atomic.Int64
 	transactions atomic.Int64
 
-	wmu        sync.Mutex
-	cw         *wire.Writer // to the client
+	listening    bool // subscribed through the route's listen hub
+
+	wmu           sync.Mutex
+	pendingNotify []byte       // notifications held while a frame is partly forwarded
+	cw            *wire.Writer // to the client
 	clientDead bool         // writing to the client failed or it was terminated
 	midFrame   bool         // a frame is partly forwarded to the client
 
@@ -128,6 +131,11 @@ func (q *queue) pop() {
 func (sess *session) serve() {
 	err := sess.pump()
 	sess.finish(err)
+	if sess.listening {
+		if err := sess.srv.hub(sess.route).unlisten(sess, ""); err != nil {
+			sess.log.Info("UNLISTEN for a departed client failed", zap.Error(err))
+		}
+	}
 	sess.srv.unregister(sess)
 	_ = sess.conn.Close()
 	outcome := "closed"

@@ -46,6 +46,8 @@ type sqlEffects struct {
 	discardAll  bool    // DISCARD ALL: every kind of state gone, prepared statements too
 	deallocAll  bool    // DEALLOCATE ALL
 	dealloc     bool    // a DEALLOCATE of one statement
+	listen      bool    // a LISTEN or UNLISTEN
+	databaseDDL bool    // DROP DATABASE, ALTER DATABASE … RENAME, CREATE DATABASE
 	transaction bool    // the text contains BEGIN/START/COMMIT/… (not used for pinning)
 }
 
@@ -175,10 +177,14 @@ func analyzeStatement(eff *sqlEffects, words []token, f stmtFlags) {
 		}
 	case equalFold(first, "listen"):
 		eff.addPin(pinListen)
+		eff.listen = true
 	case equalFold(first, "unlisten"):
+		eff.listen = true
 		if len(w(1)) == 1 && w(1)[0] == '*' {
 			eff.addUnpin(pinListen)
 		}
+	case (equalFold(first, "drop") || equalFold(first, "alter") || equalFold(first, "create")) && equalFold(w(1), "database"):
+		eff.databaseDDL = true
 	case equalFold(first, "prepare"):
 		if !equalFold(w(1), "transaction") {
 			eff.addPin(pinPrepare)
@@ -506,4 +512,51 @@ func parseDeallocate(q []byte) (string, bool) {
 		t = lx.next()
 	}
 	return name, t.kind == tokEOF
+}
+
+// parseDatabaseDDL returns the database a statement needs free of other
+// connections: the one DROP DATABASE drops, ALTER DATABASE renames, or
+// CREATE DATABASE copies (its TEMPLATE, template1 by default).
+func parseDatabaseDDL(q []byte) (string, bool) {
+	lx := lexer{src: q}
+	first := lx.next()
+	if first.kind != tokWord || lx.next().kind != tokWord { // … DATABASE
+		return "", false
+	}
+	name := func(t token) (string, bool) {
+		switch t.kind {
+		case tokWord:
+			return lowerASCII(string(t.text(q))), true
+		case tokQuotedIdent:
+			return unquoteIdent(t.text(q)), true
+		}
+		return "", false
+	}
+	switch {
+	case equalFold(first.text(q), "drop"):
+		t := lx.next()
+		if t.kind == tokWord && equalFold(t.text(q), "if") {
+			lx.next() // EXISTS
+			t = lx.next()
+		}
+		return name(t)
+	case equalFold(first.text(q), "alter"):
+		target, ok := name(lx.next())
+		if t := lx.next(); !ok || t.kind != tokWord || !equalFold(t.text(q), "rename") {
+			return "", false
+		}
+		return target, true
+	case equalFold(first.text(q), "create"):
+		for t := lx.next(); t.kind != tokEOF; t = lx.next() {
+			if t.kind == tokWord && equalFold(t.text(q), "template") {
+				t = lx.next()
+				if t.kind == tokPunct && t.text(q)[0] == '=' {
+					t = lx.next()
+				}
+				return name(t)
+			}
+		}
+		return "template1", true
+	}
+	return "", false
 }

@@ -41,6 +41,12 @@ func fmtEffects(e sqlEffects) string {
 	if e.dealloc {
 		b.WriteString(" dealloc")
 	}
+	if e.listen {
+		b.WriteString(" listen")
+	}
+	if e.databaseDDL {
+		b.WriteString(" databaseDDL")
+	}
 	if e.transaction {
 		b.WriteString(" transaction")
 	}
@@ -102,11 +108,11 @@ func TestScanSQLSet(t *testing.T) {
 
 func TestScanSQLListen(t *testing.T) {
 	runScanCases(t, []scanCase{
-		{"LISTEN foo", pinned(pinListen)},
-		{`listen "Foo Bar"`, pinned(pinListen)},
-		{"UNLISTEN *", unpinned(pinListen)},
-		{"unlisten *;", unpinned(pinListen)},
-		{"UNLISTEN foo", sqlEffects{}},
+		{"LISTEN foo", listenCmd(pinned(pinListen))},
+		{`listen "Foo Bar"`, listenCmd(pinned(pinListen))},
+		{"UNLISTEN *", listenCmd(unpinned(pinListen))},
+		{"unlisten *;", listenCmd(unpinned(pinListen))},
+		{"UNLISTEN foo", listenCmd(sqlEffects{})},
 		{"NOTIFY foo, 'LISTEN bar'", sqlEffects{}},
 		{"SELECT pg_notify('foo', 'x')", sqlEffects{}},
 	})
@@ -239,10 +245,10 @@ func TestScanSQLTransactionKeywords(t *testing.T) {
 func TestScanSQLMultiStatement(t *testing.T) {
 	runScanCases(t, []scanCase{
 		{"BEGIN; SET search_path = x; COMMIT", sqlEffects{pin: pinGUC, transaction: true}},
-		{"SET search_path = x; LISTEN a; SELECT pg_advisory_lock(1)", sqlEffects{pin: pinGUC | pinListen | pinAdvisory, advisory: 1}},
-		{"LISTEN a;UNLISTEN *", sqlEffects{pin: pinListen, unpin: pinListen}},
+		{"SET search_path = x; LISTEN a; SELECT pg_advisory_lock(1)", listenCmd(sqlEffects{pin: pinGUC | pinListen | pinAdvisory, advisory: 1})},
+		{"LISTEN a;UNLISTEN *", listenCmd(sqlEffects{pin: pinListen, unpin: pinListen})},
 		{"SELECT 1; SET LOCAL work_mem = '1GB'; SELECT 2;", sqlEffects{}},
-		{";;; LISTEN a ;;", pinned(pinListen)},
+		{";;; LISTEN a ;;", listenCmd(pinned(pinListen))},
 		{"SELECT 1\n;\nPREPARE p AS SELECT 2", pinned(pinPrepare)},
 		{"DISCARD ALL; LOAD 'x'", sqlEffects{pin: pinLoad, unpin: allButLoad, discardAll: true}},
 		// Words before the ';' do not leak into the next statement.
@@ -260,16 +266,16 @@ func TestScanSQLIgnoresQuotedAndCommentedText(t *testing.T) {
 		// Plain strings, with doubled quotes.
 		{"SELECT 'SET search_path = x'", sqlEffects{}},
 		{"SELECT 'it''s; LISTEN y'", sqlEffects{}},
-		{"SELECT ''; LISTEN y", pinned(pinListen)},
+		{"SELECT ''; LISTEN y", listenCmd(pinned(pinListen))},
 		{"INSERT INTO log VALUES ('pg_advisory_lock(1)')", sqlEffects{}},
 		{"SELECT 'x'; SELECT 'DISCARD ALL'", sqlEffects{}},
 		// E'' strings with backslash escapes.
 		{`SELECT E'it\'s; LISTEN y'`, sqlEffects{}},
-		{`SELECT e'\\'; LISTEN y`, pinned(pinListen)},
+		{`SELECT e'\\'; LISTEN y`, listenCmd(pinned(pinListen))},
 		{`SELECT E'\\\'; LISTEN y'`, sqlEffects{}},
 		{`SELECT E'a''b; SET x = 1'`, sqlEffects{}},
 		// A backslash in a standard string is not an escape.
-		{`SELECT 'a\'; LISTEN y`, pinned(pinListen)},
+		{`SELECT 'a\'; LISTEN y`, listenCmd(pinned(pinListen))},
 		// Dollar quotes.
 		{"SELECT $$ SET x = 1 $$", sqlEffects{}},
 		{"SELECT $$ SET x = 1; LISTEN a $$; SELECT 1", sqlEffects{}},
@@ -279,8 +285,8 @@ func TestScanSQLIgnoresQuotedAndCommentedText(t *testing.T) {
 		{"SELECT $fn$ $$ ; LISTEN a $fn$", sqlEffects{}},
 		{"SELECT $_x1$ LISTEN a $_x1$", sqlEffects{}},
 		{"CREATE FUNCTION f() RETURNS void AS $body$ SET search_path = x $body$ LANGUAGE sql", sqlEffects{}},
-		{"SELECT $1; LISTEN y", pinned(pinListen)},
-		{"SELECT $1, $2 FROM t WHERE a = $3; LISTEN y", pinned(pinListen)},
+		{"SELECT $1; LISTEN y", listenCmd(pinned(pinListen))},
+		{"SELECT $1, $2 FROM t WHERE a = $3; LISTEN y", listenCmd(pinned(pinListen))},
 		// Quoted identifiers.
 		{`SELECT "set" FROM t`, sqlEffects{}},
 		{`SELECT 1 AS "LISTEN"`, sqlEffects{}},
@@ -291,18 +297,18 @@ func TestScanSQLIgnoresQuotedAndCommentedText(t *testing.T) {
 		// Comments.
 		{"-- SET x = 1\nSELECT 1", sqlEffects{}},
 		{"SELECT 1 -- ; LISTEN a", sqlEffects{}},
-		{"SELECT 1 -- SET x\n; LISTEN a", pinned(pinListen)},
+		{"SELECT 1 -- SET x\n; LISTEN a", listenCmd(pinned(pinListen))},
 		{"/* LISTEN /* nested */ y */ SELECT 1", sqlEffects{}},
 		{"/* a /* b /* c */ LISTEN */ SET x */ SELECT 1", sqlEffects{}},
-		{"/* LISTEN a */ LISTEN b", pinned(pinListen)},
+		{"/* LISTEN a */ LISTEN b", listenCmd(pinned(pinListen))},
 		{"SELECT 1 /* unterminated; LISTEN a", sqlEffects{}},
-		{"/**/LISTEN a", pinned(pinListen)},
+		{"/**/LISTEN a", listenCmd(pinned(pinListen))},
 		{"SELECT pg_advisory_lock/* c */(1)", sqlEffects{pin: pinAdvisory, advisory: 1}},
-		{"SELECT 2-1; LISTEN a", pinned(pinListen)},
-		{"SELECT 4/2; LISTEN a", pinned(pinListen)},
+		{"SELECT 2-1; LISTEN a", listenCmd(pinned(pinListen))},
+		{"SELECT 4/2; LISTEN a", listenCmd(pinned(pinListen))},
 		// Leading comments before the statement keyword.
 		{"/* app=x */ SET search_path = y", pinned(pinGUC)},
-		{"-- pgbench\nLISTEN a", pinned(pinListen)},
+		{"-- pgbench\nLISTEN a", listenCmd(pinned(pinListen))},
 	})
 }
 
@@ -312,8 +318,8 @@ func TestScanSQLCaseInsensitive(t *testing.T) {
 		{"SeT sEaRcH_pAtH = x", pinned(pinGUC)},
 		{"SET Application_Name = 'x'", sqlEffects{}},
 		{"set local Search_Path = x", sqlEffects{}},
-		{"Listen foo", pinned(pinListen)},
-		{"UnListen *", unpinned(pinListen)},
+		{"Listen foo", listenCmd(pinned(pinListen))},
+		{"UnListen *", listenCmd(unpinned(pinListen))},
 		{"Create Temp Table t(a int)", pinned(pinTemp)},
 		{"DeClArE c CuRsOr WiTh HoLd FoR sElEcT 1", pinned(pinCursor)},
 		{"Discard All", sqlEffects{unpin: allButLoad, discardAll: true}},
@@ -522,4 +528,47 @@ func FuzzScanSQL(f *testing.F) {
 			}
 		}
 	})
+}
+
+func listenCmd(e sqlEffects) sqlEffects { e.listen = true; return e }
+
+func TestParseListenAndDatabaseDDL(t *testing.T) {
+	listens := []struct {
+		sql, cmd, channel string
+		ok                bool
+	}{
+		{"LISTEN foo", "LISTEN", "foo", true},
+		{`listen "Foo ""Bar"""`, "LISTEN", `Foo "Bar"`, true},
+		{"LISTEN Foo;", "LISTEN", "foo", true},
+		{"UNLISTEN *", "UNLISTEN", "", true},
+		{"unlisten x ; ", "UNLISTEN", "x", true},
+		{"LISTEN a; LISTEN b", "", "", false},
+		{"LISTEN *", "", "", false},
+		{"SELECT 1", "", "", false},
+	}
+	for _, c := range listens {
+		cmd, ch, ok := parseListen([]byte(c.sql))
+		if cmd != c.cmd || ch != c.channel || ok != c.ok {
+			t.Errorf("parseListen(%q): want = %q %q %v, got = %q %q %v", c.sql, c.cmd, c.channel, c.ok, cmd, ch, ok)
+		}
+	}
+	ddl := []struct{ sql, target string }{
+		{"DROP DATABASE foo", "foo"},
+		{"drop database if exists \"Foo\"", "Foo"},
+		{"DROP DATABASE Foo WITH (FORCE)", "foo"},
+		{"ALTER DATABASE old RENAME TO new", "old"},
+		{"CREATE DATABASE copy TEMPLATE orig", "orig"},
+		{"CREATE DATABASE copy WITH OWNER app TEMPLATE = \"Orig\" ENCODING 'UTF8'", "Orig"},
+		{"CREATE DATABASE plain", "template1"},
+		{"ALTER DATABASE x SET work_mem = '1MB'", ""},
+	}
+	for _, c := range ddl {
+		if e := scanSQL([]byte(c.sql)); !e.databaseDDL {
+			t.Errorf("scanSQL(%q): want = databaseDDL, got = %s", c.sql, fmtEffects(e))
+		}
+		got, _ := parseDatabaseDDL([]byte(c.sql))
+		if got != c.target {
+			t.Errorf("parseDatabaseDDL(%q): want = %q, got = %q", c.sql, c.target, got)
+		}
+	}
 }

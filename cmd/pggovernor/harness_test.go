@@ -171,7 +171,7 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 // testSecrets are every password the tests use; none may appear in any log
 // line of any governor started by the tests.
 func testSecrets() []string {
-	return []string{appPass, userPass, "old-pass", "new-pass", "pw-a", "pw-b", "carolpass", "bobpass", "davepass", "coder-env-secret", "erinpass", "lifer-pw", "victim-pw"}
+	return []string{appPass, userPass, "old-pass", "new-pass", "pw-a", "pw-b", "carolpass", "bobpass", "davepass", "coder-env-secret", "erinpass", "lifer-pw", "victim-pw", "loader-pw"}
 }
 
 // secretsInLogs returns the first log line holding a secret, "" if none.
