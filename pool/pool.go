@@ -88,9 +88,9 @@ type Pool struct {
 type routeState struct {
 	idle     []*Server // most recently used last
 	retiring bool      // CloseRoutes: released connections are closed
-	open    int       // connections of this route (idle or in use)
-	inUse   int
-	welcome map[string]string
+	open     int       // connections of this route (idle or in use)
+	inUse    int
+	welcome  map[string]string
 }
 
 // Stats are cumulative and current figures, read at scrape time.

@@ -61,13 +61,13 @@ type session struct {
 	bytesOut     atomic.Int64
 	transactions atomic.Int64
 
-	listening    bool // subscribed through the route's listen hub
+	listening bool // subscribed through the route's listen hub
 
 	wmu           sync.Mutex
 	pendingNotify []byte       // notifications held while a frame is partly forwarded
 	cw            *wire.Writer // to the client
-	clientDead bool         // writing to the client failed or it was terminated
-	midFrame   bool         // a frame is partly forwarded to the client
+	clientDead    bool         // writing to the client failed or it was terminated
+	midFrame      bool         // a frame is partly forwarded to the client
 
 	mu              sync.Mutex
 	server          *pool.Server // attached server connection
