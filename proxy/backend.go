@@ -85,6 +85,9 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 		case 'E':
 			sess.serverError(srv, data)
 		case '1':
+			if h := sess.q.peek(); h != nil && h.kind == 'P' && h.flags&entUnnamed == 0 {
+				sess.srv.known.add(sess.route, h.key)
+			}
 			sess.popIf('P')
 		case '2':
 			sess.popIf('B')
@@ -177,6 +180,7 @@ func (sess *session) serverError(srv *pool.Server, data []byte) {
 			}
 		case head.kind == 'P':
 			ss.drop(head.key, false)
+			sess.srv.known.forget(sess.route, head.key)
 			if head.stmt != nil && sess.stmts[head.stmt.name] == head.stmt {
 				delete(sess.stmts, head.stmt.name)
 			}

@@ -194,6 +194,16 @@ func (sess *session) parse(frame []byte) error {
 	}
 	key := sess.srv.hasher.key(rest)
 	cs := &clientStmt{name: string(name), key: key, server: serverName(key), parse: append([]byte(nil), rest...), eff: eff}
+	sess.mu.Lock()
+	attached := sess.server != nil
+	if !attached && sess.srv.known.has(sess.route, key) {
+		// Known to parse: answered now, prepared where it is first used.
+		sess.stmts[cs.name] = cs
+		sess.pushSynthetic(parseCompleteMsg)
+		sess.mu.Unlock()
+		return nil
+	}
+	sess.mu.Unlock()
 	srv, ok, err := sess.needServer('P')
 	if !ok {
 		return err

@@ -60,6 +60,7 @@ type Server struct {
 	bufs    sync.Pool
 	welcome welcomeCache
 	hasher  stmtHasher
+	known   knownStatements
 	stats   serverStats
 
 	mu        sync.Mutex

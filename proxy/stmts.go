@@ -13,6 +13,7 @@ import (
 	"container/list"
 	"encoding/hex"
 	"hash/maphash"
+	"sync"
 
 	"github.com/pggovernor/pggovernor/pool"
 )
@@ -150,3 +151,53 @@ func (ss *serverStmts) reset() {
 
 // len is the number of prepared statements.
 func (ss *serverStmts) len() int { return len(ss.byKey) }
+
+// knownStatements remembers, per route, statements that parsed
+// successfully, so that a client's Parse of one of them needs no server
+// connection: it is answered at once and the statement is prepared on the
+// connection that serves the client's first Bind or Describe. This keeps a
+// client that prepares outside a transaction (pgbench -M prepared,
+// libpq's PQprepare) from waiting for a connection its own other
+// sessions hold. Bounded; safe for concurrent use.
+type knownStatements struct {
+	mu     sync.Mutex
+	routes map[pool.Route]map[stmtKey]struct{}
+}
+
+// maxKnownPerRoute bounds the keys remembered per route (16 bytes each).
+const maxKnownPerRoute = 50000
+
+func (k *knownStatements) has(r pool.Route, key stmtKey) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	_, ok := k.routes[r][key]
+	return ok
+}
+
+func (k *knownStatements) add(r pool.Route, key stmtKey) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	m := k.routes[r]
+	if m == nil {
+		if k.routes == nil {
+			k.routes = map[pool.Route]map[stmtKey]struct{}{}
+		}
+		m = map[stmtKey]struct{}{}
+		k.routes[r] = m
+	}
+	if len(m) >= maxKnownPerRoute {
+		for old := range m { // forget an arbitrary one
+			delete(m, old)
+			break
+		}
+	}
+	m[key] = struct{}{}
+}
+
+// forget drops a key that failed to prepare after all (a setting of the
+// session it was tried in differs).
+func (k *knownStatements) forget(r pool.Route, key stmtKey) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	delete(k.routes[r], key)
+}

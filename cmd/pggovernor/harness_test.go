@@ -30,6 +30,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if url := os.Getenv(coderWorkerEnv); url != "" {
+		os.Exit(runCoderWorker(url)) // a worker process of TestCoderShapedWorkload
+	}
 	os.Exit(runTests(m))
 }
 
