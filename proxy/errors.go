@@ -94,12 +94,28 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 			// The client proved who it is; the server refused the
 			// governor's own credentials.
 			e.message = "the server refused pggovernor's credentials: " + pgErr.Message
-			e.hint = "Check upstream.password_file (or upstream.password, the URL, or the users file in the multi-role model)."
+			e.hint = "Check upstream.password_file (or upstream.password, the URL, or the users file in the multi-role model); " +
+				"upstream.ssl.cert_file and upstream.ssl.key_file when the server requires a client certificate; " +
+				"the IAM policy (rds-db:connect) and upstream.aws_region with upstream.connector awsiamrds."
 		}
 		return e
 	}
+	var mintErr *auth.MintError
+	if errors.As(err, &mintErr) {
+		return &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not obtain upstream credentials",
+			detail: mintErr.Error(), hint: "See pggovernor's log for the cause; pggovernor doctor checks the configuration.", cause: err}
+	}
 	if errors.Is(err, auth.ErrAuthFailed) {
 		return &clientError{fatal: true, code: codeInvalidPassword, cause: err}
+	}
+	if errors.Is(err, auth.ErrCertAuthFailed) {
+		return &clientError{fatal: true, code: codeInvalidAuthSpec, message: "certificate authentication failed", cause: err}
+	}
+	var throttled *auth.ThrottledError
+	if errors.As(err, &throttled) {
+		return &clientError{fatal: true, code: codeConnectionRejected, message: throttled.Error(), cause: err,
+			hint: fmt.Sprintf("Check the client's credentials. After %d failed logins in a row from one address, each further attempt waits, %s doubling up to %s; a successful login clears the address.",
+				auth.DefaultFreeFailures, auth.DefaultFirstDelay, auth.DefaultMaxDelay)}
 	}
 	var pe *auth.ProtocolError
 	if errors.As(err, &pe) {
@@ -141,8 +157,11 @@ func appendError(dst []byte, e *clientError, user string) []byte {
 		sev = "FATAL"
 	}
 	msg := e.message
-	if msg == "" && e.code == codeInvalidPassword {
+	switch {
+	case msg == "" && e.code == codeInvalidPassword:
 		msg = fmt.Sprintf("password authentication failed for user %q", user)
+	case msg == "certificate authentication failed" && e.code == codeInvalidAuthSpec:
+		msg = fmt.Sprintf("certificate authentication failed for user %q", user) // Postgres' words
 	}
 	out, err := (&pgproto3.ErrorResponse{
 		Severity:            sev,
