@@ -219,6 +219,9 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 	}
 	sess.key = s.newCancelKey(sess)
 	if err := sess.welcome(ctx); err != nil {
+		// Not served after all: forget the session and its cancel key, or
+		// a drain would wait for it and the maps would keep it.
+		s.unregister(sess)
 		return err
 	}
 	return nil

@@ -86,15 +86,23 @@ func connStringWithSSL(c *config.Config) string {
 // users file.
 func newUpstream(ctx context.Context, c *config.Config, users *auth.Users, logger *zap.Logger, deps startDeps) (*upstream, error) {
 	cs := connStringWithSSL(c)
-	base, err := pgconn.ParseConfig(cs)
-	if err != nil {
-		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, c.Upstream.URL))
-	}
-	u := &upstream{connString: cs, base: base}
 	topts := tlsconf.UpstreamOptions{ConnString: cs, ServerName: c.Upstream.SSL.ServerName, Logger: logger.Named("tls")}
 	if c.EffectiveSSLMode() != "disable" {
 		topts.RootCertFile, topts.CertFile, topts.KeyFile = upstreamTLSFiles(cs)
+		if topts.KeyFile != "" { // before pgconn reads it
+			if err := tlsconf.CheckKeyFile("upstream.ssl.key_file", topts.KeyFile); err != nil {
+				return nil, err
+			}
+		}
 	}
+	base, err := pgconn.ParseConfig(cs)
+	if err != nil {
+		if strings.Contains(err.Error(), "configure TLS") {
+			return nil, fmt.Errorf("keys upstream.ssl.* (or the URL's sslrootcert, sslcert, sslkey): %w", errors.Unwrap(err))
+		}
+		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, c.Upstream.URL))
+	}
+	u := &upstream{connString: cs, base: base}
 	if u.tls, err = tlsconf.NewUpstream(topts); err != nil {
 		return nil, err
 	}
@@ -170,9 +178,6 @@ func loadAWS(ctx context.Context, c *config.Config, deps startDeps) (string, aws
 	if c.Upstream.AWSRegion != "" {
 		opts = append(opts, awsconfig.WithRegion(c.Upstream.AWSRegion))
 	}
-	if deps.awsCredentials != nil {
-		opts = append(opts, awsconfig.WithCredentialsProvider(deps.awsCredentials))
-	}
 	acfg, err := awsconfig.LoadDefaultConfig(ctx, opts...)
 	if err != nil {
 		return "", nil, fmt.Errorf("key upstream.connector: awsiamrds: loading the AWS configuration (AWS_* variables, shared config files): %w", err)
@@ -180,7 +185,11 @@ func loadAWS(ctx context.Context, c *config.Config, deps startDeps) (string, aws
 	if acfg.Region == "" {
 		return "", nil, errors.New("key upstream.aws_region: upstream.connector awsiamrds needs the database's AWS region: set upstream.aws_region, or AWS_REGION, or a region in the shared AWS config")
 	}
-	return acfg.Region, acfg.Credentials, nil
+	creds := acfg.Credentials // the default chain, behind the SDK's cache
+	if deps.awsCredentials != nil {
+		creds = deps.awsCredentials
+	}
+	return acfg.Region, creds, nil
 }
 
 // redactParseError describes a parse failure without the password.
