@@ -1,8 +1,10 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -133,7 +135,13 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 		}
 		return e
 	}
-	return &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not serve the request", detail: safeUpstreamDetail(err), cause: err}
+	e := &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not serve the request", detail: safeUpstreamDetail(err), cause: err}
+	// pgconn does not always wrap the TLS error (verify-ca's own check).
+	var certErr *tls.CertificateVerificationError
+	if errors.As(err, &certErr) || strings.Contains(e.detail, "tls error") || strings.Contains(e.detail, "x509: ") {
+		e.hint = "Check upstream.ssl.mode, upstream.ssl.root_cert_file and upstream.ssl.server_name (pggovernor doctor shows the TLS state)."
+	}
+	return e
 }
 
 // safeUpstreamDetail describes a connect error without the connection

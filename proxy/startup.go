@@ -171,7 +171,9 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 		sess.database = sess.user
 	}
 	sess.log = sess.log.With(zap.String("db", sess.database), zap.String("user", sess.user))
-	if ct == nil && s.opts.TLS != nil && s.opts.TLS.Required() {
+	// A Unix socket is local and libpq never asks for TLS on one (as
+	// Postgres' "local" hba lines): only TCP clients must use TLS.
+	if ct == nil && s.opts.TLS != nil && s.opts.TLS.Required() && clientIP(sess.conn) != "" {
 		return fatalf(codeInvalidAuthSpec, "connection without TLS refused for user %q, database %q: pggovernor requires TLS (clients.tls.mode is %s)", sess.user, sess.database, s.opts.TLS.Mode()).
 			withHint("Connect with sslmode=require, verify-ca or verify-full, or set clients.tls.mode to allow to accept clients without TLS.")
 	}

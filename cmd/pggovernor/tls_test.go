@@ -179,6 +179,9 @@ func TestUpstreamSSLModes(t *testing.T) {
 				if got := e.Message + " " + e.Detail; !strings.Contains(got, c.wantErr) {
 					t.Fatalf("want = an error saying %q, got = %s", c.wantErr, got)
 				}
+				if !strings.Contains(e.Hint, "upstream.ssl.") {
+					t.Fatalf("want = a hint naming the upstream.ssl settings, got = %q", e.Hint)
+				}
 				return
 			}
 			if err != nil {
@@ -360,10 +363,12 @@ func (g *gov) tlsURL(user, password, caFile string, extra ...string) string {
 // to new clients while connected ones carry on.
 func TestClientTLS(t *testing.T) {
 	pki := newClientPKI(t)
+	sockDir := t.TempDir()
 	g := startGov(t, nil, func(c *config.Config) {
 		c.Clients.TLS = config.ClientTLS{Mode: "require", CertFile: pki.mount.Path("tls.crt"), KeyFile: pki.mount.Path("tls.key"), ClientCAFile: pki.caFile}
 		c.Budget.Max = 4
 		c.Timeouts.ClientLogin = 2 * time.Second
+		c.UnixSocketDir = sockDir
 	})
 	ctx := context.Background()
 	cert := "sslcert=" + pki.aliceCert + "&sslkey=" + pki.aliceKey
@@ -420,6 +425,14 @@ func TestClientTLS(t *testing.T) {
 		out, err := runPsql(g.url("alice", userPass, "appdb"), "SELECT 1;\n")
 		if err == nil || !strings.Contains(out, "pggovernor requires TLS") {
 			t.Fatalf("psql: want = refused with the reason, got = %v:\n%s", err, out)
+		}
+	})
+	t.Run("unix socket", func(t *testing.T) {
+		// Local, and libpq never asks for TLS on it: not refused.
+		_, port, _ := net.SplitHostPort(g.addr)
+		out, err := runPsql(fmt.Sprintf("host=%s port=%s user=alice password=%s dbname=appdb", sockDir, port, userPass), "SELECT 'over-the-socket';\n")
+		if err != nil || !strings.Contains(out, "over-the-socket") {
+			t.Fatalf("psql over the unix socket: want = logged in, got = %v:\n%s", err, out)
 		}
 	})
 	t.Run("client certificate from an unknown CA", func(t *testing.T) {
