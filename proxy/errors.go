@@ -30,6 +30,10 @@ const (
 	codeInternalError       = "XX000"
 )
 
+// msgCertAuthFailed is completed with the user name when sent, as
+// Postgres words it.
+const msgCertAuthFailed = "certificate authentication failed"
+
 // clientError is an error with what the client is told: a SQLSTATE, a
 // message safe to show, and a hint naming the setting to change. Its cause,
 // if any, is for the log only.
@@ -80,6 +84,9 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 			e.message = fmt.Sprintf("no server connection available within timeouts.query_wait (%s): connecting to the server failed", waitTimeout)
 			e.detail = safeUpstreamDetail(waitErr.Cause)
 			e.hint = "Check that the server is up and reachable from pggovernor (pggovernor doctor)."
+			if h := credentialsHint(waitErr.Cause, e.detail); h != "" {
+				e.hint = h
+			}
 		default:
 			e.message = fmt.Sprintf("no server connection available within timeouts.query_wait (%s): all %d server connections of the budget are in use", waitTimeout, waitErr.Limit)
 			e.hint = "Raise budget.max (or the server's max_connections, from which the budget is derived), raise timeouts.query_wait, or shorten transactions."
@@ -105,13 +112,13 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 	var mintErr *auth.MintError
 	if errors.As(err, &mintErr) {
 		return &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not obtain upstream credentials",
-			detail: mintErr.Error(), hint: "See pggovernor's log for the cause; pggovernor doctor checks the configuration.", cause: err}
+			detail: mintErr.Error(), hint: credentialsHint(err, ""), cause: err}
 	}
 	if errors.Is(err, auth.ErrAuthFailed) {
 		return &clientError{fatal: true, code: codeInvalidPassword, cause: err}
 	}
 	if errors.Is(err, auth.ErrCertAuthFailed) {
-		return &clientError{fatal: true, code: codeInvalidAuthSpec, message: "certificate authentication failed", cause: err}
+		return &clientError{fatal: true, code: codeInvalidAuthSpec, message: msgCertAuthFailed, cause: err}
 	}
 	var throttled *auth.ThrottledError
 	if errors.As(err, &throttled) {
@@ -136,12 +143,23 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 		return e
 	}
 	e := &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not serve the request", detail: safeUpstreamDetail(err), cause: err}
+	e.hint = credentialsHint(err, e.detail)
+	return e
+}
+
+// credentialsHint names the settings behind an upstream connect failure
+// that is about TLS or RDS IAM tokens, "" for others.
+func credentialsHint(err error, detail string) string {
+	var mintErr *auth.MintError
+	if errors.As(err, &mintErr) {
+		return "pggovernor could not mint an RDS IAM token: give it AWS credentials (environment, shared files, EKS IRSA or an instance role) and upstream.aws_region; its log names the cause."
+	}
 	// pgconn does not always wrap the TLS error (verify-ca's own check).
 	var certErr *tls.CertificateVerificationError
-	if errors.As(err, &certErr) || strings.Contains(e.detail, "tls error") || strings.Contains(e.detail, "x509: ") {
-		e.hint = "Check upstream.ssl.mode, upstream.ssl.root_cert_file and upstream.ssl.server_name (pggovernor doctor shows the TLS state)."
+	if errors.As(err, &certErr) || strings.Contains(detail, "tls error") || strings.Contains(detail, "x509: ") {
+		return "Check upstream.ssl.mode, upstream.ssl.root_cert_file and upstream.ssl.server_name (pggovernor doctor shows the TLS state)."
 	}
-	return e
+	return ""
 }
 
 // safeUpstreamDetail describes a connect error without the connection
@@ -168,8 +186,8 @@ func appendError(dst []byte, e *clientError, user string) []byte {
 	switch {
 	case msg == "" && e.code == codeInvalidPassword:
 		msg = fmt.Sprintf("password authentication failed for user %q", user)
-	case msg == "certificate authentication failed" && e.code == codeInvalidAuthSpec:
-		msg = fmt.Sprintf("certificate authentication failed for user %q", user) // Postgres' words
+	case msg == msgCertAuthFailed:
+		msg = fmt.Sprintf("%s for user %q", msgCertAuthFailed, user) // Postgres' words
 	}
 	out, err := (&pgproto3.ErrorResponse{
 		Severity:            sev,

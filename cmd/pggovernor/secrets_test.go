@@ -231,8 +231,8 @@ func TestIAMTokenCacheAndFailures(t *testing.T) {
 	clock.Advance(auth.IAMTokenLifetime)
 	err := newServerConn()
 	e := assertCode(t, err, "08006")
-	if !strings.Contains(e.Detail, "no AWS credentials") || !strings.Contains(e.Detail, "no EC2 IMDS role found") {
-		t.Fatalf("waiting client: want = the cause in the detail, got = %q / %q", e.Message, e.Detail)
+	if !strings.Contains(e.Detail, "no AWS credentials") || !strings.Contains(e.Detail, "no EC2 IMDS role found") || !strings.Contains(e.Hint, "AWS credentials") {
+		t.Fatalf("waiting client: want = the cause in the detail and a hint, got = %q / %q / %q", e.Message, e.Detail, e.Hint)
 	}
 	if n := g.logs.FilterMessage("minting an RDS IAM token failed").FilterField(zap.String("cause", auth.MintNoCredentials)).Len(); n == 0 {
 		t.Fatal("log: want = a line naming the cause, got = none")

@@ -200,6 +200,29 @@ func TestUpstreamSSLModes(t *testing.T) {
 	}
 }
 
+// TestCoderEnvironmentMTLS: Coder's DB_SSL_MODE, DB_ROOT_CERT, DB_CERT and
+// DB_KEY configure mTLS to the server, as they do for coderd.
+func TestCoderEnvironmentMTLS(t *testing.T) {
+	env := sharedTLS(t)
+	_, certFile, keyFile := clientCert(t, env.ca, "certuser")
+	p := startProcess(t, []string{"DB_HOST=127.0.0.1", fmt.Sprintf("DB_PORT=%d", env.pg.Port), "DB_USER=certuser", "DB_NAME=appdb",
+		"DB_SSL_MODE=verify-ca", "DB_ROOT_CERT=" + env.caFile, "DB_CERT=" + certFile, "DB_KEY=" + keyFile},
+		"--clients.users-file="+usersFile(t), "--budget.max=2")
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, p.url("alice", userPass, "appdb"))
+	if err != nil {
+		t.Fatalf("through a governor configured by Coder's environment: %v\n%s", err, p.stderr)
+	}
+	defer conn.Close(ctx)
+	var user, serial string
+	if err := conn.QueryRow(ctx, "SELECT current_user, client_serial::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()").Scan(&user, &serial); err != nil {
+		t.Fatal(err)
+	}
+	if user != "certuser" || serial == "" {
+		t.Fatalf("want = certuser with a client certificate, got = %s (serial %q)", user, serial)
+	}
+}
+
 // TestUpstreamCertRotation: the governor's client certificate is a mounted
 // secret rotated the way cert-manager and the kubelet do it while 20
 // clients run transactions: the server connections already open keep
