@@ -113,8 +113,9 @@ type UpstreamSSL struct {
 	// a rotated one is used by new server connections, established ones
 	// keep theirs.
 	CertFile string `yaml:"cert_file"`
-	// KeyFile is the PEM private key of CertFile; it must not be readable by
-	// group or others (0600, or 0640 when owned by root), as libpq requires.
+	// KeyFile is the PEM private key of CertFile; as libpq requires, it must
+	// not be readable by group or others (0600; 0640 is accepted for a file
+	// owned by root when pggovernor does not run as root).
 	KeyFile string `yaml:"key_file"`
 	// ServerName overrides the host name checked against the server's
 	// certificate in verify-full mode and sent as SNI.
@@ -196,7 +197,8 @@ type ClientTLS struct {
 	// it is read again, with KeyFile, for new clients when either changes.
 	CertFile string `yaml:"cert_file"`
 	// KeyFile is the PEM private key of CertFile; it must not be readable by
-	// group or others (0600, or 0640 when owned by root).
+	// group or others (0600; 0640 is accepted for a file owned by root when
+	// pggovernor does not run as root).
 	KeyFile string `yaml:"key_file"`
 	// ClientCAFile is a PEM file of CAs trusted to sign client
 	// certificates. In allow and require modes a certificate a client offers
