@@ -190,3 +190,15 @@ func TestUpstreamApply(t *testing.T) {
 		t.Fatalf("key mode 0644: want = refused naming upstream.ssl.key_file, got = %v", err)
 	}
 }
+
+func TestSecondsUntilExpiry(t *testing.T) {
+	now := time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		notAfter time.Time
+		want     float64
+	}{{now.Add(90 * time.Second), 90}, {now.Add(-time.Second), -1}, {time.Time{}, 0}} {
+		if got := SecondsUntilExpiry(c.notAfter, now); got != c.want {
+			t.Errorf("SecondsUntilExpiry(%s): want = %v, got = %v", c.notAfter, c.want, got)
+		}
+	}
+}

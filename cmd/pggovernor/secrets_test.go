@@ -559,3 +559,20 @@ func TestDoctorUpstreamTLS(t *testing.T) {
 		t.Fatalf("doctor with a problem: want = exit code 1, got = %v", err)
 	}
 }
+
+// TestDoctorPasswordFileProblems: doctor names a missing or empty password
+// file as a problem, as the start refuses it.
+func TestDoctorPasswordFileProblems(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct{ name, path, want string }{
+		{"missing", filepath.Join(dir, "none"), "does not exist"},
+		{"empty", writeFile(t, dir, "empty", []byte("\n")), "is empty"},
+	} {
+		var out, errOut bytes.Buffer
+		err := execute(context.Background(), []string{"doctor", "--upstream-url=" + shared.URL("app", "", "appdb"),
+			"--upstream.password-file=" + c.path, "--clients.users-file=" + usersFile(t)}, nil, &out, &errOut)
+		if err == nil || !strings.Contains(out.String(), "PROBLEM: upstream.password_file "+c.path) || !strings.Contains(out.String(), c.want) {
+			t.Fatalf("%s password file: want = a PROBLEM line saying %q, got = %v:\n%s", c.name, c.want, err, out.String())
+		}
+	}
+}
