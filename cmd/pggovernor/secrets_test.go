@@ -484,7 +484,10 @@ func TestUsersFileReloadsOnChange(t *testing.T) {
 // further attempts from it are refused at once with 08004 and a message
 // saying why; clients from other addresses are not affected.
 func TestFailedLoginThrottle(t *testing.T) {
-	g := startGov(t, nil, func(c *config.Config) { c.Budget.Max = 2 })
+	// The clock stands still: the throttled address stays throttled however
+	// slowly the test runs.
+	clock := &clockSource{now: time.Now()}
+	g := startGov(t, nil, func(c *config.Config) { c.Budget.Max = 2 }, withClock(clock))
 	stopHealthy := healthyLoad(t, g) // from 127.0.0.1
 	ctx := context.Background()
 	from := func(ip, password string) error {
@@ -513,6 +516,10 @@ func TestFailedLoginThrottle(t *testing.T) {
 	stopHealthy()
 	if st := g.g.securityStats().Throttle; st.Throttled != 1 {
 		t.Fatalf("throttled addresses: want = 1, got = %+v", st)
+	}
+	clock.Advance(auth.DefaultFirstDelay)
+	if err := from("127.0.0.3", userPass); err != nil {
+		t.Fatalf("after the wait: want = logged in, got = %v", err)
 	}
 }
 
