@@ -1,6 +1,12 @@
 // Package pgtest starts ephemeral, real PostgreSQL clusters for tests and for
 // `make run`: initdb into a temporary directory, a postgres process owned by
-// the caller, and helpers to connect, run SQL and inject faults.
+// the caller, and helpers to connect, run SQL and inject faults. For the TLS
+// tests it makes CAs and certificates (crypto/x509, nothing committed),
+// starts clusters with ssl = on (Options.TLS), lays out files the way the
+// kubelet mounts secrets (SecretMount), and provides the one scripted
+// upstream a real Postgres cannot replace: an RDS-like server that takes an
+// IAM token as a cleartext password over TLS (CleartextBackend), with
+// VerifyIAMToken to check the token's SigV4 signature.
 //
 // When the process runs as root (CI), initdb refuses to run, so the cluster
 // is created and run as the "postgres" user instead.
