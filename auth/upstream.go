@@ -9,6 +9,8 @@ import (
 	"sync"
 
 	"go.uber.org/zap"
+
+	"github.com/pggovernor/pggovernor/internal/filestamp"
 )
 
 // PasswordSource supplies the password for a new upstream connection. It
@@ -24,28 +26,36 @@ type StaticPassword string
 // Password returns the fixed password.
 func (p StaticPassword) Password(context.Context) (string, error) { return string(p), nil }
 
-// PasswordFile reads the password from a file for every new connection:
-// Kubernetes updates a mounted secret by swapping a ..data symlink, and
-// reading the path again follows the swap. Surrounding whitespace is
-// trimmed, with one warning naming the file.
+// PasswordFile supplies the password held in a file (Coder's
+// DB_PASSWORD_PATH, a mounted Kubernetes secret). Each call checks the
+// file's stamp and reads it again when it changed: Kubernetes updates a
+// mounted secret by swapping the ..data symlink, which the stamp follows.
+// Surrounding whitespace is trimmed, with one warning naming the file. A
+// file that becomes unreadable or empty after the start is logged once and
+// the last password read is kept.
 type PasswordFile struct {
 	path   string
 	logger *zap.Logger
 	warn   sync.Once
+	r      *filestamp.Reloader[string]
 }
 
-// NewPasswordFile returns a source reading path, and checks it once now so
-// a missing, unreadable or empty file stops the start.
+// NewPasswordFile returns a source reading path. A missing, unreadable or
+// empty file is an error naming upstream.password_file.
 func NewPasswordFile(path string, logger *zap.Logger) (*PasswordFile, error) {
+	if logger == nil {
+		logger = zap.NewNop()
+	}
 	pf := &PasswordFile{path: path, logger: logger}
-	if _, err := pf.Password(context.Background()); err != nil {
+	r, err := filestamp.NewReloader(pf.load, path)
+	if err != nil {
 		return nil, err
 	}
+	pf.r = r
 	return pf, nil
 }
 
-// Password reads and trims the file.
-func (p *PasswordFile) Password(context.Context) (string, error) {
+func (p *PasswordFile) load() (string, error) {
 	pw, trimmed, err := ReadPasswordFile(p.path)
 	if err != nil {
 		return "", err
@@ -55,6 +65,18 @@ func (p *PasswordFile) Password(context.Context) (string, error) {
 			p.logger.Warn("upstream password file has surrounding whitespace or a trailing newline; it was trimmed (write the file without it, e.g. printf '%s' \"$PASSWORD\" > file)",
 				zap.String("file", p.path))
 		})
+	}
+	return pw, nil
+}
+
+// Password returns the file's password, read again if the file changed.
+func (p *PasswordFile) Password(context.Context) (string, error) {
+	pw, reloaded, err := p.r.Get()
+	switch {
+	case err != nil:
+		p.logger.Error("the upstream password file cannot be used; new server connections keep the last password read", zap.Error(err))
+	case reloaded:
+		p.logger.Info("upstream password file changed; new server connections use the new password", zap.String("file", p.path))
 	}
 	return pw, nil
 }

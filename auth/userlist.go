@@ -1,9 +1,17 @@
-// Package auth verifies clients (SCRAM-SHA-256, md5, trust, against a users
-// file in PgBouncer's userlist.txt format) and supplies upstream credentials
-// (a static password, a password file re-read for each connection).
+// Package auth verifies clients and supplies upstream credentials.
 //
-// Nothing in this package logs or returns a password, a verifier or SCRAM
-// state: errors name the user and the method, never the secret.
+// Client side: SCRAM-SHA-256 (and SCRAM-SHA-256-PLUS over TLS), md5 and
+// trust against a users file in PgBouncer's userlist.txt format, which is
+// read again when it changes; cert (the client certificate's CN is the
+// user); failed-login throttling per source address.
+//
+// Upstream side: a static password, a password file read again when it
+// changes (following a Kubernetes ..data symlink swap), RDS IAM tokens
+// minted with aws-sdk-go-v2 and cached.
+//
+// Nothing in this package logs or returns a password, a verifier, a token
+// or SCRAM state: errors name the user, the method and the cause, never the
+// secret.
 package auth
 
 import (

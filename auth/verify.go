@@ -7,19 +7,27 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"sync/atomic"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/xdg-go/scram"
+	"go.uber.org/zap"
+
+	"github.com/pggovernor/pggovernor/internal/filestamp"
 )
 
 // ErrAuthFailed is returned (wrapped) when a client's credentials do not
 // match, whatever the reason: a wrong password and an unknown user look the
 // same to the client.
 var ErrAuthFailed = errors.New("password authentication failed")
+
+// ErrCertAuthFailed is returned (wrapped) when the cert method refuses a
+// client: no verified client certificate, or its CN is not the user name.
+var ErrCertAuthFailed = errors.New("certificate authentication failed")
 
 // ProtocolError is returned when a client breaks the authentication
 // exchange (wrong message type, malformed SASL message).
@@ -36,81 +44,159 @@ type Conn interface {
 	ReceivePassword(ctx context.Context) ([]byte, error)
 }
 
-// Users holds the current users file and swaps it atomically on reload.
-type Users struct {
-	path string
-	list atomic.Pointer[UserList]
+// Login is what the verifier knows of a client that asks to log in.
+type Login struct {
+	// User is the user name of the StartupMessage.
+	User string
+	// Addr is the client's IP address, "" for a Unix socket. Failed logins
+	// are throttled per address.
+	Addr string
+	// TLS is the client connection's TLS state, nil in plaintext.
+	TLS *tls.ConnectionState
+	// ServerCert is the certificate pggovernor presented in that TLS
+	// handshake: SCRAM-SHA-256-PLUS binds to it (tls-server-end-point).
+	ServerCert *x509.Certificate
 }
 
+// Users holds the current users file. It is read again, on use, when the
+// file changed (a write in place or a Kubernetes ..data symlink swap), and
+// on Reload (SIGHUP); a file that fails to parse is logged once and the
+// previous list stays.
+type Users struct {
+	path   string
+	logger *zap.Logger
+	r      *filestamp.Reloader[*UserList]
+}
+
+// UsersOption adjusts NewUsers.
+type UsersOption func(*Users)
+
+// WithUsersLogger sets where reloads of the users file are reported.
+func WithUsersLogger(l *zap.Logger) UsersOption { return func(u *Users) { u.logger = l } }
+
 // NewUsers loads a users file; an empty path yields an empty list.
-func NewUsers(path string) (*Users, error) {
-	u := &Users{path: path}
-	if err := u.Reload(); err != nil {
+func NewUsers(path string, opts ...UsersOption) (*Users, error) {
+	u := &Users{path: path, logger: zap.NewNop()}
+	for _, o := range opts {
+		o(u)
+	}
+	load := func() (*UserList, error) {
+		if path == "" {
+			return &UserList{users: map[string]*Secret{}}, nil
+		}
+		return LoadUserList(path)
+	}
+	r, err := filestamp.NewReloader(load, path)
+	if err != nil {
 		return nil, err
 	}
+	u.r = r
 	return u, nil
 }
 
 // Reload re-reads the users file. On error the previous list stays.
-func (u *Users) Reload() error {
-	if u.path == "" {
-		u.list.Store(&UserList{users: map[string]*Secret{}})
-		return nil
-	}
-	ul, err := LoadUserList(u.path)
-	if err != nil {
-		return err
-	}
-	u.list.Store(ul)
-	return nil
-}
+func (u *Users) Reload() error { return u.r.Reload() }
 
 // Path is the users file's path.
 func (u *Users) Path() string { return u.path }
 
-// Current returns the list in force.
-func (u *Users) Current() *UserList { return u.list.Load() }
-
-// Verifier authenticates clients with one method.
-type Verifier struct {
-	method  string
-	users   *Users
-	mockKey []byte
+// Current returns the list in force, read again first if the file changed.
+func (u *Users) Current() *UserList {
+	ul, reloaded, err := u.r.Get()
+	switch {
+	case err != nil:
+		u.logger.Error("the users file changed but cannot be used; keeping the previous one (fix clients.users_file)", zap.Error(err))
+	case reloaded:
+		u.logger.Info("users file changed and was reloaded", zap.String("file", u.path), zap.Int("users", ul.Len()))
+	}
+	return ul
 }
 
-// NewVerifier returns a verifier for method (scram-sha-256, md5 or trust).
-func NewVerifier(method string, users *Users) *Verifier {
-	return &Verifier{method: method, users: users, mockKey: randomBytes(32)}
+// Verifier authenticates clients with one method. Its methods are safe for
+// concurrent use.
+type Verifier struct {
+	method   string
+	users    *Users
+	throttle *Throttle
+	mockKey  []byte
+}
+
+// VerifierOption adjusts NewVerifier.
+type VerifierOption func(*Verifier)
+
+// WithThrottle slows down repeated failed logins from one address.
+func WithThrottle(t *Throttle) VerifierOption { return func(v *Verifier) { v.throttle = t } }
+
+// NewVerifier returns a verifier for method (scram-sha-256, md5, cert or
+// trust).
+func NewVerifier(method string, users *Users, opts ...VerifierOption) *Verifier {
+	v := &Verifier{method: method, users: users, mockKey: randomBytes(32)}
+	for _, o := range opts {
+		o(v)
+	}
+	return v
 }
 
 // Result is what a successful login established.
 type Result struct {
 	// User is the authenticated user name.
 	User string
-	// Secret is the user's users-file entry (nil for trust without one),
-	// used to authenticate upstream in the multi-role model.
+	// Secret is the user's users-file entry (nil when it has none), used
+	// to authenticate upstream in the multi-role model.
 	Secret *Secret
+	// ChannelBinding reports that the client logged in with
+	// SCRAM-SHA-256-PLUS.
+	ChannelBinding bool
 }
 
-// Authenticate runs the method's exchange for user and returns nil once the
-// client has proved who it is, having sent nothing final: the caller sends
-// AuthenticationOk. Failures wrap ErrAuthFailed or are a *ProtocolError.
-func (v *Verifier) Authenticate(ctx context.Context, c Conn, user string) (Result, error) {
+// Authenticate runs the method's exchange for the login and returns nil
+// once the client has proved who it is, having sent nothing final: the
+// caller sends AuthenticationOk. Failures wrap ErrAuthFailed or
+// ErrCertAuthFailed, or are a *ProtocolError, or a *ThrottledError when the
+// client's address has failed too often to try now.
+func (v *Verifier) Authenticate(ctx context.Context, c Conn, login Login) (Result, error) {
+	end, err := v.throttle.Begin(login.Addr)
+	if err != nil {
+		return Result{}, err
+	}
+	res, err := v.authenticate(ctx, c, login)
+	end(errors.Is(err, ErrAuthFailed) || errors.Is(err, ErrCertAuthFailed))
+	return res, err
+}
+
+func (v *Verifier) authenticate(ctx context.Context, c Conn, login Login) (Result, error) {
+	user := login.User
 	secret, known := v.users.Current().Lookup(user)
 	switch v.method {
 	case "trust":
 		return Result{User: user, Secret: secret}, nil
+	case "cert":
+		return v.cert(login, secret)
 	case "md5":
 		if known && secret.SCRAM != nil {
 			// As PgBouncer does: a SCRAM verifier cannot check an md5
 			// response, so such users log in with SCRAM instead.
-			return v.scram(ctx, c, user, secret, known)
+			return v.scram(ctx, c, login, secret, known)
 		}
 		return v.md5(ctx, c, user, secret, known)
 	case "scram-sha-256":
-		return v.scram(ctx, c, user, secret, known)
+		return v.scram(ctx, c, login, secret, known)
 	}
 	return Result{}, fmt.Errorf("client authentication method %q is not supported", v.method)
+}
+
+// cert is Postgres' cert method: the client presented a certificate that
+// the TLS handshake verified against clients.tls.client_ca_file, and its
+// Common Name is the user name.
+func (v *Verifier) cert(login Login, secret *Secret) (Result, error) {
+	if login.TLS == nil || len(login.TLS.VerifiedChains) == 0 || len(login.TLS.PeerCertificates) == 0 {
+		return Result{}, fmt.Errorf("%w for user %q: the connection has no verified client certificate", ErrCertAuthFailed, login.User)
+	}
+	cn := login.TLS.PeerCertificates[0].Subject.CommonName
+	if subtle.ConstantTimeCompare([]byte(cn), []byte(login.User)) != 1 {
+		return Result{}, fmt.Errorf("%w for user %q: the client certificate's CN is %q", ErrCertAuthFailed, login.User, cn)
+	}
+	return Result{User: login.User, Secret: secret}, nil
 }
 
 func (v *Verifier) md5(ctx context.Context, c Conn, user string, secret *Secret, known bool) (Result, error) {
@@ -156,7 +242,32 @@ func (v *Verifier) mockCredentials(user string) scram.StoredCredentials {
 	}
 }
 
-func (v *Verifier) scram(ctx context.Context, c Conn, user string, secret *Secret, known bool) (Result, error) {
+// SASL mechanism names (RFC 7677, RFC 5802 §4).
+const (
+	mechSCRAM     = "SCRAM-SHA-256"
+	mechSCRAMPlus = "SCRAM-SHA-256-PLUS"
+)
+
+// channelBinding returns the tls-server-end-point binding of the
+// certificate pggovernor presented, as Postgres binds (RFC 5929: the hash
+// of the certificate with the hash of its signature algorithm, SHA-256 for
+// MD5 and SHA-1). ok is false in plaintext or when the certificate's
+// algorithm has no defined binding; SCRAM-SHA-256-PLUS is not offered then.
+func channelBinding(login Login) (scram.ChannelBinding, bool) {
+	if login.TLS == nil || login.ServerCert == nil {
+		return scram.ChannelBinding{}, false
+	}
+	// The library hashes the first "peer" certificate; seen from the
+	// client, that is the server's own certificate.
+	cb, err := scram.NewTLSServerEndpointBinding(&tls.ConnectionState{PeerCertificates: []*x509.Certificate{login.ServerCert}})
+	if err != nil {
+		return scram.ChannelBinding{}, false
+	}
+	return cb, true
+}
+
+func (v *Verifier) scram(ctx context.Context, c Conn, login Login, secret *Secret, known bool) (Result, error) {
+	user := login.User
 	creds, ok := scram.StoredCredentials{}, false
 	if known {
 		creds, ok = secret.scramCredentials()
@@ -171,8 +282,15 @@ func (v *Verifier) scram(ctx context.Context, c Conn, user string, secret *Secre
 	if err != nil {
 		return Result{}, err
 	}
+	mechanisms := []string{mechSCRAM}
 	conv := server.NewConversation()
-	if err := c.Send(&pgproto3.AuthenticationSASL{AuthMechanisms: []string{"SCRAM-SHA-256"}}); err != nil {
+	cb, plus := channelBinding(login)
+	if plus {
+		// As Postgres: over TLS, -PLUS first.
+		mechanisms = []string{mechSCRAMPlus, mechSCRAM}
+		conv = server.NewConversationWithChannelBinding(cb)
+	}
+	if err := c.Send(&pgproto3.AuthenticationSASL{AuthMechanisms: mechanisms}); err != nil {
 		return Result{}, err
 	}
 	body, err := c.ReceivePassword(ctx)
@@ -183,8 +301,22 @@ func (v *Verifier) scram(ctx context.Context, c Conn, user string, secret *Secre
 	if err := initial.Decode(body); err != nil {
 		return Result{}, &ProtocolError{Msg: "malformed SASLInitialResponse"}
 	}
-	if initial.AuthMechanism != "SCRAM-SHA-256" {
+	switch {
+	case initial.AuthMechanism == mechSCRAMPlus && !plus:
+		return Result{}, &ProtocolError{Msg: "client selected SCRAM-SHA-256-PLUS, which is offered only over TLS"}
+	case initial.AuthMechanism != mechSCRAM && initial.AuthMechanism != mechSCRAMPlus:
 		return Result{}, &ProtocolError{Msg: fmt.Sprintf("client selected an invalid SASL authentication mechanism %q", initial.AuthMechanism)}
+	}
+	// The GS2 header's first letter says whether the client binds to the
+	// channel ("p=…"); it must agree with the mechanism, as Postgres checks.
+	bound := len(initial.Data) > 0 && initial.Data[0] == 'p'
+	switch {
+	case initial.AuthMechanism == mechSCRAMPlus && !bound:
+		return Result{}, &ProtocolError{Msg: "malformed SCRAM message: the client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include channel binding data"}
+	case initial.AuthMechanism == mechSCRAM && bound:
+		return Result{}, &ProtocolError{Msg: "malformed SCRAM message: the client selected SCRAM-SHA-256 without channel binding, but the SCRAM message includes channel binding data"}
+	case plus && len(initial.Data) > 0 && initial.Data[0] == 'y':
+		return Result{}, &ProtocolError{Msg: "SCRAM channel binding negotiation error: the client supports SCRAM channel binding but thinks the server does not; this server does support channel binding"}
 	}
 	serverFirst, err := conv.Step(string(initial.Data))
 	if err != nil {
@@ -208,7 +340,7 @@ func (v *Verifier) scram(ctx context.Context, c Conn, user string, secret *Secre
 	if err := c.Send(&pgproto3.AuthenticationSASLFinal{Data: []byte(serverFinal)}); err != nil {
 		return Result{}, err
 	}
-	return Result{User: user, Secret: secret}, nil
+	return Result{User: user, Secret: secret, ChannelBinding: bound}, nil
 }
 
 func randomBytes(n int) []byte {

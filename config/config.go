@@ -79,16 +79,21 @@ type Upstream struct {
 	// not in the URL or a file. Prefer PasswordFile.
 	Password string `yaml:"password" secret:"true"`
 	// PasswordFile is a file holding the upstream password (Coder's
-	// DB_PASSWORD_PATH). It is re-read for each new server connection, so a
-	// rotated secret is used without a restart. Surrounding whitespace is
-	// trimmed, with a warning.
+	// DB_PASSWORD_PATH, a mounted secret). It is checked for each new server
+	// connection and read again when it changed, also when Kubernetes swaps
+	// the secret's ..data symlink, so a rotated secret is used without a
+	// restart. Surrounding whitespace is trimmed, with a one-time warning.
+	// Missing, unreadable or empty stops the start; later, the last password
+	// read is kept and the problem logged.
 	PasswordFile string `yaml:"password_file"`
 	// Connector selects how upstream credentials are obtained: "password"
-	// (URL, Password or PasswordFile) or "awsiamrds" (an RDS IAM token minted
-	// for each new connection).
+	// (URL, Password or PasswordFile) or "awsiamrds" (an RDS IAM token from
+	// the AWS default credential chain, cached and renewed every 10 minutes;
+	// needs a user in the URL and ssl.mode require or stronger).
 	Connector string `yaml:"connector" enum:"password,awsiamrds"`
-	// AWSRegion is the AWS region used to sign RDS IAM tokens; empty uses
-	// the AWS SDK's default (AWS_REGION, shared config).
+	// AWSRegion is the AWS region of the database, used to sign RDS IAM
+	// tokens; empty uses the AWS SDK's default (AWS_REGION, the shared
+	// config). awsiamrds does not start without one.
 	AWSRegion string `yaml:"aws_region"`
 	// SSL configures TLS to the upstream server. Fields left empty keep what
 	// the URL says.
@@ -101,12 +106,16 @@ type UpstreamSSL struct {
 	// default is prefer).
 	Mode string `yaml:"mode" enum:",disable,allow,prefer,require,verify-ca,verify-full"`
 	// RootCertFile is a PEM file of CA certificates trusted to sign the
-	// server's certificate (libpq's sslrootcert).
+	// server's certificate (libpq's sslrootcert). Like CertFile and KeyFile
+	// it is read again, for new server connections, when it changes.
 	RootCertFile string `yaml:"root_cert_file"`
-	// CertFile is the PEM client certificate presented to the server (mTLS).
+	// CertFile is the PEM client certificate presented to the server (mTLS);
+	// a rotated one is used by new server connections, established ones
+	// keep theirs.
 	CertFile string `yaml:"cert_file"`
-	// KeyFile is the PEM private key of CertFile; it must not be readable by
-	// group or others, as libpq requires.
+	// KeyFile is the PEM private key of CertFile; as libpq requires, it must
+	// not be readable by group or others (0600; 0640 is accepted for a file
+	// owned by root when pggovernor does not run as root).
 	KeyFile string `yaml:"key_file"`
 	// ServerName overrides the host name checked against the server's
 	// certificate in verify-full mode and sent as SNI.
@@ -155,13 +164,18 @@ type Clients struct {
 	// MaxConnections is the number of client connections accepted at once;
 	// beyond it a client gets SQLSTATE 53300.
 	MaxConnections int `yaml:"max_connections" min:"1"`
-	// Auth is how clients prove who they are: scram-sha-256, md5, cert or
+	// Auth is how clients prove who they are: scram-sha-256 (with
+	// SCRAM-SHA-256-PLUS offered over TLS), md5, cert (the client
+	// certificate's CN is the user name; needs tls.mode verify-client) or
 	// trust. trust is refused on non-loopback listeners unless
 	// AllowTrustRemote is set.
 	Auth string `yaml:"auth" enum:"scram-sha-256,md5,cert,trust"`
 	// UsersFile is a file in PgBouncer's userlist.txt format: one
 	// "user" "password" pair per line, the password in plaintext, md5 or
-	// SCRAM-SHA-256 verifier form. It is re-read on SIGHUP.
+	// SCRAM-SHA-256 verifier form. It is read again when it changes
+	// (checked at each login, a Kubernetes ..data swap included) and on
+	// SIGHUP; a version that does not parse is logged and the previous one
+	// kept.
 	UsersFile string `yaml:"users_file"`
 	// AllowTrustRemote permits Auth trust on a listener that is not
 	// loopback. Anyone who can reach the port then logs in as anyone.
@@ -175,14 +189,20 @@ type Clients struct {
 
 // ClientTLS configures TLS termination for clients.
 type ClientTLS struct {
-	// Mode is disable, allow (TLS offered), require (plaintext refused) or
-	// verify-client (TLS with a client certificate signed by ClientCAFile).
+	// Mode is disable, allow (TLS offered), require (TCP clients without
+	// TLS refused) or verify-client (TLS with a client certificate signed by
+	// ClientCAFile). Clients on the Unix socket never need TLS.
 	Mode string `yaml:"mode" enum:"disable,allow,require,verify-client"`
-	// CertFile is the PEM server certificate presented to clients.
+	// CertFile is the PEM server certificate (chain) presented to clients;
+	// it is read again, with KeyFile, for new clients when either changes.
 	CertFile string `yaml:"cert_file"`
-	// KeyFile is the PEM private key of CertFile.
+	// KeyFile is the PEM private key of CertFile; it must not be readable by
+	// group or others (0600; 0640 is accepted for a file owned by root when
+	// pggovernor does not run as root).
 	KeyFile string `yaml:"key_file"`
-	// ClientCAFile is a PEM file of CAs trusted to sign client certificates.
+	// ClientCAFile is a PEM file of CAs trusted to sign client
+	// certificates. In allow and require modes a certificate a client offers
+	// is checked against it; verify-client requires one.
 	ClientCAFile string `yaml:"client_ca_file"`
 }
 

@@ -340,8 +340,14 @@ func (p *Pool) waitError(start time.Time, cause error) error {
 }
 
 // retryable says whether a connect error may go away by itself: the server
-// is full, starting, unreachable for now.
+// is full, starting, unreachable for now; or the error says so itself with
+// a Retryable method (a credential source that may recover, such as RDS IAM
+// token minting).
 func retryable(err error) bool {
+	var self interface{ Retryable() bool }
+	if errors.As(err, &self) {
+		return self.Retryable()
+	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		switch pgErr.Code {

@@ -1,8 +1,10 @@
 package proxy
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -27,6 +29,10 @@ const (
 	codeFeatureNotSupported = "0A000"
 	codeInternalError       = "XX000"
 )
+
+// msgCertAuthFailed is completed with the user name when sent, as
+// Postgres words it.
+const msgCertAuthFailed = "certificate authentication failed"
 
 // clientError is an error with what the client is told: a SQLSTATE, a
 // message safe to show, and a hint naming the setting to change. Its cause,
@@ -78,6 +84,9 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 			e.message = fmt.Sprintf("no server connection available within timeouts.query_wait (%s): connecting to the server failed", waitTimeout)
 			e.detail = safeUpstreamDetail(waitErr.Cause)
 			e.hint = "Check that the server is up and reachable from pggovernor (pggovernor doctor)."
+			if h := credentialsHint(waitErr.Cause, e.detail); h != "" {
+				e.hint = h
+			}
 		default:
 			e.message = fmt.Sprintf("no server connection available within timeouts.query_wait (%s): all %d server connections of the budget are in use", waitTimeout, waitErr.Limit)
 			e.hint = "Raise budget.max (or the server's max_connections, from which the budget is derived), raise timeouts.query_wait, or shorten transactions."
@@ -94,12 +103,28 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 			// The client proved who it is; the server refused the
 			// governor's own credentials.
 			e.message = "the server refused pggovernor's credentials: " + pgErr.Message
-			e.hint = "Check upstream.password_file (or upstream.password, the URL, or the users file in the multi-role model)."
+			e.hint = "Check upstream.password_file (or upstream.password, the URL, or the users file in the multi-role model); " +
+				"upstream.ssl.cert_file and upstream.ssl.key_file when the server requires a client certificate; " +
+				"the IAM policy (rds-db:connect) and upstream.aws_region with upstream.connector awsiamrds."
 		}
 		return e
 	}
+	var mintErr *auth.MintError
+	if errors.As(err, &mintErr) {
+		return &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not obtain upstream credentials",
+			detail: mintErr.Error(), hint: credentialsHint(err, ""), cause: err}
+	}
 	if errors.Is(err, auth.ErrAuthFailed) {
 		return &clientError{fatal: true, code: codeInvalidPassword, cause: err}
+	}
+	if errors.Is(err, auth.ErrCertAuthFailed) {
+		return &clientError{fatal: true, code: codeInvalidAuthSpec, message: msgCertAuthFailed, cause: err}
+	}
+	var throttled *auth.ThrottledError
+	if errors.As(err, &throttled) {
+		return &clientError{fatal: true, code: codeConnectionRejected, message: throttled.Error(), cause: err,
+			hint: fmt.Sprintf("Check the client's credentials. After %d failed logins in a row from one address, each further attempt waits, %s doubling up to %s; a successful login clears the address.",
+				auth.DefaultFreeFailures, auth.DefaultFirstDelay, auth.DefaultMaxDelay)}
 	}
 	var pe *auth.ProtocolError
 	if errors.As(err, &pe) {
@@ -117,7 +142,24 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 		}
 		return e
 	}
-	return &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not serve the request", detail: safeUpstreamDetail(err), cause: err}
+	e := &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not serve the request", detail: safeUpstreamDetail(err), cause: err}
+	e.hint = credentialsHint(err, e.detail)
+	return e
+}
+
+// credentialsHint names the settings behind an upstream connect failure
+// that is about TLS or RDS IAM tokens, "" for others.
+func credentialsHint(err error, detail string) string {
+	var mintErr *auth.MintError
+	if errors.As(err, &mintErr) {
+		return "pggovernor could not mint an RDS IAM token: give it AWS credentials (environment, shared files, EKS IRSA or an instance role) and upstream.aws_region; its log names the cause."
+	}
+	// pgconn does not always wrap the TLS error (verify-ca's own check).
+	var certErr *tls.CertificateVerificationError
+	if errors.As(err, &certErr) || strings.Contains(detail, "tls error") || strings.Contains(detail, "x509: ") {
+		return "Check upstream.ssl.mode, upstream.ssl.root_cert_file and upstream.ssl.server_name (pggovernor doctor shows the TLS state)."
+	}
+	return ""
 }
 
 // safeUpstreamDetail describes a connect error without the connection
@@ -141,8 +183,11 @@ func appendError(dst []byte, e *clientError, user string) []byte {
 		sev = "FATAL"
 	}
 	msg := e.message
-	if msg == "" && e.code == codeInvalidPassword {
+	switch {
+	case msg == "" && e.code == codeInvalidPassword:
 		msg = fmt.Sprintf("password authentication failed for user %q", user)
+	case msg == msgCertAuthFailed:
+		msg = fmt.Sprintf("%s for user %q", msgCertAuthFailed, user) // Postgres' words
 	}
 	out, err := (&pgproto3.ErrorResponse{
 		Severity:            sev,

@@ -25,6 +25,7 @@ import (
 	"github.com/pggovernor/pggovernor/auth"
 	"github.com/pggovernor/pggovernor/config"
 	"github.com/pggovernor/pggovernor/pool"
+	"github.com/pggovernor/pggovernor/tlsconf"
 )
 
 // Options configure a Server.
@@ -36,6 +37,9 @@ type Options struct {
 	Pool *pool.Pool
 	// Verifier authenticates clients.
 	Verifier *auth.Verifier
+	// TLS terminates TLS for clients that ask for it (clients.tls); nil
+	// answers every SSLRequest 'N'.
+	TLS *tlsconf.Server
 	// UpstreamUser, when set (sidecar model), is the upstream user every
 	// client is served as; empty (multi-role model) sends each client's
 	// own user upstream.

@@ -85,6 +85,7 @@ var errCancelRequest = errors.New("cancel request handled")
 // caller reports it.
 func (sess *session) startup(ctx context.Context, clients int64) error {
 	s := sess.srv
+	var ct *clientTLS // set once TLS is established
 	for {
 		body, err := sess.rd.ReadStartup()
 		if err != nil {
@@ -93,11 +94,20 @@ func (sess *session) startup(ctx context.Context, clients int64) error {
 		code := binary.BigEndian.Uint32(body)
 		switch {
 		case code == sslRequestCode && len(body) == 4:
-			// TLS termination is not configured: refuse, as Postgres does
-			// without ssl = on, and read the next packet in plaintext.
 			if sess.rd.Buffered() > 0 {
 				return fatalf(codeProtocolViolation, "received unencrypted data after SSL request")
 			}
+			if ct != nil {
+				return fatalf(codeProtocolViolation, "SSL request received on a connection that is already encrypted")
+			}
+			if s.opts.TLS != nil {
+				if ct, err = sess.startTLS(ctx); err != nil {
+					return err
+				}
+				continue
+			}
+			// TLS termination is not configured: refuse, as Postgres does
+			// without ssl = on, and read the next packet in plaintext.
 			if _, err := sess.conn.Write([]byte{'N'}); err != nil {
 				return err
 			}
@@ -112,7 +122,7 @@ func (sess *session) startup(ctx context.Context, clients int64) error {
 			s.handleCancel(binary.BigEndian.Uint32(body[4:]), binary.BigEndian.Uint32(body[8:]))
 			return errCancelRequest
 		case code>>16 == protocolMajor3:
-			return sess.login(ctx, body, clients)
+			return sess.login(ctx, body, clients, ct)
 		default:
 			return fatalf(codeFeatureNotSupported, "unsupported frontend protocol %d.%d: server supports 3.0", code>>16, code&0xffff)
 		}
@@ -142,8 +152,9 @@ func (s *Server) handleCancel(pid, secret uint32) {
 	sess.log.Debug("cancel request forwarded", zap.Uint32("backend_pid", srv.PID()))
 }
 
-// login handles a StartupMessage: checks, authentication, welcome.
-func (sess *session) login(ctx context.Context, body []byte, clients int64) error {
+// login handles a StartupMessage: checks, authentication, welcome. ct is
+// the TLS the client established, nil in plaintext.
+func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *clientTLS) error {
 	s := sess.srv
 	var sm pgproto3.StartupMessage
 	minor := binary.BigEndian.Uint32(body) & 0xffff
@@ -163,6 +174,12 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64) erro
 		sess.database = sess.user
 	}
 	sess.log = sess.log.With(zap.String("db", sess.database), zap.String("user", sess.user))
+	// A Unix socket is local and libpq never asks for TLS on one (as
+	// Postgres' "local" hba lines): only TCP clients must use TLS.
+	if ct == nil && s.opts.TLS != nil && s.opts.TLS.Required() && clientIP(sess.conn) != "" {
+		return fatalf(codeInvalidAuthSpec, "connection without TLS refused for user %q, database %q: pggovernor requires TLS (clients.tls.mode is %s)", sess.user, sess.database, s.opts.TLS.Mode()).
+			withHint("Connect with sslmode=require, verify-ca or verify-full, or set clients.tls.mode to allow to accept clients without TLS.")
+	}
 	if r := sm.Parameters["replication"]; r != "" && r != "false" && r != "off" && r != "no" && r != "0" {
 		return fatalf(codeFeatureNotSupported, "replication connections are not supported through pggovernor").
 			withHint("Connect replication clients to the server directly.")
@@ -189,7 +206,11 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64) erro
 	}
 	sess.settings = params
 
-	res, err := s.opts.Verifier.Authenticate(ctx, (*authConn)(sess), sess.user)
+	login := auth.Login{User: sess.user, Addr: clientIP(sess.conn)}
+	if ct != nil {
+		login.TLS, login.ServerCert = &ct.state, ct.leaf
+	}
+	res, err := s.opts.Verifier.Authenticate(ctx, (*authConn)(sess), login)
 	if err != nil {
 		return err
 	}
@@ -203,6 +224,9 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64) erro
 	}
 	sess.key = s.newCancelKey(sess)
 	if err := sess.welcome(ctx); err != nil {
+		// Not served after all: forget the session and its cancel key, or
+		// a drain would wait for it and the maps would keep it.
+		s.unregister(sess)
 		return err
 	}
 	return nil
@@ -364,6 +388,12 @@ func (sess *session) loginFailed(err error) {
 		sess.log.Debug("client left during login", zap.Error(err))
 		return
 	}
+	var hsErr *handshakeError
+	if errors.As(err, &hsErr) {
+		// Nothing can reach the client: it expects TLS records.
+		sess.log.Info("login failed", zap.Error(err))
+		return
+	}
 	var ce *clientError
 	switch {
 	case errors.Is(err, os.ErrDeadlineExceeded):
@@ -374,7 +404,8 @@ func (sess *session) loginFailed(err error) {
 	}
 	ce.fatal = true
 	level := zap.InfoLevel
-	if errors.Is(err, auth.ErrAuthFailed) {
+	var throttled *auth.ThrottledError
+	if errors.Is(err, auth.ErrAuthFailed) || errors.Is(err, auth.ErrCertAuthFailed) || errors.As(err, &throttled) {
 		level = zap.WarnLevel
 	}
 	sess.log.Log(level, "login failed", zap.String("sqlstate", ce.code), zap.Error(err))

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -18,6 +19,7 @@ import (
 	"github.com/pggovernor/pggovernor/config"
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/pool/budget"
+	"github.com/pggovernor/pggovernor/tlsconf"
 )
 
 // doctorCommand loads the same configuration as run, connects upstream and
@@ -44,6 +46,19 @@ type doctor struct {
 
 func (d *doctor) row(name string, value any) { fmt.Fprintf(d.out, "%-32s %v\n", name, value) }
 
+// certRow prints a certificate's end of validity and flags one that has
+// expired or expires within a week.
+func (d *doctor) certRow(name string, notAfter time.Time) {
+	left := time.Until(notAfter)
+	d.row(name, fmt.Sprintf("%s (%s left)", notAfter.UTC().Format(time.RFC3339), left.Round(time.Minute)))
+	switch {
+	case left <= 0:
+		d.problem("%s: the certificate has expired; renew it (pggovernor reloads the files when they change)", name)
+	case left < 7*24*time.Hour:
+		d.problem("%s: the certificate expires in less than a week; renew it (pggovernor reloads the files when they change)", name)
+	}
+}
+
 func (d *doctor) problem(format string, args ...any) {
 	d.problems++
 	fmt.Fprintf(d.out, "PROBLEM: "+format+"\n", args...)
@@ -67,7 +82,16 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 		d.problem("key clients.users_file: %v", err)
 		return
 	}
-	up, err := newUpstream(cfg, users, zap.NewNop())
+	if cfg.Clients.TLS.Mode != tlsconf.ModeDisable {
+		st, err := tlsconf.NewServer(tlsconf.ServerOptions{Mode: cfg.Clients.TLS.Mode, CertFile: cfg.Clients.TLS.CertFile,
+			KeyFile: cfg.Clients.TLS.KeyFile, ClientCAFile: cfg.Clients.TLS.ClientCAFile})
+		if err != nil {
+			d.problem("key %v", err)
+		} else {
+			d.certRow("clients.tls: certificate valid until", st.Stats().CertNotAfter)
+		}
+	}
+	up, err := newUpstream(ctx, cfg, users, zap.NewNop(), startDeps{clock: auth.SystemClock{}})
 	if err != nil {
 		d.problem("%v", err)
 		return
@@ -77,6 +101,13 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 		model = "sidecar (every client is served as " + up.sidecarUser + ")"
 	}
 	d.row("identity model", model)
+	d.row("upstream: sslmode", cfg.EffectiveSSLMode())
+	if na := up.tls.Stats().ClientCertNotAfter; !na.IsZero() {
+		d.certRow("upstream: client certificate valid until", na)
+	}
+	if up.iam != nil {
+		d.row("upstream: connector", "awsiamrds (an RDS IAM token for each new connection)")
+	}
 
 	connCfg, err := pgx.ParseConfig(up.connString)
 	if err != nil {
@@ -156,8 +187,14 @@ func (d *doctor) connectProblem(err error, up *upstream) {
 	switch {
 	case errors.As(err, &pgErr) && (pgErr.Code == "28P01" || pgErr.Code == "28000"):
 		what := "upstream.password_file, upstream.password or the URL's password"
-		if up.sidecarUser == "" {
+		switch {
+		case up.iam != nil:
+			what = "the IAM policy (rds-db:connect for this user), the database user's rds_iam role and upstream.aws_region"
+		case up.sidecarUser == "":
 			what = "the user's plaintext password in clients.users_file"
+		}
+		if strings.Contains(pgErr.Message, "certificate") || strings.Contains(pgErr.Message, "encryption") {
+			what += "; and upstream.ssl.mode, upstream.ssl.cert_file and upstream.ssl.key_file"
 		}
 		d.problem("authentication failed: %s (SQLSTATE %s); check %s", pgErr.Message, pgErr.Code, what)
 	case errors.As(err, &pgErr) && pgErr.Code == "3D000":

@@ -45,6 +45,9 @@ func runTests(m *testing.M) int {
 	}
 	defer c.Close()
 	shared = c
+	// The goroutines running now (the cluster's log reader) are not the
+	// tests'; IgnoreCurrent records them here, not at the check.
+	preexisting := goleak.IgnoreCurrent()
 	if err := c.CreateRole(ctx, "app", appPass, false); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -56,6 +59,7 @@ func runTests(m *testing.M) int {
 		}
 	}
 	code := m.Run()
+	runAtExit()
 	if code == 0 {
 		if leaked := secretsInLogs(); leaked != "" {
 			fmt.Fprintln(os.Stderr, "a secret reached the logs:", leaked)
@@ -63,7 +67,7 @@ func runTests(m *testing.M) int {
 		}
 	}
 	if code == 0 {
-		if err := goleak.Find(goleak.IgnoreCurrent()); err != nil {
+		if err := goleak.Find(preexisting); err != nil {
 			fmt.Fprintln(os.Stderr, "goroutine leak:", err)
 			return 1
 		}
@@ -95,8 +99,8 @@ func usersFile(t testing.TB, lines ...string) string {
 }
 
 // startGov starts a governor in front of cluster c (shared when nil), with
-// cfg adjusted by mutate.
-func startGov(t *testing.T, c *pgtest.Cluster, mutate func(*config.Config)) *gov {
+// cfg adjusted by mutate and the seams replaced by opts.
+func startGov(t *testing.T, c *pgtest.Cluster, mutate func(*config.Config), opts ...startOption) *gov {
 	t.Helper()
 	if c == nil {
 		c = shared
@@ -118,7 +122,7 @@ func startGov(t *testing.T, c *pgtest.Cluster, mutate func(*config.Config)) *gov
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
 	logger := zap.New(zapcore.NewTee(core, zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(&logSink{}), zapcore.DebugLevel)))
-	g, err := start(context.Background(), &cfg, logger)
+	g, err := start(context.Background(), &cfg, logger, opts...)
 	if err != nil {
 		t.Fatalf("starting the governor: %v", err)
 	}
@@ -171,10 +175,35 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 	}
 }
 
-// testSecrets are every password the tests use; none may appear in any log
-// line of any governor started by the tests.
+// testSecrets are every secret the tests use; none may appear in any log
+// line of any governor started by the tests. Besides the passwords: the AWS
+// secret key, what every RDS IAM token holds (its signature parameter), and
+// what every PEM private key holds.
 func testSecrets() []string {
-	return []string{appPass, userPass, "old-pass", "new-pass", "pw-a", "pw-b", "carolpass", "bobpass", "davepass", "coder-env-secret", "erinpass", "lifer-pw", "victim-pw", "loader-pw"}
+	return []string{appPass, userPass, "old-pass", "new-pass", "pw-a", "pw-b", "carolpass", "bobpass", "davepass", "coder-env-secret", "erinpass", "lifer-pw", "victim-pw", "loader-pw",
+		k8sOldPass, k8sNewPass, newbiePass, awsTestCreds.SecretAccessKey, "X-Amz-Signature", "PRIVATE KEY"}
+}
+
+var (
+	exitMu  sync.Mutex
+	atExits []func()
+)
+
+// atExit registers f to run once all tests have run (to stop a cluster
+// shared by some tests), before the leak check.
+func atExit(f func()) {
+	exitMu.Lock()
+	atExits = append(atExits, f)
+	exitMu.Unlock()
+}
+
+func runAtExit() {
+	exitMu.Lock()
+	defer exitMu.Unlock()
+	for i := len(atExits) - 1; i >= 0; i-- {
+		atExits[i]()
+	}
+	atExits = nil
 }
 
 // secretsInLogs returns the first log line holding a secret, "" if none.

@@ -13,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
@@ -24,6 +25,7 @@ import (
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/pool/budget"
 	"github.com/pggovernor/pggovernor/proxy"
+	"github.com/pggovernor/pggovernor/tlsconf"
 )
 
 // loadConfig parses flags for a subcommand and loads the configuration.
@@ -121,39 +123,81 @@ func runCommand(ctx context.Context, args, environ []string, stdout, stderr io.W
 
 // governor is one running instance: the pieces and their lifecycle.
 type governor struct {
-	cfg      *config.Config
-	logger   *zap.Logger
-	users    *auth.Users
-	pool     *pool.Pool
-	proxy    *proxy.Server
-	control  *pgxpool.Pool
-	up       *upstream
-	admin    *http.Server
-	adminLn  net.Listener
-	cancel   context.CancelFunc
-	bgDone   chan struct{}
-	serveErr chan error
+	cfg       *config.Config
+	logger    *zap.Logger
+	users     *auth.Users
+	pool      *pool.Pool
+	proxy     *proxy.Server
+	control   *pgxpool.Pool
+	up        *upstream
+	clientTLS *tlsconf.Server // nil with clients.tls.mode disable
+	throttle  *auth.Throttle
+	admin     *http.Server
+	adminLn   net.Listener
+	cancel    context.CancelFunc
+	bgDone    chan struct{}
+	serveErr  chan error
 }
+
+// startDeps are the seams tests replace: what a test cannot set through
+// the configuration.
+type startDeps struct {
+	// awsCredentials replaces the AWS default credential chain.
+	awsCredentials aws.CredentialsProvider
+	// clock drives the IAM token cache and the login throttle.
+	clock auth.Clock
+}
+
+// startOption adjusts startDeps.
+type startOption func(*startDeps)
+
+// withAWSCredentials signs RDS IAM tokens with p instead of the default
+// chain.
+func withAWSCredentials(p aws.CredentialsProvider) startOption {
+	return func(d *startDeps) { d.awsCredentials = p }
+}
+
+// withClock replaces the system clock.
+func withClock(c auth.Clock) startOption { return func(d *startDeps) { d.clock = c } }
 
 // start builds and starts every piece; on error, what was started is
 // stopped.
-func start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*governor, error) {
+func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...startOption) (*governor, error) {
 	if err := notYetImplemented(cfg); err != nil {
 		return nil, err
 	}
-	users, err := auth.NewUsers(cfg.Clients.UsersFile)
+	deps := startDeps{clock: auth.SystemClock{}}
+	for _, o := range opts {
+		o(&deps)
+	}
+	users, err := auth.NewUsers(cfg.Clients.UsersFile, auth.WithUsersLogger(logger.Named("users")))
 	if err != nil {
 		return nil, fmt.Errorf("key clients.users_file: %w", err)
 	}
-	up, err := newUpstream(cfg, users, logger)
+	up, err := newUpstream(ctx, cfg, users, logger, deps)
 	if err != nil {
 		return nil, err
 	}
+	var clientTLS *tlsconf.Server
+	if cfg.Clients.TLS.Mode != tlsconf.ModeDisable {
+		clientTLS, err = tlsconf.NewServer(tlsconf.ServerOptions{
+			Mode:         cfg.Clients.TLS.Mode,
+			CertFile:     cfg.Clients.TLS.CertFile,
+			KeyFile:      cfg.Clients.TLS.KeyFile,
+			ClientCAFile: cfg.Clients.TLS.ClientCAFile,
+			Logger:       logger.Named("tls"),
+		})
+		if err != nil {
+			return nil, fmt.Errorf("key %w", err)
+		}
+	}
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	g := &governor{cfg: cfg, logger: logger, users: users, up: up, cancel: cancel,
-		bgDone: make(chan struct{}), serveErr: make(chan error, 1)}
+	g := &governor{cfg: cfg, logger: logger, users: users, up: up, clientTLS: clientTLS, cancel: cancel,
+		throttle: auth.NewThrottle(auth.ThrottleOptions{Clock: deps.clock}),
+		bgDone:   make(chan struct{}), serveErr: make(chan error, 1)}
 	g.pool = pool.New(pool.Options{
-		Connector:        &pool.UpstreamConnector{Base: up.base, Password: up.password, Timeout: cfg.Timeouts.ServerConnect},
+		Connector: &pool.UpstreamConnector{Base: up.base, Password: up.password, Prepare: up.prepare,
+			Timeout: cfg.Timeouts.ServerConnect},
 		Logger:           logger.Named("pool"),
 		ServerIdle:       cfg.Timeouts.ServerIdle,
 		ServerLifetime:   cfg.Timeouts.ServerLifetime,
@@ -173,19 +217,23 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*govern
 		pcfg.MinConns = 0
 		pcfg.ConnConfig.Config = *up.base.Copy()
 		pcfg.ConnConfig.RuntimeParams["application_name"] = "pggovernor-control"
-		if up.password != nil {
-			pw := up.password
-			user := up.base.User
-			pcfg.BeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) error {
-				p, err := pw(ctx, pool.Route{Database: cc.Database, User: user})
-				if err != nil {
-					return err
-				}
-				if p != "" {
-					cc.Password = p
-				}
+		pw := up.password
+		user := up.base.User
+		pcfg.BeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) error {
+			if err := up.tls.Apply(&cc.Config); err != nil {
+				return err
+			}
+			if pw == nil {
 				return nil
 			}
+			p, err := pw(ctx, pool.Route{Database: cc.Database, User: user})
+			if err != nil {
+				return err
+			}
+			if p != "" {
+				cc.Password = p
+			}
+			return nil
 		}
 		g.control, err = pgxpool.NewWithConfig(bg, pcfg)
 		if err != nil {
@@ -208,7 +256,8 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger) (*govern
 	g.proxy = proxy.NewServer(proxy.Options{
 		Config:       cfg,
 		Pool:         g.pool,
-		Verifier:     auth.NewVerifier(cfg.Clients.Auth, users),
+		Verifier:     auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle)),
+		TLS:          clientTLS,
 		UpstreamUser: up.sidecarUser,
 		Logger:       logger.Named("proxy"),
 	})
@@ -284,6 +333,29 @@ func (g *governor) reload(level zap.AtomicLevel, load func() (config.Config, err
 	}
 }
 
+// securityStats are the numbers of the security pieces, kept for the
+// metrics endpoint: the certificates' remaining validity, reloads, IAM
+// token mint results, throttled addresses.
+type securityStats struct {
+	UpstreamTLS tlsconf.UpstreamStats
+	ClientTLS   *tlsconf.ServerStats // nil with clients.tls.mode disable
+	IAM         *auth.IAMStats       // nil unless upstream.connector is awsiamrds
+	Throttle    auth.ThrottleStats
+}
+
+func (g *governor) securityStats() securityStats {
+	st := securityStats{UpstreamTLS: g.up.tls.Stats(), Throttle: g.throttle.Stats()}
+	if g.clientTLS != nil {
+		s := g.clientTLS.Stats()
+		st.ClientTLS = &s
+	}
+	if g.up.iam != nil {
+		s := g.up.iam.Stats()
+		st.IAM = &s
+	}
+	return st
+}
+
 // stop shuts down in order: readiness off and listeners closed, clients
 // drained for up to drain, then server connections closed.
 func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
@@ -315,12 +387,6 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 // that no configuration silently does less than it says.
 func notYetImplemented(cfg *config.Config) error {
 	switch {
-	case cfg.Upstream.Connector == config.ConnectorAWSIAMRDS:
-		return errors.New("key upstream.connector: awsiamrds is not implemented in this version")
-	case cfg.Clients.TLS.Mode != "disable":
-		return errors.New("key clients.tls.mode: TLS termination is not implemented in this version; use disable")
-	case cfg.Clients.Auth == config.AuthCert:
-		return errors.New("key clients.auth: cert is not implemented in this version")
 	case cfg.Budget.Cluster.Enabled:
 		return errors.New("key budget.cluster.enabled: the cluster-wide budget is not implemented in this version")
 	}

@@ -4,18 +4,25 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
+	"os"
+	"strconv"
 	"strings"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+	awsconfig "github.com/aws/aws-sdk-go-v2/config"
 	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
 
 	"github.com/pggovernor/pggovernor/auth"
 	"github.com/pggovernor/pggovernor/config"
 	"github.com/pggovernor/pggovernor/pool"
+	"github.com/pggovernor/pggovernor/tlsconf"
 )
 
-// upstream is the parsed upstream: where, as whom, with which password.
+// upstream is the parsed upstream: where, as whom, with which password,
+// over which TLS.
 type upstream struct {
 	connString string
 	base       *pgconn.Config
@@ -25,7 +32,15 @@ type upstream struct {
 	password    pool.PasswordFunc
 	// passwordFile is set when the password comes from a file.
 	passwordFile *auth.PasswordFile
+	// tls gives each new connection the current TLS configuration,
+	// rebuilt when a certificate or key file changes.
+	tls *tlsconf.Upstream
+	// iam mints RDS IAM tokens (upstream.connector awsiamrds), else nil.
+	iam *auth.IAMTokenSource
 }
+
+// prepare is pool.UpstreamConnector.Prepare: the current TLS files.
+func (u *upstream) prepare(_ context.Context, cfg *pgconn.Config) error { return u.tls.Apply(cfg) }
 
 // connStringWithSSL returns the upstream URL or DSN with upstream.ssl.*
 // applied on top, so pgconn implements libpq's sslmode semantics.
@@ -67,28 +82,59 @@ func connStringWithSSL(c *config.Config) string {
 
 // newUpstream parses the upstream configuration. In the sidecar model the
 // password comes from upstream.password_file, upstream.password, the URL
-// or PGPASSWORD; in the multi-role model from the users file.
-func newUpstream(c *config.Config, users *auth.Users, logger *zap.Logger) (*upstream, error) {
+// or PGPASSWORD, or is an RDS IAM token; in the multi-role model from the
+// users file.
+func newUpstream(ctx context.Context, c *config.Config, users *auth.Users, logger *zap.Logger, deps startDeps) (*upstream, error) {
 	cs := connStringWithSSL(c)
-	base, err := pgconn.ParseConfig(cs)
-	if err != nil {
-		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, c.Upstream.URL))
-	}
-	if name := c.Upstream.SSL.ServerName; name != "" {
-		if base.TLSConfig != nil {
-			base.TLSConfig.ServerName = name
-		}
-		for _, fb := range base.Fallbacks {
-			if fb.TLSConfig != nil {
-				fb.TLSConfig.ServerName = name
+	topts := tlsconf.UpstreamOptions{ConnString: cs, ServerName: c.Upstream.SSL.ServerName, Logger: logger.Named("tls")}
+	if c.EffectiveSSLMode() != "disable" {
+		topts.RootCertFile, topts.CertFile, topts.KeyFile = upstreamTLSFiles(cs)
+		if topts.KeyFile != "" { // before pgconn reads it
+			if err := tlsconf.CheckKeyFile("upstream.ssl.key_file", topts.KeyFile); err != nil {
+				return nil, err
 			}
 		}
 	}
+	base, err := pgconn.ParseConfig(cs)
+	if err != nil {
+		if strings.Contains(err.Error(), "configure TLS") {
+			return nil, fmt.Errorf("keys upstream.ssl.* (or the URL's sslrootcert, sslcert, sslkey): %w", errors.Unwrap(err))
+		}
+		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, c.Upstream.URL))
+	}
 	u := &upstream{connString: cs, base: base}
+	if u.tls, err = tlsconf.NewUpstream(topts); err != nil {
+		return nil, err
+	}
+	if err := u.tls.Apply(base); err != nil {
+		return nil, err
+	}
 	if c.UpstreamHasUser() {
 		u.sidecarUser = base.User
 	}
 	switch {
+	case c.Upstream.Connector == config.ConnectorAWSIAMRDS:
+		for _, fb := range base.Fallbacks {
+			if fb.Host != base.Host || fb.Port != base.Port {
+				return nil, errors.New("key upstream.url: upstream.connector awsiamrds signs its token for one host; name only one host in the URL")
+			}
+		}
+		if c.Upstream.Password != "" || c.Upstream.PasswordFile != "" {
+			logger.Warn("upstream.connector is awsiamrds: upstream.password and upstream.password_file are not used")
+		}
+		region, creds, err := loadAWS(ctx, c, deps)
+		if err != nil {
+			return nil, err
+		}
+		u.iam = auth.NewIAMTokenSource(auth.IAMOptions{
+			Endpoint:    net.JoinHostPort(base.Host, strconv.Itoa(int(base.Port))),
+			Region:      region,
+			User:        base.User,
+			Credentials: creds,
+			Clock:       deps.clock,
+			Logger:      logger.Named("iam"),
+		})
+		u.password = func(ctx context.Context, _ pool.Route) (string, error) { return u.iam.Password(ctx) }
 	case u.sidecarUser == "":
 		u.password = func(_ context.Context, r pool.Route) (string, error) {
 			if s, ok := users.Current().Lookup(r.User); ok && s.Plain != "" {
@@ -108,6 +154,42 @@ func newUpstream(c *config.Config, users *auth.Users, logger *zap.Logger) (*upst
 		u.password = func(ctx context.Context, _ pool.Route) (string, error) { return pw.Password(ctx) }
 	}
 	return u, nil
+}
+
+// upstreamTLSFiles returns the certificate files pgconn reads for cs: its
+// sslrootcert, sslcert and sslkey, or PGSSLROOTCERT, PGSSLCERT and
+// PGSSLKEY, as libpq.
+func upstreamTLSFiles(cs string) (root, cert, key string) {
+	get := func(param, env string) string {
+		if v := config.URLParam(cs, param); v != "" {
+			return v
+		}
+		return os.Getenv(env)
+	}
+	return get("sslrootcert", "PGSSLROOTCERT"), get("sslcert", "PGSSLCERT"), get("sslkey", "PGSSLKEY")
+}
+
+// loadAWS resolves the region and the credentials with aws-sdk-go-v2's
+// default chain (environment, shared config and credentials files, EKS
+// web identity, ECS and EC2 roles). Credentials are fetched only when a
+// token is minted; the region is needed now.
+func loadAWS(ctx context.Context, c *config.Config, deps startDeps) (string, aws.CredentialsProvider, error) {
+	var opts []func(*awsconfig.LoadOptions) error
+	if c.Upstream.AWSRegion != "" {
+		opts = append(opts, awsconfig.WithRegion(c.Upstream.AWSRegion))
+	}
+	acfg, err := awsconfig.LoadDefaultConfig(ctx, opts...)
+	if err != nil {
+		return "", nil, fmt.Errorf("key upstream.connector: awsiamrds: loading the AWS configuration (AWS_* variables, shared config files): %w", err)
+	}
+	if acfg.Region == "" {
+		return "", nil, errors.New("key upstream.aws_region: upstream.connector awsiamrds needs the database's AWS region: set upstream.aws_region, or AWS_REGION, or a region in the shared AWS config")
+	}
+	creds := acfg.Credentials // the default chain, behind the SDK's cache
+	if deps.awsCredentials != nil {
+		creds = deps.awsCredentials
+	}
+	return acfg.Region, creds, nil
 }
 
 // redactParseError describes a parse failure without the password.

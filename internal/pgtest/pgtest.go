@@ -1,6 +1,12 @@
 // Package pgtest starts ephemeral, real PostgreSQL clusters for tests and for
 // `make run`: initdb into a temporary directory, a postgres process owned by
-// the caller, and helpers to connect, run SQL and inject faults.
+// the caller, and helpers to connect, run SQL and inject faults. For the TLS
+// tests it makes CAs and certificates (crypto/x509, nothing committed),
+// starts clusters with ssl = on (Options.TLS), lays out files the way the
+// kubelet mounts secrets (SecretMount), and provides the one scripted
+// upstream a real Postgres cannot replace: an RDS-like server that takes an
+// IAM token as a cleartext password over TLS (CleartextBackend), with
+// VerifyIAMToken to check the token's SigV4 signature.
 //
 // When the process runs as root (CI), initdb refuses to run, so the cluster
 // is created and run as the "postgres" user instead.
@@ -41,8 +47,20 @@ type Options struct {
 	// Files are written into the data directory before start (for example
 	// server.crt and server.key), owned by the server's user, mode 0600.
 	Files map[string][]byte
+	// TLS, when set, turns ssl on with its certificate and key and, when
+	// it has a CA, verifies client certificates against it (for hba lines
+	// such as "hostssl all all 127.0.0.1/32 cert clientcert=verify-full").
+	TLS *ServerTLS
 	// Logf receives the server's log lines; nil discards them.
 	Logf func(format string, args ...any)
+}
+
+// ServerTLS is the server side of TLS: ssl = on with server.crt and
+// server.key, and root.crt as ssl_ca_file when CAPEM is set.
+type ServerTLS struct {
+	CertPEM, KeyPEM []byte
+	// CAPEM verifies client certificates; may be empty.
+	CAPEM []byte
 }
 
 // Cluster is one running PostgreSQL server. Its methods are safe for
@@ -185,8 +203,22 @@ func (c *Cluster) writeConfig() error {
 		"log_line_prefix":         "'%m [%p] %q%u@%d '",
 		"max_wal_size":            "1GB",
 	}
+	files := map[string][]byte{}
+	if t := c.opts.TLS; t != nil {
+		settings["ssl"] = "on"
+		settings["ssl_cert_file"] = "'server.crt'"
+		settings["ssl_key_file"] = "'server.key'"
+		files["server.crt"], files["server.key"] = t.CertPEM, t.KeyPEM
+		if len(t.CAPEM) > 0 {
+			settings["ssl_ca_file"] = "'root.crt'"
+			files["root.crt"] = t.CAPEM
+		}
+	}
 	for k, v := range c.opts.Settings {
 		settings[k] = v
+	}
+	for k, v := range c.opts.Files {
+		files[k] = v
 	}
 	var conf strings.Builder
 	names := make([]string, 0, len(settings))
@@ -211,7 +243,7 @@ func (c *Cluster) writeConfig() error {
 	if err := c.writeFile("pg_hba.conf", []byte(hbaText)); err != nil {
 		return err
 	}
-	for name, data := range c.opts.Files {
+	for name, data := range files {
 		if err := c.writeFile(name, data); err != nil {
 			return err
 		}

@@ -1,0 +1,130 @@
+package auth
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/pggovernor/pggovernor/internal/pgtest"
+)
+
+// TestPasswordFileKubernetesSwap: the password file is a mounted secret
+// updated the way the kubelet does it, by swapping the ..data symlink; each
+// new value is picked up at the next use, whitespace is trimmed with one
+// warning, and a file that disappears keeps the last password.
+func TestPasswordFileKubernetesSwap(t *testing.T) {
+	m, err := pgtest.NewSecretMount(t.TempDir(), map[string][]byte{"password": []byte("first-pw\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zapcore.DebugLevel)
+	pf, err := NewPasswordFile(m.Path("password"), zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := func() string {
+		t.Helper()
+		pw, err := pf.Password(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pw
+	}
+	if got := get(); got != "first-pw" {
+		t.Fatalf("want = first-pw, got = %q", got)
+	}
+	for i, next := range []string{"second-pw", " third-pw\n", "fourth-pw"} {
+		if err := m.Update(map[string][]byte{"password": []byte(next)}); err != nil {
+			t.Fatal(err)
+		}
+		if got, want := get(), strings.TrimSpace(next); got != want {
+			t.Fatalf("after swap %d: want = %q, got = %q", i+1, want, got)
+		}
+	}
+	if n := logs.FilterMessageSnippet("trailing newline").Len(); n != 1 {
+		t.Fatalf("whitespace warnings: want = 1 (one-time), got = %d", n)
+	}
+	if n := logs.FilterMessageSnippet("password file changed").Len(); n != 3 {
+		t.Fatalf("change notices: want = 3, got = %d", n)
+	}
+	// The secret is removed: the last password stays, with one error.
+	if err := os.Remove(m.Path("password")); err != nil {
+		t.Fatal(err)
+	}
+	if got := get(); got != "fourth-pw" {
+		t.Fatalf("file gone: want = the last password, got = %q", got)
+	}
+	get()
+	if n := logs.FilterMessageSnippet("cannot be used").Len(); n != 1 {
+		t.Fatalf("errors for the missing file: want = 1, got = %d", n)
+	}
+	for _, e := range logs.All() {
+		for _, pw := range []string{"first-pw", "second-pw", "third-pw", "fourth-pw"} {
+			if strings.Contains(e.Message+fmt.Sprint(e.ContextMap()), pw) {
+				t.Fatalf("a password reached the log: %q", e.Message)
+			}
+		}
+	}
+}
+
+// TestPasswordFileErrorsAtStart: missing, unreadable or empty stop the
+// start with an error naming the setting.
+func TestPasswordFileErrorsAtStart(t *testing.T) {
+	dir := t.TempDir()
+	empty := filepath.Join(dir, "empty")
+	if err := os.WriteFile(empty, []byte(" \n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ name, path, want string }{
+		{"missing", filepath.Join(dir, "nope"), "does not exist"},
+		{"unreadable", dir, "cannot be read"},
+		{"empty", empty, "is empty"},
+	} {
+		_, err := NewPasswordFile(c.path, nil)
+		if err == nil || !strings.Contains(err.Error(), "upstream.password_file "+c.path) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: want = an error naming upstream.password_file and saying %q, got = %v", c.name, c.want, err)
+		}
+	}
+}
+
+// TestUsersFileReloadsOnChange: a users file swapped like a Kubernetes
+// ConfigMap or Secret is read again at the next lookup; one that does not
+// parse keeps the previous list, with one error.
+func TestUsersFileReloadsOnChange(t *testing.T) {
+	m, err := pgtest.NewSecretMount(t.TempDir(), map[string][]byte{"userlist.txt": []byte(`"alice" "pw1"` + "\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	core, logs := observer.New(zapcore.DebugLevel)
+	u, err := NewUsers(m.Path("userlist.txt"), WithUsersLogger(zap.New(core)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := u.Current().Lookup("bob"); ok {
+		t.Fatal("bob before the update: want = unknown, got = known")
+	}
+	if err := m.Update(map[string][]byte{"userlist.txt": []byte(`"alice" "pw1"` + "\n" + `"bob" "pw2"` + "\n")}); err != nil {
+		t.Fatal(err)
+	}
+	if s, ok := u.Current().Lookup("bob"); !ok || s.Plain != "pw2" {
+		t.Fatal("bob after the swap: want = known, got = unknown")
+	}
+	if err := m.Update(map[string][]byte{"userlist.txt": []byte(`"carol" "unterminated` + "\n")}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if _, ok := u.Current().Lookup("bob"); !ok {
+			t.Fatal("after a broken update: want = the previous list, got = bob unknown")
+		}
+	}
+	if n := logs.FilterMessageSnippet("cannot be used").Len(); n != 1 {
+		t.Fatalf("errors for the broken file: want = 1, got = %d", n)
+	}
+}
