@@ -26,6 +26,11 @@ const (
 	codeQueryCanceled       = "57014"
 	codeFeatureNotSupported = "0A000"
 	codeInternalError       = "XX000"
+	codeInsufficientPriv    = "42501"
+	codeSyntaxError         = "42601"
+	codeUndefinedObject     = "42704"
+	codeInvalidCatalogName  = "3D000"
+	codeNotInPrerequisite   = "55000"
 )
 
 // clientError is an error with what the client is told: a SQLSTATE, a
@@ -134,8 +139,10 @@ func safeUpstreamDetail(err error) string {
 	return err.Error()
 }
 
-// appendError encodes e as an ErrorResponse.
-func appendError(dst []byte, e *clientError, user string) []byte {
+// appendError encodes e as an ErrorResponse. Every error the governor
+// itself sends to a client is encoded here, once, and counted by SQLSTATE.
+func (s *Server) appendError(dst []byte, e *clientError, user string) []byte {
+	s.opts.Metrics.errorSent(e.code)
 	sev := "ERROR"
 	if e.fatal {
 		sev = "FATAL"

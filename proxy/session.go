@@ -41,6 +41,10 @@ type session struct {
 	settings map[string]string
 	// slot carries this session as the attached server's handler.
 	slot *pool.HandlerSlot
+	// stats are the session's figures for the admin console and metrics.
+	stats sessionStats
+	// console is set for an admin console session (admin.go).
+	console *console
 
 	// Owned by the client pump.
 	rd           *wire.Reader
@@ -275,6 +279,7 @@ func (sess *session) toServer(typ byte, frame []byte, streamLen int, eff sqlEffe
 	}
 	pins := sess.pins
 	sess.writing = true
+	sess.noteRequestLocked()
 	sess.mu.Unlock()
 	if pins != 0 && !sess.pinLogged && sess.txMode {
 		sess.pinLogged = true
@@ -318,7 +323,9 @@ func (sess *session) attach() (*pool.Server, error) {
 	if srv == nil {
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.QueryWait)
 		var err error
+		sess.stats.beginWait()
 		srv, err = s.pool.Acquire(ctx, sess.route, nil)
+		sess.stats.endWait()
 		cancel()
 		if err != nil {
 			return nil, err
@@ -361,7 +368,7 @@ func (sess *session) attachFailed(typ byte, err error) error {
 		return err
 	}
 	sess.log.Warn("no server connection for the client", zap.String("sqlstate", ce.code), zap.Error(err))
-	buf := appendError(nil, ce, sess.user)
+	buf := sess.srv.appendError(nil, ce, sess.user)
 	switch typ {
 	case 'Q', 'F':
 		buf = append(buf, readyForQuery('I')...)
@@ -459,6 +466,7 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 			}
 			sess.pendingUnpin = 0
 			sess.batchError = false
+			sess.noteReadyLocked(srv.TxStatus)
 		} else if sess.batchError {
 			// The governor's own SET failed: the connection's settings
 			// are unknown, so it must not serve anyone after this client.
@@ -599,7 +607,7 @@ func (sess *session) terminate(ce *clientError) {
 	if !sess.clientDead {
 		if !sess.midFrame {
 			_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
-			buf := appendError(nil, ce, sess.user)
+			buf := sess.srv.appendError(nil, ce, sess.user)
 			if _, err := sess.cw.Write(buf); err == nil {
 				_ = sess.cw.Flush()
 			}
@@ -624,7 +632,7 @@ func (sess *session) drain(force bool) {
 
 // sendError writes an ErrorResponse to the client.
 func (sess *session) sendError(ce *clientError) {
-	_ = sess.sendToClient(appendError(nil, ce, sess.user))
+	_ = sess.sendToClient(sess.srv.appendError(nil, ce, sess.user))
 }
 
 // sendToClient writes governor-made bytes to the client and flushes.

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 
@@ -41,7 +42,7 @@ func (s *Server) serveConn(c net.Conn) {
 	n := s.clients.Add(1)
 	defer s.clients.Add(-1)
 	id := s.nextID.Add(1)
-	log := s.logger.With(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()))
+	log := s.logger.With(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()), zap.String("mode", s.cfg.PoolMode))
 	rbuf := s.getBuf()
 	wbuf := s.getBuf()
 	defer func() { s.putBuf(rbuf); s.putBuf(wbuf) }()
@@ -68,10 +69,15 @@ func (s *Server) serveConn(c net.Conn) {
 		if !errors.Is(err, errCancelRequest) {
 			sess.loginFailed(err)
 		}
+		s.dropSession(sess)
 		_ = c.Close()
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
+	if sess.console != nil {
+		sess.serveConsole()
+		return
+	}
 	sess.serve()
 }
 
@@ -122,6 +128,10 @@ func (s *Server) handleCancel(pid, secret uint32) {
 	sess := s.sessionByKey(pid)
 	if sess == nil || subtle.ConstantTimeEq(int32(sess.key.secret), int32(secret)) != 1 {
 		s.logger.Debug("cancel request for an unknown key dropped")
+		return
+	}
+	if sess.console != nil {
+		sess.console.cancelCommand()
 		return
 	}
 	sess.mu.Lock()
@@ -179,6 +189,9 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64) erro
 		if err := sess.sendStartup(&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: unrecognized}); err != nil {
 			return err
 		}
+	}
+	if isConsoleDatabase(sess.database) {
+		return sess.consoleLogin(ctx, sm.Parameters)
 	}
 	params, err := startupSettings(sm.Parameters)
 	if err != nil {
@@ -370,13 +383,14 @@ func (sess *session) loginFailed(err error) {
 		ce = toClientError(err, true, sess.srv.cfg.Timeouts.QueryWait)
 	}
 	ce.fatal = true
+	sess.srv.opts.Metrics.loginFailed(loginFailureReason(err, ce))
 	level := zap.InfoLevel
 	if errors.Is(err, auth.ErrAuthFailed) {
 		level = zap.WarnLevel
 	}
 	sess.log.Log(level, "login failed", zap.String("sqlstate", ce.code), zap.Error(err))
 	_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
-	_, _ = sess.conn.Write(appendError(nil, ce, sess.user))
+	_, _ = sess.conn.Write(sess.srv.appendError(nil, ce, sess.user))
 }
 
 func (sess *session) sendStartup(msg pgproto3.BackendMessage) error {
@@ -413,3 +427,28 @@ func (a *authConn) ReceivePassword(context.Context) ([]byte, error) {
 
 // maxAuthMessage bounds a password or SASL message.
 const maxAuthMessage = 8192
+
+// loginFailureReason classifies a failed login for the metrics.
+func loginFailureReason(err error, ce *clientError) string {
+	var waitErr *pool.WaitError
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.Is(err, auth.ErrAuthFailed):
+		return LoginFailureAuth
+	case errors.Is(err, os.ErrDeadlineExceeded), ce.code == codeQueryCanceled:
+		return LoginFailureTimeout
+	case ce.code == codeAdminShutdown:
+		return LoginFailureShutdown
+	case errors.As(err, &waitErr):
+		return LoginFailureNoServer
+	case ce.code == codeTooManyConnections:
+		return LoginFailureTooMany
+	case ce.code == codeInsufficientPriv:
+		return LoginFailureConsoleUser
+	case errors.As(err, &pgErr):
+		return LoginFailureServer
+	case ce.code == codeProtocolViolation, ce.code == codeFeatureNotSupported, ce.code == codeInvalidAuthSpec:
+		return LoginFailureProtocol
+	}
+	return LoginFailureOther
+}
