@@ -28,10 +28,10 @@ type relayRig struct {
 	// to, so that the allocation test covers the metrics too.
 	queries, transactions prometheus.Histogram
 	conn                  net.Conn
-	r     *bufio.Reader
-	query []byte
-	hdr   [5]byte
-	done  func()
+	r                     *bufio.Reader
+	query                 []byte
+	hdr                   [5]byte
+	done                  func()
 }
 
 func newRelayRig(tb testing.TB, mode string) *relayRig {
