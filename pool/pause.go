@@ -35,6 +35,18 @@ func (p *Pool) Pause(db string) {
 		}
 		rs.idle = nil
 	}
+	// Clients queued for a paused database leave the queue and wait for
+	// Resume instead, where their query_wait does not run.
+	kept := p.waiters.items[:0]
+	for _, w := range p.waiters.items {
+		if p.pausedLocked(w.route) {
+			w.ch <- grant{paused: true}
+			continue
+		}
+		kept = append(kept, w)
+	}
+	clear(p.waiters.items[len(kept):])
+	p.waiters.items = kept
 }
 
 // Resume ends a Pause of database db ("" ends every pause) and lets the

@@ -577,8 +577,12 @@ func retryable(err error) bool {
 func Unavailable(err error) bool { return err != nil && retryable(err) }
 
 // grant is what a waiter receives: an idle connection of its route, or a
-// budget slot to open one with (server nil).
-type grant struct{ server *Server }
+// budget slot to open one with (server nil), or word that its database was
+// paused (paused; no slot).
+type grant struct {
+	server *Server
+	paused bool
+}
 
 type waiter struct {
 	route Route
@@ -629,11 +633,7 @@ func (p *Pool) acquireGrant(ctx context.Context, r Route, start time.Time, lastE
 	select {
 	case g := <-w.ch:
 		p.endWait(r, queued, false)
-		p.mu.Lock()
-		paused := p.pausedLocked(r)
-		p.mu.Unlock()
-		if paused { // paused while queued: give the grant back, wait for Resume
-			p.giveBack(g)
+		if g.paused { // taken out of the queue by Pause: wait for Resume
 			return grant{}, errPaused
 		}
 		return g, nil
@@ -654,9 +654,11 @@ func (p *Pool) acquireGrant(ctx context.Context, r Route, start time.Time, lastE
 
 // giveBack returns a grant its waiter does not use.
 func (p *Pool) giveBack(g grant) {
-	if g.server != nil {
+	switch {
+	case g.paused: // no slot came with it
+	case g.server != nil:
 		p.Release(g.server)
-	} else {
+	default:
 		p.slotFreed()
 	}
 }

@@ -92,8 +92,8 @@ func usersFile(t testing.TB, lines ...string) string {
 }
 
 // startGov starts a governor in front of cluster c (shared when nil), with
-// cfg adjusted by mutate.
-func startGov(t *testing.T, c *pgtest.Cluster, mutate func(*config.Config)) *gov {
+// cfg adjusted by mutate and start's options.
+func startGov(t *testing.T, c *pgtest.Cluster, mutate func(*config.Config), opts ...option) *gov {
 	t.Helper()
 	if c == nil {
 		c = shared
@@ -115,7 +115,7 @@ func startGov(t *testing.T, c *pgtest.Cluster, mutate func(*config.Config)) *gov
 	}
 	core, logs := observer.New(zapcore.DebugLevel)
 	logger := zap.New(zapcore.NewTee(core, zapcore.NewCore(zapcore.NewJSONEncoder(zap.NewProductionEncoderConfig()), zapcore.AddSync(&logSink{}), zapcore.DebugLevel)))
-	g, err := start(context.Background(), &cfg, logger)
+	g, err := start(context.Background(), &cfg, logger, opts...)
 	if err != nil {
 		t.Fatalf("starting the governor: %v", err)
 	}
