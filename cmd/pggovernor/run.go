@@ -404,7 +404,7 @@ func (g *governor) reload() error {
 	}
 	if cfg.Log.Level != g.level.String() {
 		_ = g.level.UnmarshalText([]byte(cfg.Log.Level))
-		g.logger.Info("log level changed", zap.String("level", cfg.Log.Level))
+		g.logger.Info("log level changed", zap.String("log_level", cfg.Log.Level)) // not "level": the encoder's key
 	}
 	g.proxy.Reconfigure(&cfg)
 	return errors.Join(errs...)
