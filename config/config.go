@@ -238,9 +238,10 @@ type Admin struct {
 	Pprof bool `yaml:"pprof"`
 	// ProbeInterval is how often pggovernor checks that the upstream server
 	// answers, for /readyz and pggovernor_upstream_up: a round trip on the
-	// control connection when the budget is derived from the server, or on
-	// an idle server connection (opening one if the budget has room) when
-	// budget.max is set.
+	// control connection when the budget is derived from the server; with
+	// budget.max, on a server connection idle for this long, if any (none
+	// is opened for it). Every attempt to open a server connection counts
+	// as evidence too.
 	ProbeInterval time.Duration `yaml:"probe_interval" min:"100ms"`
 }
 

@@ -689,11 +689,11 @@ func (s *Server) showClients() [][]any {
 		if sess.console != nil {
 			app = sess.console.appName
 		} else {
+			app = sess.settings["application_name"] // as the client logged in
 			sess.mu.Lock()
 			if sess.server != nil {
 				link = fmt.Sprintf("s%d", sess.server.ID())
 			}
-			app = sess.view["application_name"]
 			if !sess.stats.lastRequest.IsZero() {
 				request = sess.stats.lastRequest
 			}

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"os"
+	"os/exec"
 	"reflect"
 	"sort"
 	"strings"
@@ -297,6 +298,13 @@ func TestDashboardAndAlertsUseExportedMetrics(t *testing.T) {
 				t.Errorf("alert %s needs a severity label, a summary and a description", r.Alert)
 			}
 		}
+	}
+	if promtool, err := exec.LookPath("promtool"); err == nil {
+		if out, err := exec.Command(promtool, "check", "rules", "../../deploy/prometheus/alerts.yaml").CombinedOutput(); err != nil {
+			t.Fatalf("promtool check rules: %v\n%s", err, out)
+		}
+	} else {
+		t.Log("promtool is not installed: the rules' PromQL syntax is not checked beyond the names (apt-get install prometheus)")
 	}
 	sort.Strings(alerts)
 	want := []string{"PggovernorBudgetSaturated", "PggovernorCertificateExpired", "PggovernorCertificateExpiresSoon",
