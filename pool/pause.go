@@ -62,10 +62,10 @@ func (p *Pool) Resume(db string) error {
 		}
 		p.pauseAll = false
 		clear(p.pausedDBs)
-	case p.pausedDBs[db]:
-		delete(p.pausedDBs, db)
 	case p.pauseAll:
 		return fmt.Errorf("every database is paused, not %s alone: resume them all", db)
+	case p.pausedDBs[db]:
+		delete(p.pausedDBs, db)
 	default:
 		return ErrNotPaused
 	}

@@ -77,6 +77,19 @@ func (m *Metrics) loginFailed(reason string) {
 	}
 }
 
+// preparedStatement counts a prepared statement found on the server
+// connection (hit) or prepared again there (miss). For the
+// prepared-statement tracking of transaction mode to call.
+func (m *Metrics) preparedStatement(hit bool) {
+	c := m.PreparedStatementMiss
+	if hit {
+		c = m.PreparedStatementHit
+	}
+	if c != nil {
+		c.Inc()
+	}
+}
+
 func observe(o Observer, d time.Duration) {
 	if o != nil {
 		o.Observe(d.Seconds())
