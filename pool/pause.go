@@ -97,9 +97,20 @@ func (p *Pool) pausedLocked(r Route) bool {
 	return p.pauseAll || (len(p.pausedDBs) > 0 && p.pausedDBs[r.Database])
 }
 
+// pauseCountsKey marks a context whose deadline bounds a paused wait too.
+type pauseCountsKey struct{}
+
+// PauseCounts returns ctx marked so that Acquire's wait behind a PAUSE
+// ends at ctx's deadline like any other wait (a login, bounded by
+// timeouts.client_login), instead of not counting.
+func PauseCounts(ctx context.Context) context.Context {
+	return context.WithValue(ctx, pauseCountsKey{}, true)
+}
+
 // waitResumed holds a request for route r while its database is paused
 // and returns how long it was held. A ctx deadline does not end the wait
-// (the paused time does not count against it); cancellation does.
+// (the paused time does not count against it) unless ctx is marked by
+// PauseCounts; cancellation does.
 func (p *Pool) waitResumed(ctx context.Context, r Route) (time.Duration, error) {
 	p.mu.Lock()
 	if !p.pausedLocked(r) || p.closed {
@@ -116,6 +127,7 @@ func (p *Pool) waitResumed(ctx context.Context, r Route) (time.Duration, error) 
 		rs.pausedSince = start
 	}
 	done := ctx.Done()
+	deadlineCounts := ctx.Value(pauseCountsKey{}) != nil
 	var err error
 	for p.pausedLocked(r) && !p.closed && err == nil {
 		resumed := p.resumed
@@ -124,7 +136,7 @@ func (p *Pool) waitResumed(ctx context.Context, r Route) (time.Duration, error) 
 		case <-resumed:
 		case <-p.done:
 		case <-done:
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) && !deadlineCounts {
 				done = nil // the deadline does not run while paused
 			} else {
 				err = ctx.Err()

@@ -285,3 +285,24 @@ func TestProbeUsesOnlyLongIdleConnections(t *testing.T) {
 		t.Fatalf("Events.Checked: want = 1, got = %d", checks)
 	}
 }
+
+// TestPauseCountsBoundsAPausedWait: a request marked with PauseCounts (a
+// login) gives up at its deadline, with a WaitError that says the
+// database is paused.
+func TestPauseCountsBoundsAPausedWait(t *testing.T) {
+	p := newTestPool(t, 1, pool.Events{})
+	p.Pause("bench")
+	ctx, cancel := context.WithTimeout(pool.PauseCounts(context.Background()), 30*time.Millisecond)
+	defer cancel()
+	_, err := p.Acquire(ctx, route, nil)
+	var we *pool.WaitError
+	if !errors.As(err, &we) || !we.Paused || we.Waited < 30*time.Millisecond {
+		t.Fatalf("a login's wait behind a pause: want = a WaitError saying paused after 30ms, got = %v", err)
+	}
+	if st := p.Stats(); st.WaitTimeouts != 1 || st.Waiting != 0 {
+		t.Fatalf("after the timeout: %+v", st)
+	}
+	if err := p.Resume("bench"); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -414,10 +414,14 @@ type WaitError struct {
 	LimitKnown bool
 	// Cause is why the budget is unknown or the last connect failure, if any.
 	Cause error
+	// Paused is true when the wait ended while the database was paused.
+	Paused bool
 }
 
 func (e *WaitError) Error() string {
 	switch {
+	case e.Paused:
+		return fmt.Sprintf("no server connection after waiting %s: the database is paused", e.Waited.Round(time.Millisecond))
 	case !e.LimitKnown:
 		return fmt.Sprintf("no server connection after waiting %s: %v", e.Waited.Round(time.Millisecond), e.Cause)
 	case e.Cause != nil:
@@ -444,7 +448,8 @@ var errPaused = errors.New("the database is paused")
 // and the time spent paused does not count against ctx's deadline: the
 // deadline is moved later by as long as the pause held the request, so a
 // PAUSE longer than timeouts.query_wait loses no client. Cancelling ctx
-// still ends the wait.
+// still ends the wait, and so does its deadline if ctx is marked with
+// PauseCounts.
 func (p *Pool) Acquire(ctx context.Context, r Route, params map[string]string) (*Server, error) {
 	start := p.now()
 	var lastErr error
@@ -456,10 +461,13 @@ func (p *Pool) Acquire(ctx context.Context, r Route, params map[string]string) (
 	}()
 	for attempt := 0; ; attempt++ {
 		paused, err := p.waitResumed(ctx, r)
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, p.waitError(r, start, lastErr)
+		}
 		if err != nil {
 			return nil, err
 		}
-		if paused > 0 {
+		if paused > 0 && ctx.Value(pauseCountsKey{}) == nil {
 			var stop func()
 			ctx, stop = extendDeadline(ctx, paused)
 			undo = append(undo, stop)
@@ -548,7 +556,7 @@ func (p *Pool) waitError(r Route, start time.Time, cause error) error {
 	if !p.limitSet {
 		cause = p.limitErr
 	}
-	return &WaitError{Waited: p.now().Sub(start), Limit: p.limit, LimitKnown: p.limitSet, Cause: cause}
+	return &WaitError{Waited: p.now().Sub(start), Limit: p.limit, LimitKnown: p.limitSet, Cause: cause, Paused: p.pausedLocked(r)}
 }
 
 // retryable says whether a connect error may go away by itself: the server

@@ -75,6 +75,9 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 	if errors.As(err, &waitErr) {
 		e := &clientError{fatal: fatal, code: codeTooManyConnections, cause: err}
 		switch {
+		case waitErr.Paused:
+			e.message = fmt.Sprintf("no server connection available within the wait allowed (%s): the database is paused by the pggovernor admin console", waitTimeout)
+			e.hint = "RESUME in the admin console ends the pause."
 		case !waitErr.LimitKnown:
 			e.message = fmt.Sprintf("no server connection available within timeouts.query_wait (%s): the connection budget is not known yet because pggovernor cannot read max_connections from the server", waitTimeout)
 			e.hint = "Check that the server is reachable with the configured credentials (pggovernor doctor), or set budget.max."

@@ -302,7 +302,8 @@ func (sess *session) welcome(ctx context.Context) error {
 	key := welcomeKey{route: sess.route, params: settingsKey(sess.settings)}
 	view := s.welcome.get(key)
 	if view == nil || !sess.txMode {
-		wctx, cancel := context.WithTimeout(ctx, s.cfg.Timeouts.QueryWait)
+		// A login waits behind a PAUSE only within timeouts.client_login.
+		wctx, cancel := context.WithTimeout(pool.PauseCounts(ctx), s.cfg.Timeouts.QueryWait)
 		srv, err := s.pool.Acquire(wctx, sess.route, nil)
 		cancel()
 		if err != nil {
