@@ -198,10 +198,14 @@ func (sess *session) consoleLoop() error {
 			return sess.protocolError(fatalf(codeProtocolViolation, "invalid frontend message type %d", typ))
 		}
 		var ce *clientError
-		if errors.As(err, &ce) {
+		switch {
+		case errors.As(err, &ce) && ce.fatal: // malformed: the session ends
+			_ = sess.sendToClient(sess.srv.appendError(c.out, ce, sess.user))
+			return err
+		case errors.As(err, &ce):
 			c.out = sess.srv.appendError(c.out, ce, sess.user)
 			c.skipToSync = true
-		} else if err != nil {
+		case err != nil:
 			return err
 		}
 		sess.rd.Shrink()
