@@ -270,7 +270,7 @@ func (sess *session) consoleBind(body []byte) error {
 	}
 	q, ok := c.stmts[b.PreparedStatement]
 	if !ok {
-		return &clientError{code: "26000", message: fmt.Sprintf("prepared statement %q does not exist", b.PreparedStatement)}
+		return &clientError{code: codeNoSuchStatement, message: fmt.Sprintf("prepared statement %q does not exist", b.PreparedStatement)}
 	}
 	if len(b.Parameters) > 0 {
 		return &clientError{code: codeFeatureNotSupported, message: "admin console commands take no parameters"}
@@ -295,14 +295,14 @@ func (sess *session) consoleDescribe(body []byte) error {
 	case 'S':
 		q, ok := c.stmts[string(name)]
 		if !ok {
-			return &clientError{code: "26000", message: fmt.Sprintf("prepared statement %q does not exist", name)}
+			return &clientError{code: codeNoSuchStatement, message: fmt.Sprintf("prepared statement %q does not exist", name)}
 		}
 		query = q
 		c.out = append(c.out, 't', 0, 0, 0, 6, 0, 0) // ParameterDescription: none
 	case 'P':
 		p, ok := c.portals[string(name)]
 		if !ok {
-			return &clientError{code: "34000", message: fmt.Sprintf("portal %q does not exist", name)}
+			return &clientError{code: codeNoSuchPortal, message: fmt.Sprintf("portal %q does not exist", name)}
 		}
 		query, formats = p.query, p.formats
 	default:
@@ -328,7 +328,7 @@ func (sess *session) consoleExecute(body []byte) error {
 	}
 	p, exists := c.portals[string(name)]
 	if !exists {
-		return &clientError{code: "34000", message: fmt.Sprintf("portal %q does not exist", name)}
+		return &clientError{code: codeNoSuchPortal, message: fmt.Sprintf("portal %q does not exist", name)}
 	}
 	if p.query == "" {
 		c.out = append(c.out, 'I', 0, 0, 0, 4)

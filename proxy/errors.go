@@ -28,9 +28,9 @@ const (
 	codeInternalError       = "XX000"
 	codeInsufficientPriv    = "42501"
 	codeSyntaxError         = "42601"
-	codeUndefinedObject     = "42704"
-	codeInvalidCatalogName  = "3D000"
 	codeNotInPrerequisite   = "55000"
+	codeNoSuchStatement     = "26000"
+	codeNoSuchPortal        = "34000"
 )
 
 // clientError is an error with what the client is told: a SQLSTATE, a

@@ -76,7 +76,7 @@ type Server struct {
 	// live is the configuration as last reloaded (admin.users, SHOW
 	// CONFIG).
 	live atomic.Pointer[config.Config]
-	// statsWindow keeps SHOW STATS' averages (console.go).
+	// statsWindow keeps SHOW STATS' averages (admin.go).
 	statsWindow statsWindow
 }
 

@@ -357,3 +357,31 @@ func TestPgBouncerExporterScrapesTheConsole(t *testing.T) {
 	}
 	_ = ctx
 }
+
+// TestFailedLoginLeavesNoSession: a client whose login fails after it was
+// registered (an unknown database, found when the welcome needs a server
+// connection) leaves nothing behind: the console does not list it, and
+// the drain at shutdown does not wait for it.
+func TestFailedLoginLeavesNoSession(t *testing.T) {
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Budget.Max = 2
+		c.Admin.Users = []string{"alice"}
+		c.Timeouts.ShutdownDrain = 20 * time.Second
+	})
+	ctx := context.Background()
+	_, err := pgx.Connect(ctx, g.url("alice", userPass, "nosuchdb"))
+	assertCode(t, err, "3D000")
+	console := connectPgx(t, g.consoleURL("alice", userPass))
+	if _, rows := consoleRows(t, console, "SHOW CLIENTS", pgx.QueryExecModeSimpleProtocol); len(rows) != 1 || rows[0][2] != "pggovernor" {
+		t.Fatalf("SHOW CLIENTS after a failed login: want only the console, got %v", rows)
+	}
+	if v := mustValue(t, g.scrape(t), "pggovernor_login_failures_total", map[string]string{"reason": "server_refused"}); v != 1 {
+		t.Fatalf("login failures (server_refused): want = 1, got = %v", v)
+	}
+	console.Close(ctx)
+	began := time.Now()
+	g.stop()
+	if d := time.Since(began); d > 10*time.Second {
+		t.Fatalf("shutdown took %s: the drain waited for a session that was gone", d)
+	}
+}
