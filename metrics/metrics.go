@@ -11,8 +11,8 @@ import (
 // Metrics are pggovernor's own Prometheus metrics. Every name, help string
 // and unit is declared in this file: the handles components report to as
 // things happen (histograms and counters, resolved once so that reporting
-// allocates nothing), and the descriptions of what the scrape-time
-// collector (collector.go) reads from the pool and the proxy.
+// allocates nothing), and the descriptions (scrapeDescs) of what the
+// scrape-time collector (collector.go) reads from the pool and the proxy.
 //
 // Create one with New on an injected registry; the process holds one.
 type Metrics struct {
@@ -93,6 +93,59 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 	reg.MustRegister(m.WaitSeconds, m.ServerConnectSeconds, m.TransactionSeconds, m.QuerySeconds, m.UpstreamRoundTripSeconds,
 		m.errorsSent, m.loginFailures, prepared, tokens, m.certExpiry, newCollector(src))
 	return m
+}
+
+// scrapeDescs describe the metrics the collector (collector.go) reads at
+// scrape time.
+type scrapeDescs struct {
+	// database/sql's family (collectors.NewDBStatsCollector), one series
+	// per upstream database.
+	maxOpen, open, inUse, idle                           *prometheus.Desc
+	waitCount, waitDuration                              *prometheus.Desc
+	maxIdleClosed, maxIdleTimeClosed, maxLifetimeClosed  *prometheus.Desc
+	clients, servers                                     *prometheus.Desc
+	budget, budgetShare, budgetUsed                      *prometheus.Desc
+	waitTimeouts, connects, connectErrors                *prometheus.Desc
+	received, sent, upstreamUp, paused, leases, replicas *prometheus.Desc
+}
+
+func newScrapeDescs() scrapeDescs {
+	sql := func(name, help string) *prometheus.Desc {
+		return prometheus.NewDesc("go_sql_"+name, help, []string{"db_name"}, nil)
+	}
+	own := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(prometheus.BuildFQName(namespace, "", name), help, labels, nil)
+	}
+	return scrapeDescs{
+		// Names and help strings as client_golang's
+		// collectors.NewDBStatsCollector, so that dashboards and alerts on
+		// an application's go_sql_* work unchanged against the governor.
+		maxOpen:           sql("max_open_connections", "Maximum number of open connections to the database."),
+		open:              sql("open_connections", "The number of established connections both in use and idle."),
+		inUse:             sql("in_use_connections", "The number of connections currently in use."),
+		idle:              sql("idle_connections", "The number of idle connections."),
+		waitCount:         sql("wait_count_total", "The total number of connections waited for."),
+		waitDuration:      sql("wait_duration_seconds_total", "The total time blocked waiting for a new connection."),
+		maxIdleClosed:     sql("max_idle_closed_total", "The total number of connections closed due to SetMaxIdleConns."),
+		maxIdleTimeClosed: sql("max_idle_time_closed_total", "The total number of connections closed due to SetConnMaxIdleTime."),
+		maxLifetimeClosed: sql("max_lifetime_closed_total", "The total number of connections closed due to SetConnMaxLifetime."),
+
+		clients: own("clients", "Logged-in clients by state: active (holding a server connection), pinned (holding one for session state), waiting (for one), idle.", "state"),
+		servers: own("server_connections", "Server connections by state: active (held by a client), idle, opening, closing (asked to close, backend not gone yet).", "state"),
+		budget: own("budget_connections",
+			"The connection budget: server connections allowed over every replica sharing it (this replica's alone without budget.cluster)."),
+		budgetShare:   own("budget_share_connections", "This replica's share of the connection budget."),
+		budgetUsed:    own("budget_used_connections", "Server connections counted against this replica's share: open, opening or closing."),
+		waitTimeouts:  own("wait_timeouts_total", "Waits for a server connection that ended after timeouts.query_wait (clients got SQLSTATE 53300 or 08006)."),
+		connects:      own("server_connects_total", "Server connections opened."),
+		connectErrors: own("server_connect_errors_total", "Attempts to open a server connection that failed."),
+		received:      own("client_received_bytes_total", "Bytes received from clients."),
+		sent:          own("client_sent_bytes_total", "Bytes sent to clients."),
+		upstreamUp:    own("upstream_up", "1 when the upstream server answered the last health probe, 0 when it did not."),
+		paused:        own("paused", "1 while a PAUSE from the admin console holds one or more databases."),
+		leases:        own("cluster_leases", "Budget slots this replica holds leases for (budget.cluster)."),
+		replicas:      own("cluster_replicas", "Replicas seen sharing the connection budget (budget.cluster)."),
+	}
 }
 
 // ErrorSent counts an error the governor sent to a client.

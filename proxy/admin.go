@@ -46,10 +46,9 @@ type ConsoleOptions struct {
 	Shutdown func()
 }
 
-// consoleDatabases are the database names that open the admin console.
-var consoleDatabases = [...]string{"pggovernor", "pgbouncer"}
-
-func isConsoleDatabase(db string) bool { return slices.Contains(consoleDatabases[:], db) }
+// isConsoleDatabase reports whether a database name opens the admin
+// console: "pggovernor", or "pgbouncer" for PgBouncer's tools.
+func isConsoleDatabase(db string) bool { return db == "pggovernor" || db == "pgbouncer" }
 
 // maxConsoleMessage bounds one message a console client sends.
 const maxConsoleMessage = 64 << 10
@@ -398,34 +397,43 @@ func cols(spec string, names ...string) []consoleColumn {
 	return out
 }
 
-// The result columns of the SHOW commands, with PgBouncer 1.18's names and
-// types. SHOW STATS adds total_requests, PgBouncer's name before 1.8 for
-// total_query_count, which older exporters (Debian's
+// showColumns returns the result columns of SHOW what, with PgBouncer
+// 1.18's names and types; ok is false for an unknown SHOW (HELP has no
+// columns). SHOW STATS adds total_requests, PgBouncer's name before 1.8
+// for total_query_count, which older exporters (Debian's
 // prometheus-pgbouncer-exporter) still read.
-var (
-	poolsColumns = cols("ssiiiiiiiiiiiiis", "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
-		"cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used", "sv_tested",
-		"sv_login", "maxwait", "maxwait_us", "pool_mode")
-	socketColumns = cols("sssssisissiiississ", "type", "user", "database", "state", "addr", "port", "local_addr", "local_port",
-		"connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr", "link", "remote_pid", "tls", "application_name")
-	statsColumns = cols("sNNNNNNNNNNNNNNN", "database", "total_xact_count", "total_query_count", "total_received",
-		"total_sent", "total_xact_time", "total_query_time", "total_wait_time", "avg_xact_count", "avg_query_count",
-		"avg_recv", "avg_sent", "avg_xact_time", "avg_query_time", "avg_wait_time", "total_requests")
-	statsPartColumns = cols("sNNNNNNN", "database", "xact_count", "query_count", "bytes_received", "bytes_sent",
-		"xact_time", "query_time", "wait_time")
-	configColumns    = cols("ssss", "key", "value", "default", "changeable")
-	listsColumns     = cols("si", "list", "items")
-	versionColumns   = cols("s", "version")
-	databasesColumns = cols("ssissiiisiiii", "name", "host", "port", "database", "force_user", "pool_size",
-		"min_pool_size", "reserve_pool", "pool_mode", "max_connections", "current_connections", "paused", "disabled")
-	usersColumns = cols("ss", "name", "pool_mode")
-)
-
-var consoleShowColumns = map[string][]consoleColumn{
-	"POOLS": poolsColumns, "CLIENTS": socketColumns, "SERVERS": socketColumns, "STATS": statsColumns,
-	"STATS_TOTALS": statsPartColumns, "STATS_AVERAGES": statsPartColumns, "CONFIG": configColumns,
-	"LISTS": listsColumns, "VERSION": versionColumns, "DATABASES": databasesColumns, "USERS": usersColumns,
-	"HELP": nil,
+func showColumns(what string) (_ []consoleColumn, ok bool) {
+	switch what {
+	case "POOLS":
+		return cols("ssiiiiiiiiiiiiis", "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
+			"cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle", "sv_used", "sv_tested",
+			"sv_login", "maxwait", "maxwait_us", "pool_mode"), true
+	case "CLIENTS", "SERVERS":
+		return cols("sssssisissiiississ", "type", "user", "database", "state", "addr", "port", "local_addr", "local_port",
+			"connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr", "link", "remote_pid", "tls",
+			"application_name"), true
+	case "STATS":
+		return cols("sNNNNNNNNNNNNNNN", "database", "total_xact_count", "total_query_count", "total_received",
+			"total_sent", "total_xact_time", "total_query_time", "total_wait_time", "avg_xact_count", "avg_query_count",
+			"avg_recv", "avg_sent", "avg_xact_time", "avg_query_time", "avg_wait_time", "total_requests"), true
+	case "STATS_TOTALS", "STATS_AVERAGES":
+		return cols("sNNNNNNN", "database", "xact_count", "query_count", "bytes_received", "bytes_sent",
+			"xact_time", "query_time", "wait_time"), true
+	case "CONFIG":
+		return cols("ssss", "key", "value", "default", "changeable"), true
+	case "LISTS":
+		return cols("si", "list", "items"), true
+	case "VERSION":
+		return cols("s", "version"), true
+	case "DATABASES":
+		return cols("ssissiiisiiii", "name", "host", "port", "database", "force_user", "pool_size",
+			"min_pool_size", "reserve_pool", "pool_mode", "max_connections", "current_connections", "paused", "disabled"), true
+	case "USERS":
+		return cols("ss", "name", "pool_mode"), true
+	case "HELP":
+		return nil, true
+	}
+	return nil, false
 }
 
 const consoleHelp = `Console usage
@@ -451,7 +459,7 @@ func parseConsoleCommand(q string) (verb, arg string, err *clientError) {
 	switch verb {
 	case "SHOW":
 		arg = strings.ToUpper(arg)
-		if _, ok := consoleShowColumns[arg]; !ok {
+		if _, ok := showColumns(arg); !ok {
 			return "", "", consoleSyntaxError(q)
 		}
 	case "KILL":
@@ -485,7 +493,8 @@ func consoleColumns(q string) ([]consoleColumn, error) {
 	if verb != "SHOW" {
 		return nil, nil
 	}
-	return consoleShowColumns[arg], nil
+	c, _ := showColumns(arg)
+	return c, nil
 }
 
 // consoleRun runs one command.
@@ -583,7 +592,8 @@ func (s *Server) killDatabase(db string) int {
 
 // consoleShow answers a SHOW command.
 func (s *Server) consoleShow(what string) consoleResult {
-	res := consoleResult{cols: consoleShowColumns[what], tag: "SHOW"}
+	c, _ := showColumns(what)
+	res := consoleResult{cols: c, tag: "SHOW"}
 	switch what {
 	case "HELP":
 		res.notice = consoleHelp
