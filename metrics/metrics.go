@@ -45,10 +45,14 @@ type Metrics struct {
 const namespace = "pggovernor"
 
 // latencyBuckets suit round trips, queries and transactions: 100µs to 60s.
-var latencyBuckets = []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
+func latencyBuckets() []float64 {
+	return []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
+}
 
 // waitBuckets suit waits for a server connection: 1ms to timeouts.query_wait's order.
-var waitBuckets = []float64{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}
+func waitBuckets() []float64 {
+	return []float64{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}
+}
 
 // governorSQLSTATEs are the codes the governor itself sends most, started
 // at zero so that rate() and alerts see them before the first error.
@@ -62,15 +66,15 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 	}
 	m := &Metrics{
 		WaitSeconds: h("wait_seconds",
-			"Time clients waited for a server connection (queued behind the budget, or held by PAUSE).", waitBuckets),
+			"Time clients waited for a server connection (queued behind the budget, or held by PAUSE).", waitBuckets()),
 		ServerConnectSeconds: h("server_connect_seconds",
-			"Time taken to open a server connection, authentication included (successful attempts).", latencyBuckets),
+			"Time taken to open a server connection, authentication included (successful attempts).", latencyBuckets()),
 		TransactionSeconds: h("transaction_duration_seconds",
-			"Duration of client transactions, from their first message to the ReadyForQuery that ends them.", latencyBuckets),
+			"Duration of client transactions, from their first message to the ReadyForQuery that ends them.", latencyBuckets()),
 		QuerySeconds: h("query_duration_seconds",
-			"Duration of client queries (a simple query, or an extended-protocol batch up to Sync), from first message to ReadyForQuery.", latencyBuckets),
+			"Duration of client queries (a simple query, or an extended-protocol batch up to Sync), from first message to ReadyForQuery.", latencyBuckets()),
 		UpstreamRoundTripSeconds: h("upstream_round_trip_seconds",
-			"Round-trip time of an empty query to the upstream server (health probes and idle-connection checks).", latencyBuckets),
+			"Round-trip time of an empty query to the upstream server (health probes and idle-connection checks).", latencyBuckets()),
 		errorsSent: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "errors_sent_total",
 			Help: "Errors pggovernor itself sent to clients, by SQLSTATE (errors from the server pass through uncounted)."}, []string{"sqlstate"}),
 		loginFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "login_failures_total",
