@@ -385,3 +385,38 @@ func TestFailedLoginLeavesNoSession(t *testing.T) {
 		t.Fatalf("shutdown took %s: the drain waited for a session that was gone", d)
 	}
 }
+
+// TestPauseCanBeCancelled: PAUSE waits for the transactions in flight; a
+// cancel request (pgx sends one when the context ends, psql on Ctrl-C)
+// ends the wait with 57014 and leaves the pause in effect.
+func TestPauseCanBeCancelled(t *testing.T) {
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Budget.Max = 2
+		c.Admin.Users = []string{"alice"}
+	})
+	ctx := context.Background()
+	client := connectPgx(t, g.url("alice", userPass, "appdb"))
+	tx, err := client.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustExecTx(t, tx, "SELECT 1")
+	console := connectPgx(t, g.consoleURL("alice", userPass))
+	cctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	_, err = console.Exec(cctx, "PAUSE appdb")
+	cancel()
+	if pgErr := assertCode(t, err, "57014"); !strings.Contains(pgErr.Detail, "RESUME") {
+		t.Fatalf("cancelled PAUSE: want a detail saying the pause stays, got %q", pgErr.Detail)
+	}
+	if !g.g.pool.IsPaused("appdb") {
+		t.Fatal("the pause ended with the cancelled command")
+	}
+	// The transaction in flight finishes; RESUME ends the pause.
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := console.Exec(ctx, "RESUME appdb"); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, client, "SELECT 1")
+}
