@@ -59,6 +59,9 @@ type Config struct {
 	Timeouts Timeouts `yaml:"timeouts"`
 	// Log configures logging.
 	Log Log `yaml:"log"`
+	// Admin configures the operators' interfaces: the admin console and the
+	// HTTP endpoints on admin_listen.
+	Admin Admin `yaml:"admin"`
 
 	// libpqEnv holds the PG* variables that decide, as in libpq, what the
 	// URL leaves out (read by Load, used by Validate).
@@ -231,10 +234,35 @@ type Timeouts struct {
 
 // Log configures logging.
 type Log struct {
-	// Level is debug, info, warn or error.
-	Level string `yaml:"level" enum:"debug,info,warn,error"`
+	// Level is debug, info, warn or error. RELOAD (admin console) and SIGHUP
+	// apply a new value without a restart.
+	Level string `yaml:"level" enum:"debug,info,warn,error" reload:"true"`
 	// Format is json or console.
 	Format string `yaml:"format" enum:"json,console"`
+	// RepeatInterval limits repeated warnings and errors: one logged again
+	// with the same message within this interval is not written but
+	// counted, and the next one written carries the count in its
+	// "skipped" field. 0 writes every one.
+	RepeatInterval time.Duration `yaml:"repeat_interval" min:"0s"`
+}
+
+// Admin configures the admin console and the HTTP endpoints.
+type Admin struct {
+	// Users are the client users who may open the admin console by
+	// connecting to the database "pggovernor" (or "pgbouncer", so that
+	// PgBouncer's tools work unchanged). They authenticate like any client,
+	// against clients.users_file. RELOAD and SIGHUP apply a new list.
+	Users []string `yaml:"users" reload:"true"`
+	// Pprof serves Go's profiler at /debug/pprof/ on admin_listen. Enable it
+	// only where admin_listen is reachable by operators alone.
+	Pprof bool `yaml:"pprof"`
+	// ProbeInterval is how often pggovernor checks that the upstream server
+	// answers, for /readyz and pggovernor_upstream_up: a round trip on the
+	// control connection when the budget is derived from the server; with
+	// budget.max, on a server connection idle for this long, if any (none
+	// is opened for it). Every attempt to open a server connection counts
+	// as evidence too.
+	ProbeInterval time.Duration `yaml:"probe_interval" min:"100ms"`
 }
 
 // Default returns the configuration used where nothing else is said.
@@ -266,6 +294,7 @@ func Default() Config {
 			ServerCheckDelay: 30 * time.Second,
 			ShutdownDrain:    30 * time.Second,
 		},
-		Log: Log{Level: "info", Format: "json"},
+		Log:   Log{Level: "info", Format: "json", RepeatInterval: 10 * time.Second},
+		Admin: Admin{ProbeInterval: 5 * time.Second},
 	}
 }

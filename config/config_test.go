@@ -220,7 +220,8 @@ func fullWant() config.Config {
 			ServerCheckDelay: time.Second,
 			ShutdownDrain:    time.Minute,
 		},
-		Log: config.Log{Level: "debug", Format: "console"},
+		Log:   config.Log{Level: "debug", Format: "console", RepeatInterval: time.Minute},
+		Admin: config.Admin{Users: []string{"ops", "exporter"}, Pprof: true, ProbeInterval: 250 * time.Millisecond},
 	}
 }
 
@@ -244,6 +245,14 @@ func fullSettings(t *testing.T) map[string]string {
 			}
 			if sub, ok := v.(map[string]any); ok {
 				walk(sub, k)
+				continue
+			}
+			if list, ok := v.([]any); ok {
+				items := make([]string, len(list))
+				for i, item := range list {
+					items[i] = fmt.Sprint(item)
+				}
+				out[k] = strings.Join(items, ",")
 				continue
 			}
 			out[k] = fmt.Sprint(v)

@@ -391,3 +391,14 @@ func checkTags(cfg *Config) error {
 	}
 	return errors.Join(errs...)
 }
+
+// Reloadable reports whether RELOAD (and SIGHUP) apply a new value of the
+// key path without a restart: the fields tagged reload:"true".
+func Reloadable(path string) bool {
+	for _, k := range keys() {
+		if k.path == path {
+			return k.field.Tag.Get("reload") == "true"
+		}
+	}
+	return false
+}

@@ -1,5 +1,8 @@
-// Package metrics owns pggovernor's Prometheus registry and the admin HTTP
-// endpoints: /metrics, /healthz (alive) and /readyz (serving).
+// Package metrics owns pggovernor's Prometheus registry, its metrics (every
+// name, help string and unit declared in metrics.go), the collector that
+// reads the pool's and the proxy's figures at scrape time, and the admin
+// HTTP endpoints: /metrics, /healthz (alive), /readyz (serving) and, when
+// asked, /debug/pprof.
 package metrics
 
 import (

@@ -10,10 +10,12 @@ package pool
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -55,6 +57,27 @@ type Options struct {
 	ServerCheckDelay time.Duration
 	// Now is the clock (time.Now when nil).
 	Now func() time.Time
+	// Events receives measurements as they happen (the metrics package
+	// turns them into histograms); nil fields are skipped.
+	Events Events
+}
+
+// Events are callbacks for measurements that a scrape-time snapshot cannot
+// give. They are called outside the pool's lock, on paths that already
+// wait or do I/O (never on the idle-connection fast path), and must not
+// block. Nil fields are skipped.
+type Events struct {
+	// Waited is called when a client's wait for a server connection ends:
+	// in the FIFO queue or behind a PAUSE. d is how long it waited;
+	// timedOut is true when the wait ended without a connection.
+	Waited func(d time.Duration, timedOut bool)
+	// Connected is called after each attempt to open a server connection,
+	// with how long the attempt took and its error (nil on success).
+	Connected func(r Route, d time.Duration, err error)
+	// Checked is called after each round trip that checks a connection
+	// (an idle connection's check before reuse, or Probe), with its
+	// duration and error.
+	Checked func(d time.Duration, err error)
 }
 
 // Pool is the set of server connections. All methods are safe for
@@ -77,12 +100,18 @@ type Pool struct {
 	waiters  waitQueue
 	closed   bool
 	stats    Stats
+	// Pause state: every database (pauseAll) or some; resumed is closed
+	// and replaced at every Resume; pausedWaiting counts clients held.
+	pauseAll      bool
+	pausedDBs     map[string]bool
+	resumed       chan struct{}
+	pausedWaiting int
 
 	done     chan struct{}
 	loopDone chan struct{}
-	// drained is closed and replaced whenever a connection goes away or
-	// total drops, for Wait and CloseRoutes.
-	drained chan struct{}
+	// changed is closed and replaced whenever a connection closes or a
+	// slot is freed, for Wait, WaitQuiet and WaitClose.
+	changed chan struct{}
 }
 
 type routeState struct {
@@ -90,13 +119,43 @@ type routeState struct {
 	retiring bool      // CloseRoutes: released connections are closed
 	open     int       // connections of this route (idle or in use)
 	inUse    int
+	opening  int // connections being opened for this route
 	welcome  map[string]string
+	servers  map[*Server]struct{} // every open connection of the route
+	// waiting counts clients waiting for this route (queued or paused);
+	// pausedSince is when the first client still held by a PAUSE began.
+	waiting     int
+	pausedSince time.Time
+	counters    RouteCounters
+}
+
+// RouteCounters are a route's cumulative figures.
+type RouteCounters struct {
+	// WaitCount counts waits for a connection (queued or behind a PAUSE).
+	WaitCount int64
+	// WaitDuration sums the time those waits took.
+	WaitDuration time.Duration
+	// WaitTimeouts counts waits that ended in a timeout.
+	WaitTimeouts int64
+	// ClosedIdle counts connections closed after timeouts.server_idle
+	// unused (database/sql's MaxIdleTimeClosed).
+	ClosedIdle int64
+	// ClosedSurplus counts idle connections closed because they were not
+	// needed: the budget shrank, or another route needed the slot
+	// (database/sql's MaxIdleClosed).
+	ClosedSurplus int64
+	// ClosedLifetime counts connections closed after
+	// timeouts.server_lifetime (database/sql's MaxLifetimeClosed).
+	ClosedLifetime int64
+	// Connects counts connections opened.
+	Connects int64
 }
 
 // Stats are cumulative and current figures, read at scrape time.
 type Stats struct {
-	// Limit is the budget.
-	Limit int
+	// Limit is the budget, and LimitKnown whether it is known yet.
+	Limit      int
+	LimitKnown bool
 	// Open counts connections open, opening or closing.
 	Open int
 	// Idle counts idle connections.
@@ -115,8 +174,16 @@ type Stats struct {
 	ClosedIdle int64
 	// ClosedLifetime counts connections closed for age.
 	ClosedLifetime int64
+	// ClosedSurplus counts idle connections closed because they were not
+	// needed (the budget shrank, or another route needed the slot).
+	ClosedSurplus int64
 	// Connects counts connections opened; ConnectErrors failed attempts.
 	Connects, ConnectErrors int64
+	// Opening counts connections being opened; Closing those asked to
+	// close whose backend has not exited yet. Both hold budget slots.
+	Opening, Closing int
+	// Paused is true while a PAUSE holds at least one database.
+	Paused bool
 }
 
 // New returns a pool with an unknown (zero) budget: Acquire waits until
@@ -126,14 +193,16 @@ func New(opts Options) *Pool {
 		opts.Now = time.Now
 	}
 	p := &Pool{
-		opts:     opts,
-		logger:   opts.Logger,
-		now:      opts.Now,
-		routes:   map[Route]*routeState{},
-		done:     make(chan struct{}),
-		loopDone: make(chan struct{}),
-		limitErr: errors.New("the budget is not known yet"),
-		drained:  make(chan struct{}),
+		opts:      opts,
+		logger:    opts.Logger,
+		now:       opts.Now,
+		routes:    map[Route]*routeState{},
+		done:      make(chan struct{}),
+		loopDone:  make(chan struct{}),
+		limitErr:  errors.New("the budget is not known yet"),
+		changed:   make(chan struct{}),
+		resumed:   make(chan struct{}),
+		pausedDBs: map[string]bool{},
 	}
 	p.bufs.New = func() any { b := make([]byte, wire.BufferSize); return &b }
 	go p.reapLoop()
@@ -185,6 +254,7 @@ func (p *Pool) shrinkLocked() {
 			return
 		}
 		p.removeIdleLocked(s)
+		p.countSurplusLocked(s.route)
 		s.close()
 	}
 }
@@ -209,11 +279,14 @@ func (p *Pool) Stats() Stats {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	st := p.stats
-	st.Limit, st.Open, st.Waiting = p.limit, p.total, p.waiters.len()
+	st.Limit, st.LimitKnown, st.Open, st.Waiting = p.limit, p.limitSet, p.total, p.waiters.len()+p.pausedWaiting
 	for _, rs := range p.routes {
 		st.Idle += len(rs.idle)
 		st.InUse += rs.inUse
+		st.Opening += rs.opening
 	}
+	st.Closing = p.closingLocked()
+	st.Paused = p.pauseAll || len(p.pausedDBs) > 0
 	return st
 }
 
@@ -228,10 +301,104 @@ func (p *Pool) RouteStats() map[Route][3]int {
 	return out
 }
 
+// RouteStat is one route's figures, for the admin console and the
+// metrics.
+type RouteStat struct {
+	Route Route
+	// Open counts the route's connections (idle, in use or closing);
+	// Idle, InUse and Opening those idle, held by clients, being opened.
+	Open, Idle, InUse, Opening int
+	// Waiting counts clients waiting for a connection of the route.
+	Waiting int
+	// MaxWait is how long the longest-waiting of them has waited.
+	MaxWait time.Duration
+	// Paused is true while a PAUSE holds the route's database.
+	Paused bool
+	RouteCounters
+}
+
+// Routes returns every route's figures, sorted by database then user.
+func (p *Pool) Routes() []RouteStat {
+	now := p.now()
+	p.mu.Lock()
+	out := make([]RouteStat, 0, len(p.routes))
+	for r, rs := range p.routes {
+		st := RouteStat{Route: r, Open: rs.open, Idle: len(rs.idle), InUse: rs.inUse, Opening: rs.opening,
+			Waiting: rs.waiting, Paused: p.pausedLocked(r), RouteCounters: rs.counters}
+		if !rs.pausedSince.IsZero() {
+			st.MaxWait = now.Sub(rs.pausedSince)
+		}
+		out = append(out, st)
+	}
+	for _, w := range p.waiters.items {
+		for i := range out {
+			if out[i].Route == w.route {
+				out[i].MaxWait = max(out[i].MaxWait, now.Sub(w.since))
+			}
+		}
+	}
+	p.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].Route.Database != out[j].Route.Database {
+			return out[i].Route.Database < out[j].Route.Database
+		}
+		return out[i].Route.User < out[j].Route.User
+	})
+	return out
+}
+
+// ServerInfo describes one server connection, for SHOW SERVERS.
+type ServerInfo struct {
+	ID    uint64
+	Route Route
+	// PID is the backend's process ID.
+	PID uint32
+	// Created is when it was opened; LastUsed when it was last released
+	// (or opened).
+	Created, LastUsed time.Time
+	// Idle is true while it sits in the pool; false while a client (or
+	// the pool's own check) holds it.
+	Idle bool
+	// CloseNeeded is true when it will be closed instead of reused: it is
+	// closing, broken, or past timeouts.server_lifetime.
+	CloseNeeded bool
+	// LocalAddr and RemoteAddr are the TCP endpoints.
+	LocalAddr, RemoteAddr net.Addr
+	// TLS is true when the connection is encrypted.
+	TLS bool
+}
+
+// Servers lists every open server connection, oldest first.
+func (p *Pool) Servers() []ServerInfo {
+	now := p.now()
+	p.mu.Lock()
+	var out []ServerInfo
+	for _, rs := range p.routes {
+		idle := make(map[*Server]bool, len(rs.idle))
+		for _, s := range rs.idle {
+			idle[s] = true
+		}
+		for s := range rs.servers {
+			_, isTLS := s.conn.(*tls.Conn)
+			out = append(out, ServerInfo{ID: s.id, Route: s.route, PID: s.pid, Created: s.created, LastUsed: s.lastUsed,
+				Idle: idle[s], CloseNeeded: p.closeNeeded(s, now), LocalAddr: s.conn.LocalAddr(),
+				RemoteAddr: s.conn.RemoteAddr(), TLS: isTLS})
+		}
+	}
+	p.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// closeNeeded reports whether s will be closed rather than reused.
+func (p *Pool) closeNeeded(s *Server, now time.Time) bool {
+	return s.Broken() || (!s.expires.IsZero() && now.After(s.expires))
+}
+
 func (p *Pool) route(r Route) *routeState {
 	rs := p.routes[r]
 	if rs == nil {
-		rs = &routeState{}
+		rs = &routeState{servers: map[*Server]struct{}{}}
 		p.routes[r] = rs
 	}
 	return rs
@@ -248,10 +415,14 @@ type WaitError struct {
 	LimitKnown bool
 	// Cause is why the budget is unknown or the last connect failure, if any.
 	Cause error
+	// Paused is true when the wait ended while the database was paused.
+	Paused bool
 }
 
 func (e *WaitError) Error() string {
 	switch {
+	case e.Paused:
+		return fmt.Sprintf("no server connection after waiting %s: the database is paused", e.Waited.Round(time.Millisecond))
 	case !e.LimitKnown:
 		return fmt.Sprintf("no server connection after waiting %s: %v", e.Waited.Round(time.Millisecond), e.Cause)
 	case e.Cause != nil:
@@ -265,15 +436,47 @@ func (e *WaitError) Unwrap() error { return e.Cause }
 // ErrClosed is returned by Acquire once the pool is closed.
 var ErrClosed = errors.New("the server connection pool is shut down")
 
+// errPaused is returned inside the pool when a route's database is paused:
+// the caller waits for Resume and tries again.
+var errPaused = errors.New("the database is paused")
+
 // Acquire returns a connection for route, opening one within the budget or
 // waiting in FIFO order for one. ctx bounds the wait (the caller applies
 // timeouts.query_wait); the caller must Release the connection. params
 // are the startup parameters for a connection opened for this request.
+//
+// While the route's database is paused (Pause), Acquire waits for Resume
+// and the time spent paused does not count against ctx's deadline: the
+// deadline is moved later by as long as the pause held the request, so a
+// PAUSE longer than timeouts.query_wait loses no client. Cancelling ctx
+// still ends the wait, and so does its deadline if ctx is marked with
+// PauseCounts.
 func (p *Pool) Acquire(ctx context.Context, r Route, params map[string]string) (*Server, error) {
 	start := p.now()
 	var lastErr error
+	var undo []func()
+	defer func() {
+		for _, f := range undo {
+			f()
+		}
+	}()
 	for attempt := 0; ; attempt++ {
+		paused, err := p.waitResumed(ctx, r)
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, p.waitError(r, start, lastErr)
+		}
+		if err != nil {
+			return nil, err
+		}
+		if paused > 0 && ctx.Value(pauseCountsKey{}) == nil {
+			var stop func()
+			ctx, stop = extendDeadline(ctx, paused)
+			undo = append(undo, stop)
+		}
 		g, err := p.acquireGrant(ctx, r, start, lastErr)
+		if errors.Is(err, errPaused) {
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -290,7 +493,7 @@ func (p *Pool) Acquire(ctx context.Context, r Route, params map[string]string) (
 		if !retryable(err) || ctx.Err() != nil {
 			var werr error = err
 			if ctx.Err() != nil {
-				werr = p.waitError(start, err)
+				werr = p.waitError(r, start, err)
 			}
 			return nil, werr
 		}
@@ -300,19 +503,36 @@ func (p *Pool) Acquire(ctx context.Context, r Route, params map[string]string) (
 		select {
 		case <-ctx.Done():
 			t.Stop()
-			return nil, p.waitError(start, lastErr)
+			return nil, p.waitError(r, start, lastErr)
 		case <-t.C:
 		}
 	}
 }
 
+// extendDeadline returns ctx with its deadline moved later by d, still
+// cancelled when ctx is cancelled (but not when ctx's own deadline passes).
+// The caller must call stop.
+func extendDeadline(ctx context.Context, d time.Duration) (_ context.Context, stop func()) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return ctx, func() {}
+	}
+	ext, cancel := context.WithDeadline(context.WithoutCancel(ctx), dl.Add(d))
+	stopAfter := context.AfterFunc(ctx, func() {
+		if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			cancel()
+		}
+	})
+	return ext, func() { stopAfter(); cancel() }
+}
+
 // TryAcquire returns an idle connection of route at once, or nil when
-// none is idle (or clients are already waiting). It needs no timer, so it
-// is the first thing a client tries.
+// none is idle (or clients are already waiting, or the database is
+// paused). It needs no timer, so it is the first thing a client tries.
 func (p *Pool) TryAcquire(r Route) *Server {
 	p.mu.Lock()
 	rs := p.routes[r]
-	if rs == nil || len(rs.idle) == 0 || p.waiters.len() > 0 || p.closed {
+	if rs == nil || len(rs.idle) == 0 || p.waiters.len() > 0 || p.closed || p.pausedLocked(r) {
 		p.mu.Unlock()
 		return nil
 	}
@@ -329,14 +549,15 @@ func (p *Pool) TryAcquire(r Route) *Server {
 	return s
 }
 
-func (p *Pool) waitError(start time.Time, cause error) error {
+func (p *Pool) waitError(r Route, start time.Time, cause error) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.stats.WaitTimeouts++
+	p.route(r).counters.WaitTimeouts++
 	if !p.limitSet {
 		cause = p.limitErr
 	}
-	return &WaitError{Waited: p.now().Sub(start), Limit: p.limit, LimitKnown: p.limitSet, Cause: cause}
+	return &WaitError{Waited: p.now().Sub(start), Limit: p.limit, LimitKnown: p.limitSet, Cause: cause, Paused: p.pausedLocked(r)}
 }
 
 // retryable says whether a connect error may go away by itself: the server
@@ -365,12 +586,22 @@ func retryable(err error) bool {
 		strings.Contains(msg, "connection reset") || strings.Contains(msg, "EOF") || strings.Contains(msg, "timeout")
 }
 
+// Unavailable reports whether a connect error says the server cannot be
+// reached or cannot take connections now (as opposed to a refusal of this
+// one request, such as an unknown database).
+func Unavailable(err error) bool { return err != nil && retryable(err) }
+
 // grant is what a waiter receives: an idle connection of its route, or a
-// budget slot to open one with (server nil).
-type grant struct{ server *Server }
+// budget slot to open one with (server nil), or word that its database was
+// paused (paused; no slot).
+type grant struct {
+	server *Server
+	paused bool
+}
 
 type waiter struct {
 	route Route
+	since time.Time
 	ch    chan grant
 }
 
@@ -379,6 +610,10 @@ func (p *Pool) acquireGrant(ctx context.Context, r Route, start time.Time, lastE
 	if p.closed {
 		p.mu.Unlock()
 		return grant{}, ErrClosed
+	}
+	if p.pausedLocked(r) {
+		p.mu.Unlock()
+		return grant{}, errPaused
 	}
 	rs := p.route(r)
 	if n := len(rs.idle); n > 0 && p.waiters.len() == 0 {
@@ -393,14 +628,18 @@ func (p *Pool) acquireGrant(ctx context.Context, r Route, start time.Time, lastE
 		p.mu.Unlock()
 		return grant{}, nil
 	}
-	w := &waiter{route: r, ch: make(chan grant, 1)}
+	queued := p.now()
+	w := &waiter{route: r, since: queued, ch: make(chan grant, 1)}
 	p.waiters.push(w)
 	p.stats.WaitCount++
+	rs.counters.WaitCount++
+	rs.waiting++
 	// Free a slot for this route by closing another route's idle
 	// connection, so that no route starves while others sit idle.
 	if p.total >= p.limit && len(rs.idle) == 0 {
 		if victim := p.oldestIdleLocked(r, true); victim != nil {
 			p.removeIdleLocked(victim)
+			p.countSurplusLocked(victim.route)
 			victim.close()
 		}
 	}
@@ -408,31 +647,49 @@ func (p *Pool) acquireGrant(ctx context.Context, r Route, start time.Time, lastE
 
 	select {
 	case g := <-w.ch:
-		p.addWait(start)
+		p.endWait(r, queued, false)
+		if g.paused { // taken out of the queue by Pause: wait for Resume
+			return grant{}, errPaused
+		}
 		return g, nil
 	case <-ctx.Done():
 		p.mu.Lock()
 		removed := p.waiters.remove(w)
 		p.mu.Unlock()
 		if !removed { // granted meanwhile: give it back
-			g := <-w.ch
-			if g.server != nil {
-				p.Release(g.server)
-			} else {
-				p.slotFreed()
-			}
+			p.giveBack(<-w.ch)
 		}
-		p.addWait(start)
-		return grant{}, p.waitError(start, lastErr)
+		p.endWait(r, queued, true)
+		return grant{}, p.waitError(r, start, lastErr)
 	case <-p.done:
+		p.endWait(r, queued, true)
 		return grant{}, ErrClosed
 	}
 }
 
-func (p *Pool) addWait(start time.Time) {
+// giveBack returns a grant its waiter does not use.
+func (p *Pool) giveBack(g grant) {
+	switch {
+	case g.paused: // no slot came with it
+	case g.server != nil:
+		p.Release(g.server)
+	default:
+		p.slotFreed()
+	}
+}
+
+// endWait accounts for a wait in the queue that began at since.
+func (p *Pool) endWait(r Route, since time.Time, timedOut bool) {
+	d := p.now().Sub(since)
 	p.mu.Lock()
-	p.stats.WaitDuration += p.now().Sub(start)
+	p.stats.WaitDuration += d
+	rs := p.route(r)
+	rs.counters.WaitDuration += d
+	rs.waiting--
 	p.mu.Unlock()
+	if f := p.opts.Events.Waited; f != nil {
+		f(d, timedOut)
+	}
 }
 
 // grantLocked hands g to the first waiter. The caller has accounted for
@@ -447,12 +704,20 @@ func (p *Pool) grantLocked(g grant) {
 
 // connect opens a connection on a slot already counted in total.
 func (p *Pool) connect(ctx context.Context, r Route, params map[string]string) (*Server, error) {
+	p.mu.Lock()
+	p.route(r).opening++
+	p.mu.Unlock()
+	began := p.now()
 	// The connection outlives this request, so its setup is not cut short
 	// by the requester giving up; only by the connect timeout.
 	hc, err := p.opts.Connector.Connect(context.WithoutCancel(ctx), r, params)
+	if f := p.opts.Events.Connected; f != nil {
+		f(r, p.now().Sub(began), err)
+	}
 	if err != nil {
 		p.mu.Lock()
 		p.stats.ConnectErrors++
+		p.route(r).opening--
 		p.mu.Unlock()
 		p.slotFreed()
 		return nil, err
@@ -481,8 +746,11 @@ func (p *Pool) connect(ctx context.Context, r Route, params map[string]string) (
 	}
 	p.mu.Lock()
 	rs := p.route(r)
+	rs.opening--
 	rs.open++
 	rs.inUse++
+	rs.servers[s] = struct{}{}
+	rs.counters.Connects++
 	p.stats.Connects++
 	if rs.welcome == nil {
 		w := make(map[string]string, len(hc.ParameterStatuses))
@@ -510,7 +778,7 @@ func (p *Pool) check(ctx context.Context, s *Server) bool {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err := p.Exec(ctx, s, ""); err != nil {
+	if err := p.roundTrip(ctx, s); err != nil {
 		p.logger.Info("idle server connection failed its check; closing it", zap.Uint64("server_id", s.id), zap.Error(err))
 		s.MarkBroken()
 		p.Release(s)
@@ -519,11 +787,52 @@ func (p *Pool) check(ctx context.Context, s *Server) bool {
 	return true
 }
 
+// roundTrip runs an empty query on a held connection and reports its
+// duration to Events.Checked.
+func (p *Pool) roundTrip(ctx context.Context, s *Server) error {
+	began := p.now()
+	err := p.Exec(ctx, s, "")
+	if f := p.opts.Events.Checked; f != nil {
+		f(p.now().Sub(began), err)
+	}
+	return err
+}
+
+// Probe checks that the upstream server answers with a round trip on the
+// least recently used idle connection, if it has been idle for at least
+// minIdle (a busier pool proves the server's health with its own traffic).
+// The probe does not count as a use: the connection is still closed after
+// timeouts.server_idle. probed is false when no connection qualified.
+func (p *Pool) Probe(ctx context.Context, minIdle time.Duration) (rtt time.Duration, probed bool, err error) {
+	now := p.now()
+	p.mu.Lock()
+	s := p.oldestIdleLocked(Route{}, false)
+	if p.closed || s == nil || now.Sub(s.lastUsed) < minIdle {
+		p.mu.Unlock()
+		return 0, false, nil
+	}
+	p.removeIdleLocked(s)
+	p.route(s.route).inUse++
+	p.mu.Unlock()
+	began := p.now()
+	err = p.roundTrip(ctx, s)
+	rtt = p.now().Sub(began)
+	if err != nil {
+		s.MarkBroken()
+	}
+	p.release(s, false)
+	return rtt, true, err
+}
+
 // Release returns a connection the caller no longer uses. The caller must
 // have left it at a safe point (ReadyForQuery idle, nothing in flight) or
 // marked it broken; a broken, closing, expired or over-budget connection is
-// closed instead of being reused.
-func (p *Pool) Release(s *Server) {
+// closed instead of being reused, and so is one whose database is paused.
+func (p *Pool) Release(s *Server) { p.release(s, true) }
+
+// release is Release; used says whether the holder used the connection
+// (its idle time starts again) or only probed it.
+func (p *Pool) release(s *Server, used bool) {
 	s.SetHandler(nil)
 	s.cancelMu.Lock() // a cancel in flight must land before anyone else uses s
 	s.cancelMu.Unlock()
@@ -532,17 +841,25 @@ func (p *Pool) Release(s *Server) {
 	defer p.mu.Unlock()
 	rs := p.route(s.route)
 	rs.inUse--
-	s.lastUsed = now
+	if used {
+		s.lastUsed = now
+	}
 	expired := !s.expires.IsZero() && now.After(s.expires)
 	switch {
 	case s.Broken() || p.closed || s.TxStatus != 'I':
 		s.close()
 	case expired:
 		p.stats.ClosedLifetime++
+		rs.counters.ClosedLifetime++
+		s.close()
+	case p.pausedLocked(s.route):
+		// A paused database keeps no connection: maintenance or a
+		// failover may follow.
 		s.close()
 	case rs.retiring:
 		s.close()
 	case p.total > p.limit:
+		p.countSurplusLocked(s.route)
 		s.close()
 	case p.waiters.len() > 0:
 		if p.waiters.peek().route == s.route {
@@ -550,11 +867,23 @@ func (p *Pool) Release(s *Server) {
 		} else {
 			// The head waiter wants another route: this connection's
 			// slot goes to it once the connection is gone.
+			p.countSurplusLocked(s.route)
 			s.close()
 		}
+	case !used:
+		// Back where it was in the idle stack's order: least recently
+		// used first.
+		rs.idle = append([]*Server{s}, rs.idle...)
 	default:
 		rs.idle = append(rs.idle, s)
 	}
+}
+
+// countSurplusLocked counts an idle connection of r closed because it was
+// not needed.
+func (p *Pool) countSurplusLocked(r Route) {
+	p.stats.ClosedSurplus++
+	p.route(r).counters.ClosedSurplus++
 }
 
 // serverGone is called by a connection's reader when it has closed.
@@ -568,8 +897,9 @@ func (p *Pool) serverGone(s *Server) {
 	p.mu.Lock()
 	rs := p.route(s.route)
 	rs.open--
+	delete(rs.servers, s)
 	p.removeIdleLocked(s)
-	p.broadcastLocked()
+	p.notifyLocked()
 	p.mu.Unlock()
 	p.slotFreed()
 }
@@ -585,13 +915,13 @@ func (p *Pool) slotFreed() {
 		return
 	}
 	p.total--
-	p.broadcastLocked()
+	p.notifyLocked()
 }
 
-// broadcastLocked wakes everyone waiting for connections to go away.
-func (p *Pool) broadcastLocked() {
-	close(p.drained)
-	p.drained = make(chan struct{})
+// notifyLocked wakes everyone waiting for the pool's connections to change.
+func (p *Pool) notifyLocked() {
+	close(p.changed)
+	p.changed = make(chan struct{})
 }
 
 func (p *Pool) removeIdleLocked(s *Server) {
@@ -651,8 +981,10 @@ func (p *Pool) reap() {
 				rs.idle = append(rs.idle[:i], rs.idle[i+1:]...)
 				if idleTooLong {
 					p.stats.ClosedIdle++
+					rs.counters.ClosedIdle++
 				} else {
 					p.stats.ClosedLifetime++
+					rs.counters.ClosedLifetime++
 				}
 				s.close()
 				continue
@@ -721,7 +1053,7 @@ func (p *Pool) CloseRoutes(ctx context.Context, match func(Route) bool) int {
 	}()
 	for {
 		p.mu.Lock()
-		open, changed := 0, p.drained
+		open, changed := 0, p.changed
 		for _, rs := range retiring {
 			open += rs.open
 		}
@@ -769,11 +1101,17 @@ func (p *Pool) Close(ctx context.Context) {
 
 // Wait blocks until every connection is gone or ctx ends.
 func (p *Pool) Wait(ctx context.Context) error {
+	return p.waitUntil(ctx, func() bool { return p.total == 0 })
+}
+
+// waitUntil blocks until cond, evaluated under the lock after every change
+// of the pool's connections, holds or ctx ends.
+func (p *Pool) waitUntil(ctx context.Context, cond func() bool) error {
 	for {
 		p.mu.Lock()
-		n, changed := p.total, p.drained
+		ok, changed := cond(), p.changed
 		p.mu.Unlock()
-		if n == 0 {
+		if ok {
 			return nil
 		}
 		select {

@@ -71,6 +71,7 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				sess.pendingUnpin = 0
 				sess.batchError = false
 				sess.copyIn = false
+				sess.noteReadyLocked(srv.TxStatus)
 			} else if sess.batchError {
 				// The governor's own statement failed: the connection's
 				// state is unknown, so it serves nobody after this client.

@@ -28,6 +28,11 @@ const (
 	codeQueryCanceled       = "57014"
 	codeFeatureNotSupported = "0A000"
 	codeInternalError       = "XX000"
+	codeInsufficientPriv    = "42501"
+	codeSyntaxError         = "42601"
+	codeNotInPrerequisite   = "55000"
+	codeNoSuchStatement     = "26000"
+	codeNoSuchPortal        = "34000"
 )
 
 // msgCertAuthFailed is completed with the user name when sent, as
@@ -76,6 +81,9 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 	if errors.As(err, &waitErr) {
 		e := &clientError{fatal: fatal, code: codeTooManyConnections, cause: err}
 		switch {
+		case waitErr.Paused:
+			e.message = fmt.Sprintf("no server connection available within the wait allowed (%s): the database is paused by the pggovernor admin console", waitTimeout)
+			e.hint = "RESUME in the admin console ends the pause."
 		case !waitErr.LimitKnown:
 			e.message = fmt.Sprintf("no server connection available within timeouts.query_wait (%s): the connection budget is not known yet because pggovernor cannot read max_connections from the server", waitTimeout)
 			e.hint = "Check that the server is reachable with the configured credentials (pggovernor doctor), or set budget.max."
@@ -176,8 +184,10 @@ func safeUpstreamDetail(err error) string {
 	return err.Error()
 }
 
-// appendError encodes e as an ErrorResponse.
-func appendError(dst []byte, e *clientError, user string) []byte {
+// appendError encodes e as an ErrorResponse. Every error the governor
+// itself sends to a client is encoded here, once, and counted by SQLSTATE.
+func (s *Server) appendError(dst []byte, e *clientError, user string) []byte {
+	s.opts.Metrics.errorSent(e.code)
 	sev := "ERROR"
 	if e.fatal {
 		sev = "FATAL"

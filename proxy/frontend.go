@@ -129,7 +129,7 @@ func (sess *session) query(frame []byte) error {
 	sess.linger = false
 	sess.applyEffects(eff)
 	sess.push(entry{kind: 'Q'})
-	sess.writing = true
+	sess.sending()
 	sess.mu.Unlock()
 	sess.logPin()
 	_, err = sess.sw.Write(frame)
@@ -219,7 +219,7 @@ func (sess *session) parse(frame []byte) error {
 		sess.prepareOn(ss, cs, false)
 	}
 	sess.unsynced = true
-	sess.writing = true
+	sess.sending()
 	sess.mu.Unlock()
 	_, err = sess.sw.Write(sess.inject)
 	return sess.serverWriteErr(err)
@@ -243,7 +243,7 @@ func (sess *session) parseUnnamed(frame, rest []byte, eff sqlEffects) error {
 	sess.push(entry{kind: 'P', flags: entUnnamed | entOwnParse})
 	sess.linger = sess.linkUnnamed
 	sess.unsynced = true
-	sess.writing = true
+	sess.sending()
 	sess.mu.Unlock()
 	_, err = sess.sw.Write(frame)
 	return sess.serverWriteErr(err)
@@ -269,7 +269,7 @@ func (sess *session) prepareOn(ss *serverStmts, cs *clientStmt, suppress bool) {
 		e.stmt = nil
 	}
 	sess.push(e)
-	sess.srv.stats.prepareMisses.Add(1)
+	sess.srv.notePrepared(false)
 }
 
 // closePending appends Closes for statements the server may still hold
@@ -314,9 +314,9 @@ func (sess *session) ensureStatement(srv *pool.Server, name []byte) (serverStmtN
 			wire.SetLength(sess.inject, start)
 			sess.push(entry{kind: 'P', flags: entSuppress | entUnnamed})
 			ss.unnamed, ss.unnamedOK = sess.unnamedKey, true
-			sess.srv.stats.prepareMisses.Add(1)
+			sess.srv.notePrepared(false)
 		default:
-			sess.srv.stats.prepareHits.Add(1)
+			sess.srv.notePrepared(true)
 		}
 		return nil, nil
 	}
@@ -325,7 +325,7 @@ func (sess *session) ensureStatement(srv *pool.Server, name []byte) (serverStmtN
 		return nil, nil // not ours: an SQL-level statement, or an error the server reports
 	}
 	if ss.has(cs.key) {
-		sess.srv.stats.prepareHits.Add(1)
+		sess.srv.notePrepared(true)
 	} else {
 		sess.prepareOn(ss, cs, true)
 	}
@@ -366,7 +366,7 @@ func (sess *session) bind(n int) error {
 	}
 	sess.push(entry{kind: 'B'})
 	sess.unsynced = true
-	sess.writing = true
+	sess.sending()
 	sess.mu.Unlock()
 	sess.logPin()
 	if _, err := sess.sw.Write(sess.inject); err != nil {
@@ -431,7 +431,7 @@ func (sess *session) describe(frame []byte) error {
 	}
 	sess.push(entry{kind: 'D'})
 	sess.unsynced = true
-	sess.writing = true
+	sess.sending()
 	sess.mu.Unlock()
 	if newName != nil {
 		sess.inject = wire.AppendHeader(sess.inject, 'D', 1+len(newName)+1)
@@ -493,7 +493,7 @@ func (sess *session) sync(frame []byte) error {
 	}
 	sess.push(entry{kind: 'S'})
 	sess.unsynced = false
-	sess.writing = true
+	sess.sending()
 	sess.mu.Unlock()
 	_, err := sess.sw.Write(frame)
 	return sess.serverWriteErr(err)
@@ -528,7 +528,7 @@ func (sess *session) passthrough(typ byte, n int) error {
 	case 'H':
 		sess.unsynced = true
 	}
-	sess.writing = true
+	sess.sending()
 	sess.mu.Unlock()
 	return sess.streamRest(srv, n)
 }
@@ -545,7 +545,7 @@ func (sess *session) plain(typ byte, frame []byte, eff sqlEffects) error {
 	sess.applyEffects(eff)
 	sess.push(entry{kind: typ})
 	sess.unsynced = true
-	sess.writing = true
+	sess.sending()
 	sess.mu.Unlock()
 	sess.logPin()
 	_, err := sess.sw.Write(frame)
@@ -558,10 +558,18 @@ func (sess *session) plain(typ byte, frame []byte, eff sqlEffects) error {
 // NOTE: the server's transaction is not aborted by such an error.
 func (sess *session) failExtended(ce *clientError) error {
 	sess.mu.Lock()
-	sess.pushSynthetic(string(appendError(nil, ce, sess.user)))
+	sess.pushSynthetic(string(sess.srv.appendError(nil, ce, sess.user)))
 	sess.mu.Unlock()
 	sess.skipToSync = true
 	return nil
+}
+
+// sending records that the pump has bytes for the server (a release waits
+// for their flush) and notes the request for the statistics. Called with
+// mu held.
+func (sess *session) sending() {
+	sess.writing = true
+	sess.noteRequestLocked()
 }
 
 // push adds an entry to the queue. Called with mu held.

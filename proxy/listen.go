@@ -301,7 +301,7 @@ func (sess *session) listenLocally(text []byte) (bool, error) {
 	if err != nil {
 		ce := toClientError(err, false, sess.srv.cfg.Timeouts.QueryWait)
 		sess.log.Warn("LISTEN/UNLISTEN through the listener connection failed", zap.String("sqlstate", ce.code), zap.Error(err))
-		sess.synthOut = append(appendError(sess.synthOut, ce, sess.user), readyForQuery('I')...)
+		sess.synthOut = append(sess.srv.appendError(sess.synthOut, ce, sess.user), readyForQuery('I')...)
 		return true, nil
 	}
 	sess.synthOut = append(sess.synthOut, commandComplete(tag)...)

@@ -11,6 +11,8 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap"
 
 	"github.com/pggovernor/pggovernor/auth"
@@ -22,11 +24,14 @@ import (
 // relayRig is a governor (trust auth, transaction mode) in front of the
 // scripted backend, and one raw client connection logged in through it.
 type relayRig struct {
-	conn  net.Conn
-	r     *bufio.Reader
-	query []byte
-	hdr   [5]byte
-	done  func()
+	// queries and transactions are the histograms the session reports
+	// to, so that the allocation test covers the metrics too.
+	queries, transactions prometheus.Histogram
+	conn                  net.Conn
+	r                     *bufio.Reader
+	query                 []byte
+	hdr                   [5]byte
+	done                  func()
 }
 
 func newRelayRig(tb testing.TB, mode string) *relayRig {
@@ -46,7 +51,10 @@ func newRelayRig(tb testing.TB, mode string) *relayRig {
 	cfg.PoolMode = mode
 	cfg.Clients.Auth = config.AuthTrust
 	users, _ := auth.NewUsers("")
-	srv := NewServer(Options{Config: &cfg, Pool: p, Verifier: auth.NewVerifier("trust", users), UpstreamUser: "bench", Logger: zap.NewNop()})
+	queries := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "q", Help: "q", Buckets: prometheus.DefBuckets})
+	transactions := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "t", Help: "t", Buckets: prometheus.DefBuckets})
+	srv := NewServer(Options{Config: &cfg, Pool: p, Verifier: auth.NewVerifier("trust", users), UpstreamUser: "bench", Logger: zap.NewNop(),
+		Metrics: Metrics{QueryDuration: queries, TransactionDuration: transactions}})
 	if err := srv.Listen(); err != nil {
 		tb.Fatal(err)
 	}
@@ -60,7 +68,7 @@ func newRelayRig(tb testing.TB, mode string) *relayRig {
 	if _, err := c.Write(startup); err != nil {
 		tb.Fatal(err)
 	}
-	rig := &relayRig{conn: c, r: bufio.NewReaderSize(c, 8192)}
+	rig := &relayRig{conn: c, r: bufio.NewReaderSize(c, 8192), queries: queries, transactions: transactions}
 	if err := rig.readUntilReady(); err != nil {
 		tb.Fatal(err)
 	}
@@ -144,6 +152,21 @@ func TestRelayDoesNotAllocate(t *testing.T) {
 			if allocs != 0 {
 				t.Fatalf("allocations per round trip: want = 0, got = %v", allocs)
 			}
+			if got := histogramCount(t, rig.queries); got < 1100 {
+				t.Fatalf("queries observed: want >= 1100 (every round trip), got = %d", got)
+			}
+			if got := histogramCount(t, rig.transactions); got < 1100 {
+				t.Fatalf("transactions observed: want >= 1100, got = %d", got)
+			}
 		})
 	}
+}
+
+func histogramCount(t *testing.T, h prometheus.Histogram) uint64 {
+	t.Helper()
+	var m dto.Metric
+	if err := h.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetHistogram().GetSampleCount()
 }

@@ -51,6 +51,11 @@ type Options struct {
 	// re-preparing the statement on the connection that serves the Bind.
 	// For measurements only; see docs/architecture.md.
 	LinkUnnamed bool
+	// Metrics are the handles the proxy reports to; the zero value
+	// reports nothing.
+	Metrics Metrics
+	// Console connects the admin console to the rest of the process.
+	Console ConsoleOptions
 }
 
 // Server accepts clients and serves them until Shutdown.
@@ -76,6 +81,16 @@ type Server struct {
 	empty     chan struct{} // closed when draining and no session is left
 	wg        sync.WaitGroup
 	ready     atomic.Bool
+	// ended sums the figures of ended sessions, by database.
+	ended map[string]*Totals
+	// stopCtx is cancelled when Shutdown begins.
+	stopCtx  context.Context
+	stopping context.CancelFunc
+	// live is the configuration as last reloaded (admin.users, SHOW
+	// CONFIG).
+	live atomic.Pointer[config.Config]
+	// statsWindow keeps SHOW STATS' averages (admin.go).
+	statsWindow statsWindow
 }
 
 // NewServer returns a Server; call Listen then Serve.
@@ -91,7 +106,10 @@ func NewServer(opts Options) *Server {
 		empty:    make(chan struct{}),
 		welcome:  welcomeCache{entries: map[welcomeKey]map[string]string{}},
 		hasher:   newStmtHasher(),
+		ended:    map[string]*Totals{},
 	}
+	s.stopCtx, s.stopping = context.WithCancel(context.Background())
+	s.live.Store(opts.Config)
 	s.bufs.New = func() any { b := make([]byte, 8192); return &b }
 	return s
 }
@@ -195,9 +213,30 @@ func (s *Server) register(sess *session) bool {
 	return true
 }
 
+// unregister removes a session that was served, adding its figures to
+// the totals of its database.
 func (s *Server) unregister(sess *session) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if _, ok := s.sessions[sess]; ok && sess.console == nil {
+		t := s.ended[sess.database]
+		if t == nil {
+			t = &Totals{}
+			s.ended[sess.database] = t
+		}
+		t.add(sess)
+	}
+	s.removeLocked(sess)
+}
+
+// dropSession removes a session whose login failed (registered or not).
+func (s *Server) dropSession(sess *session) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.removeLocked(sess)
+}
+
+func (s *Server) removeLocked(sess *session) {
 	delete(s.sessions, sess)
 	if sess.key.pid != 0 && s.keys[sess.key.pid] == sess {
 		delete(s.keys, sess.key.pid)
@@ -243,6 +282,7 @@ func (s *Server) sessionByKey(pid uint32) *session {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
 	s.mu.Lock()
+	s.stopping()
 	s.draining = true
 	for _, l := range s.listeners {
 		_ = l.Close()
@@ -308,6 +348,17 @@ type Stats struct {
 	PrepareHits, PrepareMisses int64
 }
 
+// notePrepared counts a statement found prepared (hit) or prepared anew
+// (miss) on the connection serving a client.
+func (s *Server) notePrepared(hit bool) {
+	if hit {
+		s.stats.prepareHits.Add(1)
+	} else {
+		s.stats.prepareMisses.Add(1)
+	}
+	s.opts.Metrics.preparedStatement(hit)
+}
+
 // Stats returns the proxy's figures.
 func (s *Server) Stats() Stats {
 	return Stats{
@@ -317,6 +368,10 @@ func (s *Server) Stats() Stats {
 		PrepareMisses: s.stats.prepareMisses.Load(),
 	}
 }
+
+// Reconfigure applies a reloaded configuration to what can change while
+// running: the admin console's users and what SHOW CONFIG shows.
+func (s *Server) Reconfigure(cfg *config.Config) { s.live.Store(cfg) }
 
 // ClientCount is the number of connected clients.
 func (s *Server) ClientCount() int64 { return s.clients.Load() }

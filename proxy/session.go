@@ -47,6 +47,10 @@ type session struct {
 	// statement until its Execute, instead of re-preparing it on the
 	// connection that serves the Bind (see Options.LinkUnnamed).
 	linkUnnamed bool
+	// stats are the session's figures for the admin console and metrics.
+	stats sessionStats
+	// console is set for an admin console session (admin.go).
+	console *console
 
 	// Owned by the client pump.
 	rd           *wire.Reader
@@ -204,7 +208,9 @@ func (sess *session) attach() (*pool.Server, error) {
 	if srv == nil {
 		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.QueryWait)
 		var err error
+		sess.stats.beginWait()
 		srv, err = s.pool.Acquire(ctx, sess.route, nil)
+		sess.stats.endWait()
 		cancel()
 		if err != nil {
 			return nil, err
@@ -247,7 +253,7 @@ func (sess *session) attachFailed(typ byte, err error) error {
 		return err
 	}
 	sess.log.Warn("no server connection for the client", zap.String("sqlstate", ce.code), zap.Error(err))
-	buf := appendError(nil, ce, sess.user)
+	buf := sess.srv.appendError(nil, ce, sess.user)
 	switch typ {
 	case 'Q', 'F':
 		buf = append(buf, readyForQuery('I')...)
@@ -348,7 +354,7 @@ func (sess *session) terminate(ce *clientError) {
 	if !sess.clientDead {
 		if !sess.midFrame {
 			_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
-			buf := appendError(nil, ce, sess.user)
+			buf := sess.srv.appendError(nil, ce, sess.user)
 			if _, err := sess.cw.Write(buf); err == nil {
 				_ = sess.cw.Flush()
 			}
@@ -373,7 +379,7 @@ func (sess *session) drain(force bool) {
 
 // sendError writes an ErrorResponse to the client.
 func (sess *session) sendError(ce *clientError) {
-	_ = sess.sendToClient(appendError(nil, ce, sess.user))
+	_ = sess.sendToClient(sess.srv.appendError(nil, ce, sess.user))
 }
 
 // sendToClient writes governor-made bytes to the client and flushes.

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 
@@ -41,7 +42,7 @@ func (s *Server) serveConn(c net.Conn) {
 	n := s.clients.Add(1)
 	defer s.clients.Add(-1)
 	id := s.nextID.Add(1)
-	log := s.logger.With(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()))
+	log := s.logger.With(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()), zap.String("mode", s.cfg.PoolMode))
 	rbuf := s.getBuf()
 	wbuf := s.getBuf()
 	defer func() { s.putBuf(rbuf); s.putBuf(wbuf) }()
@@ -71,10 +72,15 @@ func (s *Server) serveConn(c net.Conn) {
 		if !errors.Is(err, errCancelRequest) {
 			sess.loginFailed(err)
 		}
+		s.dropSession(sess)
 		_ = c.Close()
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
+	if sess.console != nil {
+		sess.serveConsole()
+		return
+	}
 	sess.serve()
 }
 
@@ -135,6 +141,10 @@ func (s *Server) handleCancel(pid, secret uint32) {
 	sess := s.sessionByKey(pid)
 	if sess == nil || subtle.ConstantTimeEq(int32(sess.key.secret), int32(secret)) != 1 {
 		s.logger.Debug("cancel request for an unknown key dropped")
+		return
+	}
+	if sess.console != nil {
+		sess.console.cancelCommand()
 		return
 	}
 	sess.mu.Lock()
@@ -200,16 +210,19 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 			return err
 		}
 	}
+	login := auth.Login{User: sess.user, Addr: clientIP(sess.conn)}
+	if ct != nil {
+		login.TLS, login.ServerCert = &ct.state, ct.leaf
+	}
+	if isConsoleDatabase(sess.database) {
+		return sess.consoleLogin(ctx, login, sm.Parameters)
+	}
 	params, err := startupSettings(sm.Parameters)
 	if err != nil {
 		return err
 	}
 	sess.settings = params
 
-	login := auth.Login{User: sess.user, Addr: clientIP(sess.conn)}
-	if ct != nil {
-		login.TLS, login.ServerCert = &ct.state, ct.leaf
-	}
 	res, err := s.opts.Verifier.Authenticate(ctx, (*authConn)(sess), login)
 	if err != nil {
 		return err
@@ -316,7 +329,8 @@ func (sess *session) welcome(ctx context.Context) error {
 	key := welcomeKey{route: sess.route, params: settingsKey(sess.settings)}
 	view := s.welcome.get(key)
 	if view == nil || !sess.txMode {
-		wctx, cancel := context.WithTimeout(ctx, s.cfg.Timeouts.QueryWait)
+		// A login waits behind a PAUSE only within timeouts.client_login.
+		wctx, cancel := context.WithTimeout(pool.PauseCounts(ctx), s.cfg.Timeouts.QueryWait)
 		srv, err := s.pool.Acquire(wctx, sess.route, nil)
 		cancel()
 		if err != nil {
@@ -403,6 +417,7 @@ func (sess *session) loginFailed(err error) {
 		ce = toClientError(err, true, sess.srv.cfg.Timeouts.QueryWait)
 	}
 	ce.fatal = true
+	sess.srv.opts.Metrics.loginFailed(loginFailureReason(err, ce))
 	level := zap.InfoLevel
 	var throttled *auth.ThrottledError
 	if errors.Is(err, auth.ErrAuthFailed) || errors.Is(err, auth.ErrCertAuthFailed) || errors.As(err, &throttled) {
@@ -410,7 +425,7 @@ func (sess *session) loginFailed(err error) {
 	}
 	sess.log.Log(level, "login failed", zap.String("sqlstate", ce.code), zap.Error(err))
 	_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
-	_, _ = sess.conn.Write(appendError(nil, ce, sess.user))
+	_, _ = sess.conn.Write(sess.srv.appendError(nil, ce, sess.user))
 }
 
 func (sess *session) sendStartup(msg pgproto3.BackendMessage) error {
@@ -447,3 +462,28 @@ func (a *authConn) ReceivePassword(context.Context) ([]byte, error) {
 
 // maxAuthMessage bounds a password or SASL message.
 const maxAuthMessage = 8192
+
+// loginFailureReason classifies a failed login for the metrics.
+func loginFailureReason(err error, ce *clientError) string {
+	var waitErr *pool.WaitError
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.Is(err, auth.ErrAuthFailed):
+		return LoginFailureAuth
+	case errors.Is(err, os.ErrDeadlineExceeded), ce.code == codeQueryCanceled:
+		return LoginFailureTimeout
+	case ce.code == codeAdminShutdown:
+		return LoginFailureShutdown
+	case errors.As(err, &waitErr):
+		return LoginFailureNoServer
+	case ce.code == codeTooManyConnections:
+		return LoginFailureTooMany
+	case ce.code == codeInsufficientPriv:
+		return LoginFailureConsoleUser
+	case errors.As(err, &pgErr):
+		return LoginFailureServer
+	case ce.code == codeProtocolViolation, ce.code == codeFeatureNotSupported, ce.code == codeInvalidAuthSpec:
+		return LoginFailureProtocol
+	}
+	return LoginFailureOther
+}

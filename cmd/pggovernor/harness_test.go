@@ -99,8 +99,8 @@ func usersFile(t testing.TB, lines ...string) string {
 }
 
 // startGov starts a governor in front of cluster c (shared when nil), with
-// cfg adjusted by mutate and the seams replaced by opts.
-func startGov(t *testing.T, c *pgtest.Cluster, mutate func(*config.Config), opts ...startOption) *gov {
+// cfg adjusted by mutate and start's options.
+func startGov(t *testing.T, c *pgtest.Cluster, mutate func(*config.Config), opts ...option) *gov {
 	t.Helper()
 	if c == nil {
 		c = shared

@@ -322,7 +322,9 @@ func TestUsersFileReloadOnSIGHUP(t *testing.T) {
 	f.Close()
 	// The process handles SIGHUP by reloading; in-process, call what the
 	// signal handler calls.
-	g.g.reload(zapLevel(), func() (config.Config, error) { return *g.cfg, nil })
+	if err := g.g.reload(); err != nil {
+		t.Fatal(err)
+	}
 	conn, err := pgx.Connect(ctx, g.url("dave", "davepass", "appdb"))
 	if err != nil {
 		t.Fatalf("after reload: %v", err)

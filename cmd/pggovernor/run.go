@@ -10,17 +10,21 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
 	"github.com/pggovernor/pggovernor/auth"
 	"github.com/pggovernor/pggovernor/config"
+	"github.com/pggovernor/pggovernor/internal/ratelog"
 	"github.com/pggovernor/pggovernor/metrics"
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/pool/budget"
@@ -65,7 +69,7 @@ func newLogger(c config.Log, w io.Writer) (*zap.Logger, zap.AtomicLevel) {
 		enc = zapcore.NewJSONEncoder(encCfg)
 	}
 	core := zapcore.NewCore(enc, zapcore.Lock(zapcore.AddSync(w)), level)
-	return zap.New(core), level
+	return zap.New(ratelog.NewCore(core, c.RepeatInterval, nil)), level
 }
 
 // runCommand serves clients until a signal.
@@ -81,7 +85,9 @@ func runCommand(ctx context.Context, args, environ []string, stdout, stderr io.W
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	g, err := start(ctx, &cfg, logger)
+	g, err := start(ctx, &cfg, logger, withReload(level, func() (config.Config, error) {
+		return loadConfig("run", args, environ, io.Discard)
+	}))
 	if err != nil {
 		return &exitError{Code: 1, Err: err}
 	}
@@ -91,14 +97,20 @@ func runCommand(ctx context.Context, args, environ []string, stdout, stderr io.W
 	fmt.Fprintf(stdout, "pggovernor listening on %s\n", g.proxy.Addr())
 
 	for {
+		shutdown := false
 		select {
 		case <-hup:
-			g.reload(level, func() (config.Config, error) { return loadConfig("run", args, environ, io.Discard) })
+			_ = g.reload()
 		case err := <-g.serveErr:
 			g.stop(logger, time.Second)
 			return &exitError{Code: 1, Err: err}
+		case <-g.shutdownReq:
+			logger.Info("SHUTDOWN from the admin console")
+			shutdown = true
 		case <-ctx.Done():
-			sig := 143
+			shutdown = true
+		}
+		if shutdown {
 			logger.Info("shutting down: no new clients; in-flight transactions may finish",
 				zap.Duration("shutdown_drain", cfg.Timeouts.ShutdownDrain))
 			forced := make(chan os.Signal, 1)
@@ -115,7 +127,6 @@ func runCommand(ctx context.Context, args, environ []string, stdout, stderr io.W
 				return &exitError{Code: 1}
 			}
 			signal.Stop(forced)
-			_ = sig
 			return nil
 		}
 	}
@@ -135,34 +146,56 @@ type governor struct {
 	admin     *http.Server
 	adminLn   net.Listener
 	cancel    context.CancelFunc
-	bgDone    chan struct{}
+	bg        sync.WaitGroup // the budget and probe loops
 	serveErr  chan error
+	// registry holds every metric; metrics are the handles.
+	registry *prometheus.Registry
+	metrics  *metrics.Metrics
+	health   *upstreamHealth
+	// shutdownReq receives SHUTDOWN from the admin console.
+	shutdownReq chan struct{}
+	// reloadMu serialises reloads (SIGHUP, RELOAD); level and load are
+	// what reload applies and re-reads (see withReload).
+	reloadMu sync.Mutex
+	level    zap.AtomicLevel
+	load     func() (config.Config, error)
 }
 
-// startDeps are the seams tests replace: what a test cannot set through
-// the configuration.
+// option adjusts what start builds (functional options): the seams tests
+// replace and what reload needs.
+type option func(*startDeps)
+
+// withReload lets reload re-read the configuration with load and apply its
+// log level to level (the command passes the loader of its flags, file and
+// environment; without it, reload re-reads the users file only).
+func withReload(level zap.AtomicLevel, load func() (config.Config, error)) option {
+	return func(d *startDeps) { d.level, d.load = level, load }
+}
+
+// startDeps are what options set: the seams tests replace (what a test
+// cannot set through the configuration) and what reload needs.
 type startDeps struct {
 	// awsCredentials replaces the AWS default credential chain.
 	awsCredentials aws.CredentialsProvider
 	// clock drives the IAM token cache and the login throttle.
 	clock auth.Clock
+	// level and load: see withReload.
+	level zap.AtomicLevel
+	load  func() (config.Config, error)
 }
-
-// startOption adjusts startDeps.
-type startOption func(*startDeps)
 
 // withAWSCredentials signs RDS IAM tokens with p instead of the default
 // chain.
-func withAWSCredentials(p aws.CredentialsProvider) startOption {
+func withAWSCredentials(p aws.CredentialsProvider) option {
 	return func(d *startDeps) { d.awsCredentials = p }
 }
 
 // withClock replaces the system clock.
-func withClock(c auth.Clock) startOption { return func(d *startDeps) { d.clock = c } }
+func withClock(c auth.Clock) option { return func(d *startDeps) { d.clock = c } }
 
 // start builds and starts every piece; on error, what was started is
 // stopped.
-func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...startOption) (*governor, error) {
+func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...option) (*governor, error) {
 	if err := notYetImplemented(cfg); err != nil {
 		return nil, err
 	}
@@ -194,7 +227,27 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	g := &governor{cfg: cfg, logger: logger, users: users, up: up, clientTLS: clientTLS, cancel: cancel,
 		throttle: auth.NewThrottle(auth.ThrottleOptions{Clock: deps.clock}),
-		bgDone:   make(chan struct{}), serveErr: make(chan error, 1)}
+		serveErr: make(chan error, 1), shutdownReq: make(chan struct{}, 1),
+		health: &upstreamHealth{logger: logger.Named("health")}, registry: metrics.NewRegistry(),
+		level: deps.level, load: deps.load}
+	// The metrics read the pool and the proxy at scrape time through
+	// these closures; both exist before the first scrape.
+	g.metrics = metrics.New(g.registry, metrics.Sources{
+		Pool:     poolSource{g},
+		Clients:  g.clientStates,
+		Traffic:  g.traffic,
+		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
+		LoginFailureReasons: func() []string {
+			r := proxy.LoginFailureReasons()
+			return r[:]
+		}(),
+	})
+	events := g.metrics.PoolEvents()
+	observeConnect := events.Connected
+	events.Connected = func(r pool.Route, d time.Duration, err error) {
+		observeConnect(r, d, err)
+		g.health.connected(r, d, err)
+	}
 	g.pool = pool.New(pool.Options{
 		Connector: &pool.UpstreamConnector{Base: up.base, Password: up.password, Prepare: up.prepare,
 			Timeout: cfg.Timeouts.ServerConnect},
@@ -202,10 +255,10 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		ServerIdle:       cfg.Timeouts.ServerIdle,
 		ServerLifetime:   cfg.Timeouts.ServerLifetime,
 		ServerCheckDelay: cfg.Timeouts.ServerCheckDelay,
+		Events:           events,
 	})
 	if cfg.Budget.Max > 0 {
 		g.pool.SetLimit(cfg.Budget.Max)
-		close(g.bgDone)
 	} else {
 		pcfg, err := pgxpool.ParseConfig(up.connString)
 		if err != nil {
@@ -241,8 +294,9 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			g.pool.Close(ctx)
 			return nil, fmt.Errorf("control connection: %w", err)
 		}
+		g.bg.Add(1)
 		go func() { // owner: governor; exits when g.cancel is called
-			defer close(g.bgDone)
+			defer g.bg.Done()
 			budget.Run(bg, budget.Options{
 				Control:  g.control,
 				Reserve:  cfg.Budget.Reserve,
@@ -253,6 +307,12 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			})
 		}()
 	}
+	g.bg.Add(1)
+	go func() { // owner: governor; exits when g.cancel is called
+		defer g.bg.Done()
+		g.health.probeLoop(bg, cfg.Admin.ProbeInterval, cfg.Timeouts.ServerConnect, g.control, g.pool,
+			func(d time.Duration) { g.metrics.UpstreamRoundTripSeconds.Observe(d.Seconds()) })
+	}()
 	g.proxy = proxy.NewServer(proxy.Options{
 		Config:       cfg,
 		Pool:         g.pool,
@@ -260,6 +320,26 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		TLS:          clientTLS,
 		UpstreamUser: up.sidecarUser,
 		Logger:       logger.Named("proxy"),
+		Metrics: proxy.Metrics{
+			QueryDuration:         g.metrics.QuerySeconds,
+			TransactionDuration:   g.metrics.TransactionSeconds,
+			ErrorSent:             g.metrics.ErrorSent,
+			LoginFailed:           g.metrics.LoginFailed,
+			PreparedStatementHit:  g.metrics.PreparedHits,
+			PreparedStatementMiss: g.metrics.PreparedMisses,
+		},
+		Console: proxy.ConsoleOptions{
+			Version:      version,
+			UpstreamHost: up.base.Host,
+			UpstreamPort: int(up.base.Port),
+			Reload:       g.reload,
+			Shutdown: func() {
+				select {
+				case g.shutdownReq <- struct{}{}:
+				default: // already requested
+				}
+			},
+		},
 	})
 	if err := g.proxy.Listen(); err != nil {
 		g.stop(logger, 0)
@@ -272,9 +352,8 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			return nil, fmt.Errorf("listening on %s (key admin_listen): %w", cfg.AdminListen, err)
 		}
 		g.adminLn = ln
-		reg := metrics.NewRegistry()
 		g.admin = &http.Server{
-			Handler:           metrics.NewHandler(metrics.HandlerOptions{Gatherer: reg, Ready: g.ready}),
+			Handler:           metrics.NewHandler(metrics.HandlerOptions{Gatherer: g.registry, Ready: g.ready, Pprof: cfg.Admin.Pprof}),
 			ReadHeaderTimeout: 10 * time.Second,
 		}
 		go func() { _ = g.admin.Serve(ln) }() // owner: governor; exits at admin.Shutdown
@@ -287,10 +366,19 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	return g, nil
 }
 
-// ready is /readyz: listening, not draining, budget known.
+// ready is /readyz: listening and not draining, not paused, the upstream
+// reachable (see upstreamHealth), the budget known and positive.
 func (g *governor) ready() error {
 	if !g.proxy.Ready() {
 		return errors.New("not accepting clients (starting or draining)")
+	}
+	if all, dbs := g.pool.Paused(); all {
+		return errors.New("paused by the admin console (every database); RESUME ends it")
+	} else if len(dbs) > 0 {
+		return fmt.Errorf("paused by the admin console (%s); RESUME ends it", strings.Join(dbs, ", "))
+	}
+	if up, known, err := g.health.state(); known && !up {
+		return fmt.Errorf("the upstream server is unreachable: %v", err)
 	}
 	if n, known := g.pool.Limit(); !known {
 		return errors.New("the connection budget is not known yet (upstream unreachable?)")
@@ -298,6 +386,33 @@ func (g *governor) ready() error {
 		return errors.New("the connection budget is zero")
 	}
 	return nil
+}
+
+// poolSource gives the metrics the pool's figures.
+type poolSource struct{ g *governor }
+
+func (s poolSource) Stats() pool.Stats        { return s.g.pool.Stats() }
+func (s poolSource) Routes() []pool.RouteStat { return s.g.pool.Routes() }
+
+// clientStates and traffic give the metrics the proxy's figures (none
+// before the proxy exists).
+func (g *governor) clientStates() metrics.ClientStates {
+	if g.proxy == nil {
+		return metrics.ClientStates{}
+	}
+	cs := g.proxy.ClientStates()
+	return metrics.ClientStates{Active: cs.Active, Pinned: cs.Pinned, Waiting: cs.Waiting, Idle: cs.Idle}
+}
+
+func (g *governor) traffic() (received, sent int64) {
+	if g.proxy == nil {
+		return 0, 0
+	}
+	for _, t := range g.proxy.Totals() {
+		received += t.BytesIn
+		sent += t.BytesOut
+	}
+	return received, sent
 }
 
 func (g *governor) adminAddr() string {
@@ -314,23 +429,33 @@ func (g *governor) model() string {
 	return "multi-role (each client's own user upstream)"
 }
 
-// reload applies what can change without a restart: the users file and
-// the log level.
-func (g *governor) reload(level zap.AtomicLevel, load func() (config.Config, error)) {
+// reload applies what can change without a restart (SIGHUP, and RELOAD
+// from the admin console): the users file, the log level and admin.users.
+// The other keys keep their values until a restart.
+func (g *governor) reload() error {
+	g.reloadMu.Lock()
+	defer g.reloadMu.Unlock()
+	var errs []error
 	if err := g.users.Reload(); err != nil {
 		g.logger.Error("reloading the users file failed; keeping the previous one", zap.Error(err))
+		errs = append(errs, err)
 	} else {
 		g.logger.Info("users file reloaded", zap.String("file", g.users.Path()), zap.Int("users", g.users.Current().Len()))
 	}
-	cfg, err := load()
+	if g.load == nil {
+		return errors.Join(errs...)
+	}
+	cfg, err := g.load()
 	if err != nil {
 		g.logger.Error("reloading the configuration failed; keeping the previous settings", zap.Error(err))
-		return
+		return errors.Join(append(errs, err)...)
 	}
-	if cfg.Log.Level != level.String() {
-		_ = level.UnmarshalText([]byte(cfg.Log.Level))
-		g.logger.Info("log level changed", zap.String("level", cfg.Log.Level))
+	if cfg.Log.Level != g.level.String() {
+		_ = g.level.UnmarshalText([]byte(cfg.Log.Level))
+		g.logger.Info("log level changed", zap.String("log_level", cfg.Log.Level)) // not "level": the encoder's key
 	}
+	g.proxy.Reconfigure(&cfg)
+	return errors.Join(errs...)
 }
 
 // securityStats are the numbers of the security pieces, kept for the
@@ -359,6 +484,9 @@ func (g *governor) securityStats() securityStats {
 // stop shuts down in order: readiness off and listeners closed, clients
 // drained for up to drain, then server connections closed.
 func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
+	if err := g.pool.Resume(""); err == nil {
+		logger.Info("shutting down: paused databases resumed so that their clients can be drained")
+	}
 	if g.proxy != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), drain)
 		if err := g.proxy.Shutdown(ctx); err != nil {
@@ -373,7 +501,7 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 		logger.Warn("server connections still closing at exit", zap.Error(err))
 	}
 	g.cancel()
-	<-g.bgDone
+	g.bg.Wait()
 	if g.control != nil {
 		g.control.Close()
 	}

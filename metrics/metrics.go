@@ -1,0 +1,197 @@
+package metrics
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/pggovernor/pggovernor/pool"
+)
+
+// Metrics are pggovernor's own Prometheus metrics. Every name, help string
+// and unit is declared in this file: the handles components report to as
+// things happen (histograms and counters, resolved once so that reporting
+// allocates nothing), and the descriptions (scrapeDescs) of what the
+// scrape-time collector (collector.go) reads from the pool and the proxy.
+//
+// Create one with New on an injected registry; the process holds one.
+type Metrics struct {
+	// WaitSeconds observes how long clients waited for a server
+	// connection: in the FIFO queue, or held by a PAUSE.
+	WaitSeconds prometheus.Histogram
+	// ServerConnectSeconds observes how long opening a server connection
+	// took (successful attempts; failures are counted in
+	// pggovernor_server_connect_errors_total).
+	ServerConnectSeconds prometheus.Histogram
+	// TransactionSeconds and QuerySeconds observe client transactions and
+	// queries, from their first message to the server's ReadyForQuery.
+	TransactionSeconds, QuerySeconds prometheus.Histogram
+	// UpstreamRoundTripSeconds observes round trips to the server: the
+	// health probe and the checks of idle connections.
+	UpstreamRoundTripSeconds prometheus.Histogram
+	// PreparedHits and PreparedMisses count a client's prepared
+	// statements found prepared on the server connection it landed on, or
+	// prepared again there (transaction mode).
+	PreparedHits, PreparedMisses prometheus.Counter
+
+	errorsSent     *prometheus.CounterVec
+	loginFailures  *prometheus.CounterVec
+	tokenSuccesses prometheus.Counter
+	tokenFailures  prometheus.Counter
+	certExpiry     *prometheus.GaugeVec
+}
+
+// namespace prefixes pggovernor's own metric names.
+const namespace = "pggovernor"
+
+// latencyBuckets suit round trips, queries and transactions: 100µs to 60s.
+func latencyBuckets() []float64 {
+	return []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
+}
+
+// waitBuckets suit waits for a server connection: 1ms to timeouts.query_wait's order.
+func waitBuckets() []float64 {
+	return []float64{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120}
+}
+
+// governorSQLSTATEs are the codes the governor itself sends most, started
+// at zero so that rate() and alerts see them before the first error.
+var governorSQLSTATEs = [...]string{"53300", "08006", "57P01", "28P01", "08P01", "57014"}
+
+// New creates the metrics, registers them and the scrape-time collector
+// of src on reg, and returns the handles.
+func New(reg prometheus.Registerer, src Sources) *Metrics {
+	h := func(name, help string, buckets []float64) prometheus.Histogram {
+		return prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: namespace, Name: name, Help: help, Buckets: buckets})
+	}
+	m := &Metrics{
+		WaitSeconds: h("wait_seconds",
+			"Time clients waited for a server connection (queued behind the budget, or held by PAUSE).", waitBuckets()),
+		ServerConnectSeconds: h("server_connect_seconds",
+			"Time taken to open a server connection, authentication included (successful attempts).", latencyBuckets()),
+		TransactionSeconds: h("transaction_duration_seconds",
+			"Duration of client transactions, from their first message to the ReadyForQuery that ends them.", latencyBuckets()),
+		QuerySeconds: h("query_duration_seconds",
+			"Duration of client queries (a simple query, or an extended-protocol batch up to Sync), from first message to ReadyForQuery.", latencyBuckets()),
+		UpstreamRoundTripSeconds: h("upstream_round_trip_seconds",
+			"Round-trip time of an empty query to the upstream server (health probes and idle-connection checks).", latencyBuckets()),
+		errorsSent: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "errors_sent_total",
+			Help: "Errors pggovernor itself sent to clients, by SQLSTATE (errors from the server pass through uncounted)."}, []string{"sqlstate"}),
+		loginFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "login_failures_total",
+			Help: "Client logins that failed, by reason."}, []string{"reason"}),
+		certExpiry: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: namespace, Name: "tls_certificate_expiry_timestamp_seconds",
+			Help: "When a TLS certificate pggovernor presents or trusts expires (Unix time), by the configuration key of its file."}, []string{"certificate"}),
+	}
+	prepared := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "prepared_statements_total",
+		Help: "Client prepared statements at the start of a transaction (transaction mode): hit, already prepared on the server connection; miss, prepared again."}, []string{"result"})
+	m.PreparedHits, m.PreparedMisses = prepared.WithLabelValues("hit"), prepared.WithLabelValues("miss")
+	tokens := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "iam_token_mints_total",
+		Help: "RDS IAM authentication tokens minted, by result (success or failure)."}, []string{"result"})
+	m.tokenSuccesses, m.tokenFailures = tokens.WithLabelValues("success"), tokens.WithLabelValues("failure")
+	for _, code := range governorSQLSTATEs {
+		m.errorsSent.WithLabelValues(code)
+	}
+	for _, reason := range src.LoginFailureReasons {
+		m.loginFailures.WithLabelValues(reason)
+	}
+	reg.MustRegister(m.WaitSeconds, m.ServerConnectSeconds, m.TransactionSeconds, m.QuerySeconds, m.UpstreamRoundTripSeconds,
+		m.errorsSent, m.loginFailures, prepared, tokens, m.certExpiry, newCollector(src))
+	return m
+}
+
+// scrapeDescs describe the metrics the collector (collector.go) reads at
+// scrape time.
+type scrapeDescs struct {
+	// database/sql's family (collectors.NewDBStatsCollector), one series
+	// per upstream database.
+	maxOpen, open, inUse, idle                           *prometheus.Desc
+	waitCount, waitDuration                              *prometheus.Desc
+	maxIdleClosed, maxIdleTimeClosed, maxLifetimeClosed  *prometheus.Desc
+	clients, servers                                     *prometheus.Desc
+	budget, budgetShare, budgetUsed                      *prometheus.Desc
+	waitTimeouts, connects, connectErrors                *prometheus.Desc
+	received, sent, upstreamUp, paused, leases, replicas *prometheus.Desc
+}
+
+func newScrapeDescs() scrapeDescs {
+	sql := func(name, help string) *prometheus.Desc {
+		return prometheus.NewDesc("go_sql_"+name, help, []string{"db_name"}, nil)
+	}
+	own := func(name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(prometheus.BuildFQName(namespace, "", name), help, labels, nil)
+	}
+	return scrapeDescs{
+		// Names and help strings as client_golang's
+		// collectors.NewDBStatsCollector, so that dashboards and alerts on
+		// an application's go_sql_* work unchanged against the governor.
+		maxOpen:           sql("max_open_connections", "Maximum number of open connections to the database."),
+		open:              sql("open_connections", "The number of established connections both in use and idle."),
+		inUse:             sql("in_use_connections", "The number of connections currently in use."),
+		idle:              sql("idle_connections", "The number of idle connections."),
+		waitCount:         sql("wait_count_total", "The total number of connections waited for."),
+		waitDuration:      sql("wait_duration_seconds_total", "The total time blocked waiting for a new connection."),
+		maxIdleClosed:     sql("max_idle_closed_total", "The total number of connections closed due to SetMaxIdleConns."),
+		maxIdleTimeClosed: sql("max_idle_time_closed_total", "The total number of connections closed due to SetConnMaxIdleTime."),
+		maxLifetimeClosed: sql("max_lifetime_closed_total", "The total number of connections closed due to SetConnMaxLifetime."),
+
+		clients: own("clients", "Logged-in clients by state: active (holding a server connection), pinned (holding one for session state), waiting (for one), idle.", "state"),
+		servers: own("server_connections", "Server connections by state: active (held by a client), idle, opening, closing (asked to close, backend not gone yet).", "state"),
+		budget: own("budget_connections",
+			"The connection budget: server connections allowed over every replica sharing it (this replica's alone without budget.cluster)."),
+		budgetShare:   own("budget_share_connections", "This replica's share of the connection budget."),
+		budgetUsed:    own("budget_used_connections", "Server connections counted against this replica's share: open, opening or closing."),
+		waitTimeouts:  own("wait_timeouts_total", "Waits for a server connection that ended after timeouts.query_wait (clients got SQLSTATE 53300 or 08006)."),
+		connects:      own("server_connects_total", "Server connections opened."),
+		connectErrors: own("server_connect_errors_total", "Attempts to open a server connection that failed."),
+		received:      own("client_received_bytes_total", "Bytes received from clients."),
+		sent:          own("client_sent_bytes_total", "Bytes sent to clients."),
+		upstreamUp:    own("upstream_up", "1 when the upstream server answered the last health probe, 0 when it did not."),
+		paused:        own("paused", "1 while a PAUSE from the admin console holds one or more databases."),
+		leases:        own("cluster_leases", "Budget slots this replica holds leases for (budget.cluster)."),
+		replicas:      own("cluster_replicas", "Replicas seen sharing the connection budget (budget.cluster)."),
+	}
+}
+
+// ErrorSent counts an error the governor sent to a client.
+func (m *Metrics) ErrorSent(sqlstate string) { m.errorsSent.WithLabelValues(sqlstate).Inc() }
+
+// LoginFailed counts a failed login.
+func (m *Metrics) LoginFailed(reason string) { m.loginFailures.WithLabelValues(reason).Inc() }
+
+// CertificateExpiry records when a certificate expires. name is the
+// configuration key of its file (clients.tls.cert_file,
+// upstream.ssl.cert_file, upstream.ssl.root_cert_file, ...), a bounded set.
+//
+// TODO: called by TLS termination and upstream mTLS when they load or
+// reload a certificate; neither is in this version.
+func (m *Metrics) CertificateExpiry(name string, notAfter time.Time) {
+	m.certExpiry.WithLabelValues(name).Set(float64(notAfter.Unix()))
+}
+
+// TokenMinted counts an RDS IAM token minted (err nil) or a failure.
+//
+// TODO: called by the awsiamrds connector, not in this version.
+func (m *Metrics) TokenMinted(err error) {
+	if err != nil {
+		m.tokenFailures.Inc()
+		return
+	}
+	m.tokenSuccesses.Inc()
+}
+
+// PoolEvents returns the pool callbacks that feed the histograms.
+func (m *Metrics) PoolEvents() pool.Events {
+	return pool.Events{
+		Waited: func(d time.Duration, _ bool) { m.WaitSeconds.Observe(d.Seconds()) },
+		Connected: func(_ pool.Route, d time.Duration, err error) {
+			if err == nil {
+				m.ServerConnectSeconds.Observe(d.Seconds())
+			}
+		},
+		Checked: func(d time.Duration, err error) {
+			if err == nil {
+				m.UpstreamRoundTripSeconds.Observe(d.Seconds())
+			}
+		},
+	}
+}
