@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"sort"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -33,6 +34,15 @@ type ClusterStats struct {
 	Leases, Replicas int
 }
 
+// Security are the TLS and RDS IAM figures.
+type Security struct {
+	// Certificates maps the configuration key of a certificate file
+	// (clients.tls.cert_file, upstream.ssl.cert_file) to its expiry.
+	Certificates map[string]time.Time
+	// Minted and MintFailures count RDS IAM token mints by result.
+	Minted, MintFailures uint64
+}
+
 // Sources are what the collector reads at scrape time. Nil fields are
 // skipped (their metrics are absent).
 type Sources struct {
@@ -48,6 +58,9 @@ type Sources struct {
 	// Cluster reports the cluster-wide budget; ok is false when budget
 	// sharing is off. TODO: fed by budget.cluster, not in this version.
 	Cluster func() (stats ClusterStats, ok bool)
+	// Security gives the TLS certificates' expiry and the IAM token
+	// mints.
+	Security func() Security
 	// LoginFailureReasons are started at zero in
 	// pggovernor_login_failures_total.
 	LoginFailureReasons []string
@@ -68,7 +81,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.maxOpen, c.open, c.inUse, c.idle, c.waitCount, c.waitDuration,
 		c.maxIdleClosed, c.maxIdleTimeClosed, c.maxLifetimeClosed, c.clients, c.servers, c.budget, c.budgetShare,
 		c.budgetUsed, c.waitTimeouts, c.connects, c.connectErrors, c.received, c.sent, c.upstreamUp, c.paused,
-		c.leases, c.replicas} {
+		c.leases, c.replicas, c.certExpiry, c.iamMints} {
 		ch <- d
 	}
 }
@@ -145,6 +158,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(c.replicas, float64(cs.Replicas))
 		}
 	}
+	var sec Security
+	if c.src.Security != nil {
+		sec = c.src.Security()
+	}
+	for name, notAfter := range sec.Certificates {
+		gauge(c.certExpiry, float64(notAfter.Unix()), name)
+	}
+	counter(c.iamMints, float64(sec.Minted), "success")
+	counter(c.iamMints, float64(sec.MintFailures), "failure")
 }
 
 // dbFigures are a database's figures summed over its routes (one per

@@ -34,11 +34,8 @@ type Metrics struct {
 	// prepared again there (transaction mode).
 	PreparedHits, PreparedMisses prometheus.Counter
 
-	errorsSent     *prometheus.CounterVec
-	loginFailures  *prometheus.CounterVec
-	tokenSuccesses prometheus.Counter
-	tokenFailures  prometheus.Counter
-	certExpiry     *prometheus.GaugeVec
+	errorsSent    *prometheus.CounterVec
+	loginFailures *prometheus.CounterVec
 }
 
 // namespace prefixes pggovernor's own metric names.
@@ -79,15 +76,10 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 			Help: "Errors pggovernor itself sent to clients, by SQLSTATE (errors from the server pass through uncounted)."}, []string{"sqlstate"}),
 		loginFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "login_failures_total",
 			Help: "Client logins that failed, by reason."}, []string{"reason"}),
-		certExpiry: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: namespace, Name: "tls_certificate_expiry_timestamp_seconds",
-			Help: "When a TLS certificate pggovernor presents or trusts expires (Unix time), by the configuration key of its file."}, []string{"certificate"}),
 	}
 	prepared := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "prepared_statements_total",
 		Help: "Client prepared statements at the start of a transaction (transaction mode): hit, already prepared on the server connection; miss, prepared again."}, []string{"result"})
 	m.PreparedHits, m.PreparedMisses = prepared.WithLabelValues("hit"), prepared.WithLabelValues("miss")
-	tokens := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "iam_token_mints_total",
-		Help: "RDS IAM authentication tokens minted, by result (success or failure)."}, []string{"result"})
-	m.tokenSuccesses, m.tokenFailures = tokens.WithLabelValues("success"), tokens.WithLabelValues("failure")
 	for _, code := range governorSQLSTATEs {
 		m.errorsSent.WithLabelValues(code)
 	}
@@ -95,7 +87,7 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 		m.loginFailures.WithLabelValues(reason)
 	}
 	reg.MustRegister(m.WaitSeconds, m.ServerConnectSeconds, m.TransactionSeconds, m.QuerySeconds, m.UpstreamRoundTripSeconds,
-		m.errorsSent, m.loginFailures, prepared, tokens, m.certExpiry, newCollector(src))
+		m.errorsSent, m.loginFailures, prepared, newCollector(src))
 	return m
 }
 
@@ -111,6 +103,7 @@ type scrapeDescs struct {
 	budget, budgetShare, budgetUsed                      *prometheus.Desc
 	waitTimeouts, connects, connectErrors                *prometheus.Desc
 	received, sent, upstreamUp, paused, leases, replicas *prometheus.Desc
+	certExpiry, iamMints                                 *prometheus.Desc
 }
 
 func newScrapeDescs() scrapeDescs {
@@ -149,6 +142,9 @@ func newScrapeDescs() scrapeDescs {
 		paused:        own("paused", "1 while a PAUSE from the admin console holds one or more databases."),
 		leases:        own("cluster_leases", "Budget slots this replica holds leases for (budget.cluster)."),
 		replicas:      own("cluster_replicas", "Replicas seen sharing the connection budget (budget.cluster)."),
+		certExpiry: own("tls_certificate_expiry_timestamp_seconds",
+			"When a TLS certificate pggovernor presents expires (Unix time), by the configuration key of its file.", "certificate"),
+		iamMints: own("iam_token_mints_total", "RDS IAM authentication tokens minted, by result (success or failure).", "result"),
 	}
 }
 
@@ -157,27 +153,6 @@ func (m *Metrics) ErrorSent(sqlstate string) { m.errorsSent.WithLabelValues(sqls
 
 // LoginFailed counts a failed login.
 func (m *Metrics) LoginFailed(reason string) { m.loginFailures.WithLabelValues(reason).Inc() }
-
-// CertificateExpiry records when a certificate expires. name is the
-// configuration key of its file (clients.tls.cert_file,
-// upstream.ssl.cert_file, upstream.ssl.root_cert_file, ...), a bounded set.
-//
-// TODO: called by TLS termination and upstream mTLS when they load or
-// reload a certificate; neither is in this version.
-func (m *Metrics) CertificateExpiry(name string, notAfter time.Time) {
-	m.certExpiry.WithLabelValues(name).Set(float64(notAfter.Unix()))
-}
-
-// TokenMinted counts an RDS IAM token minted (err nil) or a failure.
-//
-// TODO: called by the awsiamrds connector, not in this version.
-func (m *Metrics) TokenMinted(err error) {
-	if err != nil {
-		m.tokenFailures.Inc()
-		return
-	}
-	m.tokenSuccesses.Inc()
-}
 
 // PoolEvents returns the pool callbacks that feed the histograms.
 func (m *Metrics) PoolEvents() pool.Events {

@@ -107,18 +107,18 @@ pggovernor_cluster_leases 7
 	}
 }
 
-// TestMetricsHandlesAndHandler: the pushed metrics lint clean, hooks for
-// later features produce their series, and the HTTP handler serves
+// TestMetricsHandlesAndHandler: the pushed metrics lint clean, the TLS and
+// IAM figures read at scrape time produce their series, and the HTTP
+// handler serves
 // /metrics, /healthz, /readyz and pprof only when asked.
 func TestMetricsHandlesAndHandler(t *testing.T) {
 	reg := NewRegistry()
-	m := New(reg, Sources{LoginFailureReasons: []string{"auth_failed", "timeout"}})
+	m := New(reg, Sources{LoginFailureReasons: []string{"auth_failed", "timeout"}, Security: func() Security {
+		return Security{Certificates: map[string]time.Time{"clients.tls.cert_file": time.Unix(2000000000, 0)}, Minted: 1, MintFailures: 1}
+	}})
 	m.WaitSeconds.Observe(0.2)
 	m.ErrorSent("53300")
 	m.LoginFailed("auth_failed")
-	m.CertificateExpiry("clients.tls.cert_file", time.Unix(2000000000, 0))
-	m.TokenMinted(nil)
-	m.TokenMinted(errTest{})
 	problems, err := testutil.GatherAndLint(reg)
 	if err != nil {
 		t.Fatal(err)
@@ -131,7 +131,7 @@ func TestMetricsHandlesAndHandler(t *testing.T) {
 # TYPE pggovernor_iam_token_mints_total counter
 pggovernor_iam_token_mints_total{result="failure"} 1
 pggovernor_iam_token_mints_total{result="success"} 1
-# HELP pggovernor_tls_certificate_expiry_timestamp_seconds When a TLS certificate pggovernor presents or trusts expires (Unix time), by the configuration key of its file.
+# HELP pggovernor_tls_certificate_expiry_timestamp_seconds When a TLS certificate pggovernor presents expires (Unix time), by the configuration key of its file.
 # TYPE pggovernor_tls_certificate_expiry_timestamp_seconds gauge
 pggovernor_tls_certificate_expiry_timestamp_seconds{certificate="clients.tls.cert_file"} 2e+09
 # HELP pggovernor_login_failures_total Client logins that failed, by reason.

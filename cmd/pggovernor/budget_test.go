@@ -228,7 +228,9 @@ func TestQueueTimeoutAndFIFO(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			_, results[i] = conn.Exec(context.Background(), "INSERT INTO fifo (client) VALUES ($1)", i)
+			// One request per waiter (the simple protocol): FIFO orders
+			// requests, and pgx's statement cache would make two.
+			_, results[i] = conn.Exec(context.Background(), "INSERT INTO fifo (client) VALUES ($1)", pgx.QueryExecModeSimpleProtocol, i)
 		}(i)
 		waitFor(t, 5*time.Second, fmt.Sprintf("waiter %d to queue", i), func() bool { return g.g.pool.Stats().Waiting == i+1 })
 	}

@@ -21,16 +21,17 @@ import (
 // expression is exported by a running governor.
 
 // exportedNames returns every series name a running governor exports
-// (histograms with their _bucket, _sum and _count), its hooks for features
-// fed elsewhere (certificate expiry, IAM tokens) fed once so that their
-// series exist.
+// (histograms with their _bucket, _sum and _count). It terminates TLS so
+// that the certificate expiry series exists.
 func exportedNames(t *testing.T) map[string]bool {
 	t.Helper()
-	g := startGov(t, nil, func(c *config.Config) { c.Budget.Max = 1 })
+	pki := newClientPKI(t)
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Budget.Max = 1
+		c.Clients.TLS = config.ClientTLS{Mode: "allow", CertFile: pki.mount.Path("tls.crt"), KeyFile: pki.mount.Path("tls.key")}
+	})
 	conn := connectPgx(t, g.url("alice", userPass, "appdb"))
 	mustExec(t, conn, "SELECT 1")
-	g.g.metrics.CertificateExpiry("clients.tls.cert_file", time.Now().Add(90*24*time.Hour))
-	g.g.metrics.TokenMinted(nil)
 	mfs, err := g.g.registry.Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -313,4 +314,33 @@ func TestDashboardAndAlertsUseExportedMetrics(t *testing.T) {
 	if !reflect.DeepEqual(alerts, want) {
 		t.Fatalf("alerts: want = %v, got = %v", want, alerts)
 	}
+}
+
+// TestCertificateExpiryMetric: the expiry the metrics export is the one of
+// the certificate the governor presents to clients.
+func TestCertificateExpiryMetric(t *testing.T) {
+	pki := newClientPKI(t)
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Budget.Max = 1
+		c.Clients.TLS = config.ClientTLS{Mode: "allow", CertFile: pki.mount.Path("tls.crt"), KeyFile: pki.mount.Path("tls.key")}
+	})
+	mfs, err := g.g.registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := float64(pki.serverCert.Cert.NotAfter.Unix())
+	for _, mf := range mfs {
+		if mf.GetName() != "pggovernor_tls_certificate_expiry_timestamp_seconds" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if m.GetLabel()[0].GetValue() == "clients.tls.cert_file" {
+				if got := m.GetGauge().GetValue(); got != want {
+					t.Fatalf("expiry of clients.tls.cert_file: want = %v, got = %v", want, got)
+				}
+				return
+			}
+		}
+	}
+	t.Fatal("no expiry series for clients.tls.cert_file")
 }

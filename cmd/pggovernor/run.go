@@ -237,6 +237,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		Clients:  g.clientStates,
 		Traffic:  g.traffic,
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
+		Security: g.securityMetrics,
 		LoginFailureReasons: func() []string {
 			r := proxy.LoginFailureReasons()
 			return r[:]
@@ -479,6 +480,25 @@ func (g *governor) securityStats() securityStats {
 		st.IAM = &s
 	}
 	return st
+}
+
+// securityMetrics turns the TLS and IAM figures into what the metrics
+// export: certificates by the configuration key of their file, and IAM
+// token mints by result.
+func (g *governor) securityMetrics() metrics.Security {
+	st := g.securityStats()
+	out := metrics.Security{Certificates: map[string]time.Time{}}
+	if !st.UpstreamTLS.ClientCertNotAfter.IsZero() {
+		out.Certificates["upstream.ssl.cert_file"] = st.UpstreamTLS.ClientCertNotAfter
+	}
+	if st.ClientTLS != nil && !st.ClientTLS.CertNotAfter.IsZero() {
+		out.Certificates["clients.tls.cert_file"] = st.ClientTLS.CertNotAfter
+	}
+	if st.IAM != nil {
+		out.Minted = st.IAM.Minted
+		out.MintFailures = st.IAM.NoCredentials + st.IAM.NoRegion + st.IAM.Other
+	}
+	return out
 }
 
 // stop shuts down in order: readiness off and listeners closed, clients
