@@ -130,12 +130,14 @@ type Budget struct {
 	// Max is the number of server connections pggovernor may hold. Zero
 	// derives it from the live server: max_connections −
 	// superuser_reserved_connections − reserved_connections − Reserve, minus
-	// pggovernor's own control connection.
+	// pggovernor's own control connection. With cluster.enabled it is the
+	// budget of all replicas together, their control connections included.
 	Max int `yaml:"max" min:"0"`
 	// Reserve is the number of server slots left for humans and other
 	// applications when Max is derived from the server.
 	Reserve int `yaml:"reserve" min:"0"`
-	// RefreshInterval is how often the server's limits are re-read.
+	// RefreshInterval is how often the server's limits are re-read (with
+	// cluster.enabled, they are re-read at every heartbeat instead).
 	RefreshInterval time.Duration `yaml:"refresh_interval" min:"1s"`
 	// Cluster shares one budget among all replicas pointed at the same
 	// server, coordinated through Postgres.
@@ -144,14 +146,45 @@ type Budget struct {
 
 // Cluster configures sharing one budget among replicas.
 type Cluster struct {
-	// Enabled turns on budget sharing with other replicas.
+	// Enabled turns on budget sharing with other replicas: every replica
+	// pointed at the same server (and namespace) holds its share of one
+	// budget as session-level advisory locks on its control connection, and
+	// opens a server connection only under a lease. The budget is then
+	// max_connections − superuser_reserved_connections − reserved_connections
+	// − Reserve (or budget.max when set), minus one control connection per
+	// replica and one slot kept free so that another replica can join.
 	Enabled bool `yaml:"enabled"`
 	// Namespace is the first 32-bit key of the advisory locks that hold
 	// leases, so that several independent fleets can share one server.
+	// Replicas of one fleet must use the same value; applications on the
+	// server must not use two-key advisory locks with it.
 	Namespace int `yaml:"namespace"`
 	// CountForeign subtracts connections of other applications, seen in
-	// pg_stat_activity, from the shared budget.
+	// pg_stat_activity, from the shared budget, so that the total stays
+	// under max_connections − reserved even when someone else connects.
 	CountForeign bool `yaml:"count_foreign"`
+	// Table is the table where replicas publish their membership: replica
+	// number, address for forwarded cancel requests, leases, waiting
+	// clients and a heartbeat. It is created (UNLOGGED) in the upstream
+	// database when missing, which needs CREATE on its schema; otherwise
+	// create it once as docs/architecture.md shows.
+	Table string `yaml:"table"`
+	// HeartbeatInterval is how often a replica renews its membership,
+	// re-reads the server's limits and the other replicas' demand, and
+	// rebalances its leases.
+	HeartbeatInterval time.Duration `yaml:"heartbeat_interval" min:"10ms"`
+	// MemberTimeout is how long after its last heartbeat a replica that
+	// vanished (crashed, cut off) keeps its leases reserved; then the others
+	// take them over. A replica that cannot renew its heartbeat stops
+	// opening server connections at once and closes those it still holds
+	// before three quarters of this time. Keepalives and tcp_user_timeout on
+	// its connections are derived from it. At least 4 × HeartbeatInterval.
+	MemberTimeout time.Duration `yaml:"member_timeout" min:"100ms"`
+	// AdvertiseAddress is the host:port other replicas use to forward a
+	// cancel request for one of this replica's clients. Empty: the host of
+	// listen, or when listen is a wildcard (0.0.0.0), the address this
+	// replica connects to the server from, with listen's port.
+	AdvertiseAddress string `yaml:"advertise_address"`
 }
 
 // Pool tunes the per-route server connection pools.
@@ -276,7 +309,12 @@ func Default() Config {
 		},
 		Budget: Budget{
 			RefreshInterval: time.Minute,
-			Cluster:         Cluster{Namespace: 0x70676776}, // "pggv"
+			Cluster: Cluster{
+				Namespace:         0x70676776, // "pggv"
+				Table:             "pggovernor_members",
+				HeartbeatInterval: time.Second,
+				MemberTimeout:     10 * time.Second,
+			},
 		},
 		Pool: Pool{MaxPreparedStatements: 200},
 		Clients: Clients{

@@ -156,6 +156,9 @@ func TestDefaultValues(t *testing.T) {
 		{"upstream.url", d.Upstream.URL, ""},
 		{"budget.refresh_interval", d.Budget.RefreshInterval, time.Minute},
 		{"budget.cluster.namespace", d.Budget.Cluster.Namespace, 0x70676776},
+		{"budget.cluster.table", d.Budget.Cluster.Table, "pggovernor_members"},
+		{"budget.cluster.heartbeat_interval", d.Budget.Cluster.HeartbeatInterval, time.Second},
+		{"budget.cluster.member_timeout", d.Budget.Cluster.MemberTimeout, 10 * time.Second},
 		{"pool.max_prepared_statements", d.Pool.MaxPreparedStatements, 200},
 		{"clients.max_connections", d.Clients.MaxConnections, 10000},
 		{"clients.auth", d.Clients.Auth, config.AuthSCRAM},
@@ -195,7 +198,8 @@ func fullWant() config.Config {
 		Budget: config.Budget{
 			Reserve:         3,
 			RefreshInterval: 2 * time.Minute,
-			Cluster:         config.Cluster{Enabled: true, Namespace: 42, CountForeign: true},
+			Cluster: config.Cluster{Enabled: true, Namespace: 42, CountForeign: true, Table: "fleet.members",
+				HeartbeatInterval: 500 * time.Millisecond, MemberTimeout: 5 * time.Second, AdvertiseAddress: "10.0.0.7:7432"},
 		},
 		Pool: config.Pool{MaxPreparedStatements: 50},
 		Clients: config.Clients{
@@ -889,6 +893,32 @@ func TestLoadErrors(t *testing.T) {
 		{
 			name:    "budget.max alone",
 			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_MAX=90"},
+		},
+		{
+			name:    "cluster namespace beyond 32 bits",
+			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_ENABLED=true", "PGGOVERNOR_BUDGET_CLUSTER_NAMESPACE=4294967296"},
+			wantErr: []string{"key budget.cluster.namespace: 4294967296 does not fit in 32 bits"},
+		},
+		{
+			name: "cluster member timeout below four heartbeats",
+			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_ENABLED=true", "PGGOVERNOR_BUDGET_CLUSTER_HEARTBEAT_INTERVAL=1s",
+				"PGGOVERNOR_BUDGET_CLUSTER_MEMBER_TIMEOUT=3s"},
+			wantErr: []string{"key budget.cluster.member_timeout: 3s is less than 4 × budget.cluster.heartbeat_interval (1s)"},
+		},
+		{
+			name:    "cluster table name that needs quoting",
+			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_ENABLED=true", "PGGOVERNOR_BUDGET_CLUSTER_TABLE=Members; DROP"},
+			wantErr: []string{`key budget.cluster.table: "Members; DROP" is not a table name`},
+		},
+		{
+			name:    "cluster advertise address without a port",
+			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_ENABLED=true", "PGGOVERNOR_BUDGET_CLUSTER_ADVERTISE_ADDRESS=10.0.0.7"},
+			wantErr: []string{`key budget.cluster.advertise_address: "10.0.0.7" is not host:port`},
+		},
+		{
+			name: "cluster settings are not checked while it is off",
+			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_MEMBER_TIMEOUT=100ms",
+				"PGGOVERNOR_BUDGET_CLUSTER_TABLE=Members"},
 		},
 
 		// Several problems are all reported.

@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/url"
 	"reflect"
@@ -61,6 +62,22 @@ func (c *Config) Validate() error {
 	}
 	if (c.Upstream.SSL.CertFile == "") != (c.Upstream.SSL.KeyFile == "") {
 		errs = append(errs, errors.New("keys upstream.ssl.cert_file and upstream.ssl.key_file: set both or neither"))
+	}
+	if cl := c.Budget.Cluster; cl.Enabled {
+		if cl.Namespace < math.MinInt32 || cl.Namespace > math.MaxInt32 {
+			errs = append(errs, fmt.Errorf("key budget.cluster.namespace: %d does not fit in 32 bits (an advisory lock key is an int4)", cl.Namespace))
+		}
+		if cl.MemberTimeout < 4*cl.HeartbeatInterval {
+			errs = append(errs, fmt.Errorf("key budget.cluster.member_timeout: %s is less than 4 × budget.cluster.heartbeat_interval (%s): a replica must be able to miss a heartbeat without losing its leases", cl.MemberTimeout, cl.HeartbeatInterval))
+		}
+		if !validTableName(cl.Table) {
+			errs = append(errs, fmt.Errorf("key budget.cluster.table: %q is not a table name (letters, digits and _, optionally schema.table)", cl.Table))
+		}
+		if a := cl.AdvertiseAddress; a != "" {
+			if _, port, err := net.SplitHostPort(a); err != nil || port == "" || port == "0" {
+				errs = append(errs, fmt.Errorf("key budget.cluster.advertise_address: %q is not host:port", a))
+			}
+		}
 	}
 	if c.Budget.Max > 0 && c.Budget.Reserve > 0 {
 		errs = append(errs, errors.New("keys budget.max and budget.reserve: reserve only applies when max is 0 (derived from the server); set one of them"))
@@ -339,4 +356,25 @@ func RedactURL(s string) string {
 		parts = append(parts, k+"="+quoteDSNValue(v))
 	}
 	return strings.Join(parts, " ")
+}
+
+// validTableName reports whether s is a plain or schema-qualified table name
+// made of lowercase letters, digits and underscores (so it needs no quoting
+// and means the same to every replica).
+func validTableName(s string) bool {
+	parts := strings.Split(s, ".")
+	if len(parts) > 2 {
+		return false
+	}
+	for _, p := range parts {
+		if p == "" || (p[0] >= '0' && p[0] <= '9') {
+			return false
+		}
+		for _, r := range p {
+			if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '_') {
+				return false
+			}
+		}
+	}
+	return true
 }
