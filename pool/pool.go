@@ -78,6 +78,10 @@ type Events struct {
 	// (an idle connection's check before reuse, or Probe), with its
 	// duration and error.
 	Checked func(d time.Duration, err error)
+	// Queued is called when a client joins the wait queue (the budget is
+	// in use): the cluster lease manager asks for more leases at once
+	// instead of at its next heartbeat.
+	Queued func()
 }
 
 // Pool is the set of server connections. All methods are safe for
@@ -91,15 +95,16 @@ type Pool struct {
 	// closingN counts connections between close and serverGone.
 	closingN atomic.Int64
 
-	mu       sync.Mutex
-	limit    int
-	limitSet bool
-	limitErr error // why the limit is not known yet
-	total    int   // open + connecting + closing
-	routes   map[Route]*routeState
-	waiters  waitQueue
-	closed   bool
-	stats    Stats
+	mu        sync.Mutex
+	limit     int
+	limitSet  bool
+	limitErr  error  // why the limit is not known yet
+	limitNote string // what the limit is, for WaitError (SetLimitNote)
+	total     int    // open + connecting + closing
+	routes    map[Route]*routeState
+	waiters   waitQueue
+	closed    bool
+	stats     Stats
 	// Pause state: every database (pauseAll) or some; resumed is closed
 	// and replaced at every Resume; pausedWaiting counts clients held.
 	pauseAll      bool
@@ -236,6 +241,61 @@ func (p *Pool) SetLimitError(err error) {
 	if !p.limitSet {
 		p.limitErr = err
 	}
+}
+
+// SetLimitNote records what the limit is, for the message of a wait that
+// times out ("this replica's share of the cluster budget", say); "" is the
+// budget itself.
+func (p *Pool) SetLimitNote(note string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.limitNote = note
+}
+
+// Changed returns a channel that is closed at the next change of the
+// pool's connections: one closed, or a budget slot freed.
+func (p *Pool) Changed() <-chan struct{} {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.changed
+}
+
+// Sever closes every server connection at once, idle or held by a client,
+// and returns how many it closed. A held connection's socket is closed
+// under its client, who learns that the server connection was lost
+// (08006). It is the last resort of the cluster lease manager when the
+// leases covering these connections are about to pass to other replicas.
+func (p *Pool) Sever(cause error) int {
+	p.mu.Lock()
+	var idle, held []*Server
+	for _, rs := range p.routes {
+		isIdle := make(map[*Server]bool, len(rs.idle))
+		for _, s := range rs.idle {
+			isIdle[s] = true
+		}
+		for s := range rs.servers {
+			switch {
+			case s.closing.Load(): // on its way out already
+			case isIdle[s]:
+				idle = append(idle, s)
+			default:
+				held = append(held, s)
+			}
+		}
+		rs.idle = nil
+	}
+	p.mu.Unlock()
+	for _, s := range idle {
+		s.close()
+	}
+	for _, s := range held {
+		s.MarkBroken()
+		_ = s.conn.Close() // the reader fails and tells the holder
+	}
+	if n := len(idle) + len(held); n > 0 {
+		p.logger.Warn("closing every server connection", zap.Int("idle", len(idle)), zap.Int("held", len(held)), zap.Error(cause))
+	}
+	return len(idle) + len(held)
 }
 
 // Limit returns the budget and whether it is known.
@@ -417,6 +477,9 @@ type WaitError struct {
 	Cause error
 	// Paused is true when the wait ended while the database was paused.
 	Paused bool
+	// Note says what the limit is when it is not the budget itself (see
+	// SetLimitNote); "" otherwise.
+	Note string
 }
 
 func (e *WaitError) Error() string {
@@ -427,6 +490,9 @@ func (e *WaitError) Error() string {
 		return fmt.Sprintf("no server connection after waiting %s: %v", e.Waited.Round(time.Millisecond), e.Cause)
 	case e.Cause != nil:
 		return fmt.Sprintf("no server connection after waiting %s: connecting to the server failed: %v", e.Waited.Round(time.Millisecond), e.Cause)
+	}
+	if e.Note != "" {
+		return fmt.Sprintf("no server connection after waiting %s: all %d connections of %s are in use", e.Waited.Round(time.Millisecond), e.Limit, e.Note)
 	}
 	return fmt.Sprintf("no server connection after waiting %s: all %d connections of the budget are in use", e.Waited.Round(time.Millisecond), e.Limit)
 }
@@ -557,7 +623,8 @@ func (p *Pool) waitError(r Route, start time.Time, cause error) error {
 	if !p.limitSet {
 		cause = p.limitErr
 	}
-	return &WaitError{Waited: p.now().Sub(start), Limit: p.limit, LimitKnown: p.limitSet, Cause: cause, Paused: p.pausedLocked(r)}
+	return &WaitError{Waited: p.now().Sub(start), Limit: p.limit, LimitKnown: p.limitSet, Cause: cause, Paused: p.pausedLocked(r),
+		Note: p.limitNote}
 }
 
 // retryable says whether a connect error may go away by itself: the server
@@ -644,6 +711,9 @@ func (p *Pool) acquireGrant(ctx context.Context, r Route, start time.Time, lastE
 		}
 	}
 	p.mu.Unlock()
+	if f := p.opts.Events.Queued; f != nil {
+		f()
+	}
 
 	select {
 	case g := <-w.ch:

@@ -95,6 +95,9 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 			if h := credentialsHint(waitErr.Cause, e.detail); h != "" {
 				e.hint = h
 			}
+		case waitErr.Note != "":
+			e.message = fmt.Sprintf("no server connection available within timeouts.query_wait (%s): all %d server connections of %s are in use", waitTimeout, waitErr.Limit, waitErr.Note)
+			e.hint = "The replicas with budget.cluster.enabled share one budget derived from the server's max_connections: raise max_connections (or budget.max), lower budget.reserve, raise timeouts.query_wait, or shorten transactions."
 		default:
 			e.message = fmt.Sprintf("no server connection available within timeouts.query_wait (%s): all %d server connections of the budget are in use", waitTimeout, waitErr.Limit)
 			e.hint = "Raise budget.max (or the server's max_connections, from which the budget is derived), raise timeouts.query_wait, or shorten transactions."

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 )
@@ -29,20 +30,24 @@ type Limits struct {
 	Reserved int
 }
 
-// Querier is what ReadLimits needs from a connection or pool.
+// Querier is what ReadLimits needs from a connection or pool: a
+// *pgxpool.Pool, *pgxpool.Conn or *pgx.Conn.
 type Querier interface {
-	QueryRow(ctx context.Context, sql string, args ...any) interface{ Scan(dest ...any) error }
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-const limitsSQL = `SELECT current_setting('server_version'),
+// LimitsSQL reads server_version, max_connections,
+// superuser_reserved_connections and reserved_connections (0 before
+// PostgreSQL 16), in that order.
+const LimitsSQL = `SELECT current_setting('server_version'),
 	current_setting('max_connections')::int,
 	current_setting('superuser_reserved_connections')::int,
 	coalesce(current_setting('reserved_connections', true), '0')::int`
 
 // ReadLimits reads the connection settings from the server.
-func ReadLimits(ctx context.Context, p *pgxpool.Pool) (Limits, error) {
+func ReadLimits(ctx context.Context, q Querier) (Limits, error) {
 	var l Limits
-	err := p.QueryRow(ctx, limitsSQL).Scan(&l.ServerVersion, &l.MaxConnections, &l.SuperuserReserved, &l.Reserved)
+	err := q.QueryRow(ctx, LimitsSQL).Scan(&l.ServerVersion, &l.MaxConnections, &l.SuperuserReserved, &l.Reserved)
 	if err != nil {
 		return Limits{}, fmt.Errorf("reading max_connections from the server: %w", err)
 	}
