@@ -232,8 +232,8 @@ func (p *modelPool) SetLimit(n int) {
 	p.serve()
 }
 
-func (p *modelPool) SetLimitError(error)  {}
-func (p *modelPool) SetLimitNote(string)  {}
+func (p *modelPool) SetLimitError(error)        {}
+func (p *modelPool) SetLimitNote(string)        {}
 func (p *modelPool) Servers() []pool.ServerInfo { return nil }
 func (p *modelPool) Changed() <-chan struct{}   { return p.changed }
 
