@@ -26,12 +26,18 @@ type ClientStates struct {
 
 // ClusterStats is what the cluster-wide budget reports.
 type ClusterStats struct {
-	// Total is the budget shared by every replica; Share is this
-	// replica's part of it.
+	// Total is the budget of server connections shared by every replica;
+	// Share is this replica's fair part of it.
 	Total, Share int
-	// Leases counts the budget slots this replica holds leases for;
-	// Replicas the replicas seen sharing the budget.
+	// Leases counts the leases this replica holds, its control
+	// connection's included; Replicas the replicas sharing the budget.
 	Leases, Replicas int
+	// Borrowed counts the leases held beyond the fair share.
+	Borrowed int
+	// Rebalances counts the times this replica gave leases back to
+	// replicas with waiting clients; Losses the times it lost its control
+	// connection, and with it its leases.
+	Rebalances, Losses uint64
 }
 
 // Security are the TLS and RDS IAM figures.
@@ -56,7 +62,7 @@ type Sources struct {
 	// health probe; known is false before any evidence.
 	Upstream func() (up, known bool)
 	// Cluster reports the cluster-wide budget; ok is false when budget
-	// sharing is off. TODO: fed by budget.cluster, not in this version.
+	// sharing is off or this replica has not joined yet.
 	Cluster func() (stats ClusterStats, ok bool)
 	// Security gives the TLS certificates' expiry and the IAM token
 	// mints.
@@ -81,7 +87,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.maxOpen, c.open, c.inUse, c.idle, c.waitCount, c.waitDuration,
 		c.maxIdleClosed, c.maxIdleTimeClosed, c.maxLifetimeClosed, c.clients, c.servers, c.budget, c.budgetShare,
 		c.budgetUsed, c.waitTimeouts, c.connects, c.connectErrors, c.received, c.sent, c.upstreamUp, c.paused,
-		c.leases, c.replicas, c.certExpiry, c.iamMints} {
+		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.certExpiry, c.iamMints} {
 		ch <- d
 	}
 }
@@ -156,6 +162,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		if cs, ok := c.src.Cluster(); ok {
 			gauge(c.leases, float64(cs.Leases))
 			gauge(c.replicas, float64(cs.Replicas))
+			gauge(c.borrowed, float64(cs.Borrowed))
+			counter(c.rebalances, float64(cs.Rebalances))
+			counter(c.leaseLosses, float64(cs.Losses))
 		}
 	}
 	var sec Security

@@ -29,6 +29,10 @@ type Metrics struct {
 	// UpstreamRoundTripSeconds observes round trips to the server: the
 	// health probe and the checks of idle connections.
 	UpstreamRoundTripSeconds prometheus.Histogram
+	// ClusterLeaseAcquireSeconds observes how long clients waited for this
+	// replica to get more leases (budget.cluster): from when it saw them
+	// waiting with fewer leases than it may hold to when it got more.
+	ClusterLeaseAcquireSeconds prometheus.Histogram
 	// PreparedHits and PreparedMisses count a client's prepared
 	// statements found prepared on the server connection it landed on, or
 	// prepared again there (transaction mode).
@@ -72,6 +76,8 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 			"Duration of client queries (a simple query, or an extended-protocol batch up to Sync), from first message to ReadyForQuery.", latencyBuckets()),
 		UpstreamRoundTripSeconds: h("upstream_round_trip_seconds",
 			"Round-trip time of an empty query to the upstream server (health probes and idle-connection checks).", latencyBuckets()),
+		ClusterLeaseAcquireSeconds: h("cluster_lease_acquire_seconds",
+			"Time from when this replica saw clients waiting with fewer leases than it may hold to when it got more (budget.cluster).", waitBuckets()),
 		errorsSent: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "errors_sent_total",
 			Help: "Errors pggovernor itself sent to clients, by SQLSTATE (errors from the server pass through uncounted)."}, []string{"sqlstate"}),
 		loginFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "login_failures_total",
@@ -86,7 +92,7 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 	for _, reason := range src.LoginFailureReasons {
 		m.loginFailures.WithLabelValues(reason)
 	}
-	reg.MustRegister(m.WaitSeconds, m.ServerConnectSeconds, m.TransactionSeconds, m.QuerySeconds, m.UpstreamRoundTripSeconds,
+	reg.MustRegister(m.WaitSeconds, m.ServerConnectSeconds, m.TransactionSeconds, m.QuerySeconds, m.UpstreamRoundTripSeconds, m.ClusterLeaseAcquireSeconds,
 		m.errorsSent, m.loginFailures, prepared, newCollector(src))
 	return m
 }
@@ -103,6 +109,7 @@ type scrapeDescs struct {
 	budget, budgetShare, budgetUsed                      *prometheus.Desc
 	waitTimeouts, connects, connectErrors                *prometheus.Desc
 	received, sent, upstreamUp, paused, leases, replicas *prometheus.Desc
+	borrowed, rebalances, leaseLosses                    *prometheus.Desc
 	certExpiry, iamMints                                 *prometheus.Desc
 }
 
@@ -140,8 +147,11 @@ func newScrapeDescs() scrapeDescs {
 		sent:          own("client_sent_bytes_total", "Bytes sent to clients."),
 		upstreamUp:    own("upstream_up", "1 when the upstream server answered the last health probe, 0 when it did not."),
 		paused:        own("paused", "1 while a PAUSE from the admin console holds one or more databases."),
-		leases:        own("cluster_leases", "Budget slots this replica holds leases for (budget.cluster)."),
+		leases:        own("cluster_leases", "Leases this replica holds on the cluster budget, its control connection's included (budget.cluster)."),
 		replicas:      own("cluster_replicas", "Replicas seen sharing the connection budget (budget.cluster)."),
+		borrowed:      own("cluster_borrowed_leases", "Leases this replica holds beyond its fair share, borrowed while other replicas do not need them (budget.cluster)."),
+		rebalances:    own("cluster_rebalances_total", "Times this replica gave leases back because another replica had waiting clients (budget.cluster)."),
+		leaseLosses:   own("cluster_lease_losses_total", "Times this replica lost its control connection, and with it its leases (budget.cluster)."),
 		certExpiry: own("tls_certificate_expiry_timestamp_seconds",
 			"When a TLS certificate pggovernor presents expires (Unix time), by the configuration key of its file.", "certificate"),
 		iamMints: own("iam_token_mints_total", "RDS IAM authentication tokens minted, by result (success or failure).", "result"),

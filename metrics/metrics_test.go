@@ -93,17 +93,32 @@ pggovernor_wait_timeouts_total 3
 		}
 	}
 	// The cluster-wide budget, when shared, replaces total and share.
-	src.Cluster = func() (ClusterStats, bool) { return ClusterStats{Total: 40, Share: 10, Leases: 7, Replicas: 4}, true }
+	src.Cluster = func() (ClusterStats, bool) {
+		return ClusterStats{Total: 40, Share: 10, Leases: 7, Replicas: 4, Borrowed: 2, Rebalances: 3, Losses: 1}, true
+	}
 	c = newCollector(src)
 	if err := testutil.CollectAndCompare(c, strings.NewReader(`
 # HELP pggovernor_budget_connections The connection budget: server connections allowed over every replica sharing it (this replica's alone without budget.cluster).
 # TYPE pggovernor_budget_connections gauge
 pggovernor_budget_connections 40
-# HELP pggovernor_cluster_leases Budget slots this replica holds leases for (budget.cluster).
+# HELP pggovernor_cluster_leases Leases this replica holds on the cluster budget, its control connection's included (budget.cluster).
 # TYPE pggovernor_cluster_leases gauge
 pggovernor_cluster_leases 7
-`), "pggovernor_budget_connections", "pggovernor_cluster_leases"); err != nil {
+# HELP pggovernor_cluster_borrowed_leases Leases this replica holds beyond its fair share, borrowed while other replicas do not need them (budget.cluster).
+# TYPE pggovernor_cluster_borrowed_leases gauge
+pggovernor_cluster_borrowed_leases 2
+# HELP pggovernor_cluster_rebalances_total Times this replica gave leases back because another replica had waiting clients (budget.cluster).
+# TYPE pggovernor_cluster_rebalances_total counter
+pggovernor_cluster_rebalances_total 3
+# HELP pggovernor_cluster_lease_losses_total Times this replica lost its control connection, and with it its leases (budget.cluster).
+# TYPE pggovernor_cluster_lease_losses_total counter
+pggovernor_cluster_lease_losses_total 1
+`), "pggovernor_budget_connections", "pggovernor_cluster_leases", "pggovernor_cluster_borrowed_leases",
+		"pggovernor_cluster_rebalances_total", "pggovernor_cluster_lease_losses_total"); err != nil {
 		t.Fatal(err)
+	}
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Fatalf("lint of the cluster metrics: want none, got = %v (%v)", problems, err)
 	}
 }
 

@@ -56,6 +56,9 @@ type Options struct {
 	Metrics Metrics
 	// Console connects the admin console to the rest of the process.
 	Console ConsoleOptions
+	// Peers, with budget.cluster, locates the other replicas for cancel
+	// requests that reach the wrong one; nil otherwise.
+	Peers Peers
 }
 
 // Server accepts clients and serves them until Shutdown.
@@ -251,16 +254,24 @@ func (s *Server) removeLocked(sess *session) {
 }
 
 // newCancelKey gives a session a process ID and secret unique among live
-// sessions.
+// sessions; in cluster mode the process ID carries the replica's number
+// (peers.go).
 func (s *Server) newCancelKey(sess *session) cancelKey {
 	var b [8]byte
+	mask, prefix := uint32(0x7fffffff), uint32(0)
+	if s.opts.Peers != nil {
+		mask = 1<<replicaIDShift - 1
+		if id := s.opts.Peers.ReplicaID(); id > 0 && id <= MaxReplicaID {
+			prefix = uint32(id) << replicaIDShift
+		}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for {
 		if _, err := rand.Read(b[:]); err != nil {
 			panic("crypto/rand failed: " + err.Error())
 		}
-		pid := binary.BigEndian.Uint32(b[:4]) & 0x7fffffff
+		pid := prefix | binary.BigEndian.Uint32(b[:4])&mask
 		if pid == 0 || s.keys[pid] != nil {
 			continue
 		}

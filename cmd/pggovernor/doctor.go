@@ -19,6 +19,7 @@ import (
 	"github.com/pggovernor/pggovernor/config"
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/pool/budget"
+	"github.com/pggovernor/pggovernor/pool/cluster"
 	"github.com/pggovernor/pggovernor/tlsconf"
 )
 
@@ -146,12 +147,8 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 	d.row("server: current_database", db)
 	d.row("server: tls", tlsState(pg))
 
-	var l budget.Limits
-	if err := conn.QueryRow(ctx, `SELECT current_setting('server_version'),
-		current_setting('max_connections')::int,
-		current_setting('superuser_reserved_connections')::int,
-		coalesce(current_setting('reserved_connections', true), '0')::int`).
-		Scan(&l.ServerVersion, &l.MaxConnections, &l.SuperuserReserved, &l.Reserved); err != nil {
+	l, err := budget.ReadLimits(ctx, conn)
+	if err != nil {
 		d.problem("reading the connection limits: %v", err)
 		return
 	}
@@ -160,7 +157,9 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 	d.row("server: superuser_reserved_connections", l.SuperuserReserved)
 	d.row("server: reserved_connections", l.Reserved)
 	n := budget.Compute(l, cfg.Budget.Reserve)
-	if cfg.Budget.Max > 0 {
+	if cfg.Budget.Cluster.Enabled {
+		d.cluster(ctx, cfg, conn, l)
+	} else if cfg.Budget.Max > 0 {
 		d.row("budget (budget.max)", cfg.Budget.Max)
 		if room := l.MaxConnections - l.SuperuserReserved - l.Reserved; cfg.Budget.Max > room {
 			d.problem("budget.max (%d) is above what the server allows ordinary roles (%d = max_connections %d − reserved %d): Postgres would refuse connections; lower budget.max or raise max_connections",
@@ -178,6 +177,70 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 		d.row("server: client connections now", open)
 	}
 	d.row("round trip (median of 10)", medianRTT(ctx, conn).Round(time.Microsecond))
+}
+
+// cluster prints the cluster budget and its members with their shares
+// (budget.cluster), as the replicas compute them.
+func (d *doctor) cluster(ctx context.Context, cfg *config.Config, conn *pgx.Conn, l budget.Limits) {
+	c := cfg.Budget.Cluster
+	ns := int32(c.Namespace)
+	d.row("cluster: namespace", c.Namespace)
+	var exists, canCreate bool
+	var schema string
+	if err := conn.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL, coalesce(current_schema(), ''),
+		coalesce(has_schema_privilege(current_schema(), 'CREATE'), false)`, c.Table).Scan(&exists, &schema, &canCreate); err != nil {
+		d.problem("key budget.cluster.table: %v", err)
+		return
+	}
+	if !exists {
+		d.row("cluster: table", c.Table+" (not there yet: the first replica creates it)")
+		if !canCreate {
+			d.problem("key budget.cluster.table: %s does not exist and this user may not create tables in the schema %q: grant CREATE on it, or create the table once as docs/architecture.md shows", c.Table, schema)
+		}
+	} else {
+		d.row("cluster: table", c.Table)
+	}
+	members, err := cluster.ReadMembers(ctx, conn, ns, c.Table)
+	if err != nil {
+		d.problem("key budget.cluster.table: reading the members: %v", err)
+		return
+	}
+	var live []cluster.Member
+	for _, m := range members {
+		if m.Age < c.MemberTimeout {
+			live = append(live, m)
+		}
+	}
+	foreign := 0
+	if c.CountForeign && exists {
+		if foreign, err = cluster.CountForeign(ctx, conn, ns, c.Table, c.MemberTimeout); err != nil {
+			d.problem("counting the other applications' connections: %v", err)
+			return
+		}
+		foreign-- // this doctor's own connection
+	}
+	members0 := max(len(live), 1) // as the first replica will see it
+	b := cluster.ComputeBudget(l, cfg.Budget.Max, cfg.Budget.Reserve, members0, max(foreign, 0))
+	d.row("cluster: budget", b.String())
+	if b.Total < members0*cluster.Floor {
+		d.problem("the cluster budget (%d leases) cannot give each of %d replicas a control connection and a server connection: raise max_connections, lower budget.reserve, or run fewer replicas", b.Total, members0)
+	}
+	d.row("cluster: replicas", len(live))
+	demands := make([]int, len(live))
+	for i, m := range live {
+		demands[i] = m.Demand + 1
+	}
+	targets := cluster.Targets(b.Total, demands)
+	for i, m := range live {
+		share := cluster.FairShare(b.Total, len(live), i)
+		d.row(fmt.Sprintf("  replica %d", m.ID), fmt.Sprintf("%s, cancel address %s: %d leases (fair share %d, target %d, borrowed %d), %d clients waiting, heartbeat %s ago",
+			m.Name, m.Addr, len(m.Slots), share, targets[i], max(len(m.Slots)-share, 0), m.Waiting, m.Age.Round(time.Millisecond)))
+	}
+	for _, m := range members {
+		if m.Age >= c.MemberTimeout {
+			d.row(fmt.Sprintf("  replica %d", m.ID), fmt.Sprintf("%s: gone (heartbeat %s ago; its leases are free once others see it)", m.Name, m.Age.Round(time.Second)))
+		}
+	}
 }
 
 // connectProblem explains a failed upstream connection with what to change.

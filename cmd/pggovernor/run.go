@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -28,6 +29,7 @@ import (
 	"github.com/pggovernor/pggovernor/metrics"
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/pool/budget"
+	"github.com/pggovernor/pggovernor/pool/cluster"
 	"github.com/pggovernor/pggovernor/proxy"
 	"github.com/pggovernor/pggovernor/tlsconf"
 )
@@ -140,6 +142,7 @@ type governor struct {
 	pool      *pool.Pool
 	proxy     *proxy.Server
 	control   *pgxpool.Pool
+	cluster   *cluster.Manager // nil without budget.cluster
 	up        *upstream
 	clientTLS *tlsconf.Server // nil with clients.tls.mode disable
 	throttle  *auth.Throttle
@@ -196,9 +199,6 @@ func withClock(c auth.Clock) option { return func(d *startDeps) { d.clock = c } 
 // start builds and starts every piece; on error, what was started is
 // stopped.
 func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...option) (*governor, error) {
-	if err := notYetImplemented(cfg); err != nil {
-		return nil, err
-	}
 	deps := startDeps{clock: auth.SystemClock{}}
 	for _, o := range opts {
 		o(&deps)
@@ -237,6 +237,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		Clients:  g.clientStates,
 		Traffic:  g.traffic,
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
+		Cluster:  g.clusterStats,
 		Security: g.securityMetrics,
 		LoginFailureReasons: func() []string {
 			r := proxy.LoginFailureReasons()
@@ -249,8 +250,21 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		observeConnect(r, d, err)
 		g.health.connected(r, d, err)
 	}
+	clustered := cfg.Budget.Cluster.Enabled
+	events.Queued = func() {
+		if m := g.cluster; m != nil { // set before the first client
+			m.Queued()
+		}
+	}
+	base := up.base
+	if clustered {
+		// The server drops a vanished replica's connections before the
+		// others may take its leases (pool/cluster's keepalive bound).
+		base = up.base.Copy()
+		maps.Copy(base.RuntimeParams, cluster.ServerParams(cfg.Budget.Cluster.MemberTimeout))
+	}
 	g.pool = pool.New(pool.Options{
-		Connector: &pool.UpstreamConnector{Base: up.base, Password: up.password, Prepare: up.prepare,
+		Connector: &pool.UpstreamConnector{Base: base, Password: up.password, Prepare: up.prepare,
 			Timeout: cfg.Timeouts.ServerConnect},
 		Logger:           logger.Named("pool"),
 		ServerIdle:       cfg.Timeouts.ServerIdle,
@@ -258,43 +272,44 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		ServerCheckDelay: cfg.Timeouts.ServerCheckDelay,
 		Events:           events,
 	})
-	if cfg.Budget.Max > 0 {
+	if clustered || cfg.Budget.Max == 0 {
+		g.control, err = newControlPool(bg, cfg, up)
+		if err != nil {
+			cancel()
+			g.pool.Close(ctx)
+			return nil, err
+		}
+	}
+	var store *cluster.PgStore
+	switch {
+	case clustered:
+		store = &cluster.PgStore{Pool: g.control, Namespace: int32(cfg.Budget.Cluster.Namespace), Table: cfg.Budget.Cluster.Table}
+		host, _ := os.Hostname()
+		g.cluster = cluster.New(cluster.Options{
+			Store:         store,
+			Pool:          g.pool,
+			Max:           cfg.Budget.Max,
+			Reserve:       cfg.Budget.Reserve,
+			CountForeign:  cfg.Budget.Cluster.CountForeign,
+			Heartbeat:     cfg.Budget.Cluster.HeartbeatInterval,
+			MemberTimeout: cfg.Budget.Cluster.MemberTimeout,
+			MaxID:         proxy.MaxReplicaID,
+			Name:          fmt.Sprintf("%s pid %d", host, os.Getpid()),
+			Addr:          func() string { return g.advertiseAddr(store) },
+			Logger:        logger.Named("cluster"),
+			Events: cluster.Events{
+				RoundTrip: func(d time.Duration, err error) {
+					if err == nil {
+						g.metrics.UpstreamRoundTripSeconds.Observe(d.Seconds())
+					}
+					g.health.record(err == nil, err)
+				},
+				Acquired: func(d time.Duration) { g.metrics.ClusterLeaseAcquireSeconds.Observe(d.Seconds()) },
+			},
+		})
+	case cfg.Budget.Max > 0:
 		g.pool.SetLimit(cfg.Budget.Max)
-	} else {
-		pcfg, err := pgxpool.ParseConfig(up.connString)
-		if err != nil {
-			cancel()
-			g.pool.Close(ctx)
-			return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, cfg.Upstream.URL))
-		}
-		pcfg.MaxConns = budget.ControlConnections
-		pcfg.MinConns = 0
-		pcfg.ConnConfig.Config = *up.base.Copy()
-		pcfg.ConnConfig.RuntimeParams["application_name"] = "pggovernor-control"
-		pw := up.password
-		user := up.base.User
-		pcfg.BeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) error {
-			if err := up.tls.Apply(&cc.Config); err != nil {
-				return err
-			}
-			if pw == nil {
-				return nil
-			}
-			p, err := pw(ctx, pool.Route{Database: cc.Database, User: user})
-			if err != nil {
-				return err
-			}
-			if p != "" {
-				cc.Password = p
-			}
-			return nil
-		}
-		g.control, err = pgxpool.NewWithConfig(bg, pcfg)
-		if err != nil {
-			cancel()
-			g.pool.Close(ctx)
-			return nil, fmt.Errorf("control connection: %w", err)
-		}
+	default:
 		g.bg.Add(1)
 		go func() { // owner: governor; exits when g.cancel is called
 			defer g.bg.Done()
@@ -308,12 +323,20 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			})
 		}()
 	}
-	g.bg.Add(1)
-	go func() { // owner: governor; exits when g.cancel is called
-		defer g.bg.Done()
-		g.health.probeLoop(bg, cfg.Admin.ProbeInterval, cfg.Timeouts.ServerConnect, g.control, g.pool,
-			func(d time.Duration) { g.metrics.UpstreamRoundTripSeconds.Observe(d.Seconds()) })
-	}()
+	if !clustered {
+		// In cluster mode the heartbeats are the probe: the lease manager
+		// holds the one control connection.
+		g.bg.Add(1)
+		go func() { // owner: governor; exits when g.cancel is called
+			defer g.bg.Done()
+			g.health.probeLoop(bg, cfg.Admin.ProbeInterval, cfg.Timeouts.ServerConnect, g.control, g.pool,
+				func(d time.Duration) { g.metrics.UpstreamRoundTripSeconds.Observe(d.Seconds()) })
+		}()
+	}
+	var peers proxy.Peers
+	if g.cluster != nil {
+		peers = g.cluster
+	}
 	g.proxy = proxy.NewServer(proxy.Options{
 		Config:       cfg,
 		Pool:         g.pool,
@@ -341,10 +364,18 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 				}
 			},
 		},
+		Peers: peers,
 	})
 	if err := g.proxy.Listen(); err != nil {
 		g.stop(logger, 0)
 		return nil, err
+	}
+	if g.cluster != nil {
+		g.bg.Add(1)
+		go func() { // owner: governor; exits when g.cancel is called
+			defer g.bg.Done()
+			g.cluster.Run(bg)
+		}()
 	}
 	if cfg.AdminListen != "" {
 		ln, err := net.Listen("tcp", cfg.AdminListen)
@@ -381,12 +412,53 @@ func (g *governor) ready() error {
 	if up, known, err := g.health.state(); known && !up {
 		return fmt.Errorf("the upstream server is unreachable: %v", err)
 	}
-	if n, known := g.pool.Limit(); !known {
+	n, known := g.pool.Limit()
+	switch {
+	case !known && g.cluster != nil:
+		return errors.New("this replica has not joined the cluster budget yet (budget.cluster; upstream unreachable, or the budget in use by the other replicas?)")
+	case !known:
 		return errors.New("the connection budget is not known yet (upstream unreachable?)")
-	} else if n <= 0 {
+	case n <= 0 && g.cluster != nil:
+		return errors.New("this replica holds no lease for a server connection (budget.cluster): its control connection is down, or the cluster budget is too small for the replicas")
+	case n <= 0:
 		return errors.New("the connection budget is zero")
 	}
 	return nil
+}
+
+// clusterStats gives the metrics the cluster budget, in server
+// connections (each replica's control connection holds a lease too).
+func (g *governor) clusterStats() (metrics.ClusterStats, bool) {
+	if g.cluster == nil {
+		return metrics.ClusterStats{}, false
+	}
+	st := g.cluster.Stats()
+	if !st.Known {
+		return metrics.ClusterStats{}, false
+	}
+	return metrics.ClusterStats{Total: st.Budget.Servers(), Share: max(st.Share-1, 0), Leases: st.Leases, Replicas: len(st.Members),
+		Borrowed: st.Borrowed, Rebalances: st.Rebalances, Losses: st.Losses}, true
+}
+
+// advertiseAddr is where peers forward cancel requests for this replica's
+// clients: budget.cluster.advertise_address, else the listen host (or,
+// for a wildcard, the address this replica reaches the server from) with
+// the port it listens on.
+func (g *governor) advertiseAddr(store *cluster.PgStore) string {
+	if a := g.cfg.Budget.Cluster.AdvertiseAddress; a != "" {
+		return a
+	}
+	_, port, err := net.SplitHostPort(g.proxy.Addr().String())
+	if err != nil {
+		return ""
+	}
+	host, _, _ := net.SplitHostPort(g.cfg.Listen)
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		if host = store.LocalHost(); host == "" {
+			return ""
+		}
+	}
+	return net.JoinHostPort(host, port)
 }
 
 // poolSource gives the metrics the pool's figures.
@@ -531,12 +603,45 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 	logger.Info("pggovernor stopped")
 }
 
-// notYetImplemented refuses settings whose feature has not landed yet, so
-// that no configuration silently does less than it says.
-func notYetImplemented(cfg *config.Config) error {
-	switch {
-	case cfg.Budget.Cluster.Enabled:
-		return errors.New("key budget.cluster.enabled: the cluster-wide budget is not implemented in this version")
+// newControlPool is the control plane's pool of one connection (counted in
+// the budget): the budget's reads, the health probe, and with
+// budget.cluster the leases, whose connection also carries keepalives and
+// tcp_user_timeout on both ends so that a vanished peer is noticed within
+// the cluster's bounds.
+func newControlPool(ctx context.Context, cfg *config.Config, up *upstream) (*pgxpool.Pool, error) {
+	pcfg, err := pgxpool.ParseConfig(up.connString)
+	if err != nil {
+		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, cfg.Upstream.URL))
 	}
-	return nil
+	pcfg.MaxConns = budget.ControlConnections
+	pcfg.MinConns = 0
+	pcfg.ConnConfig.Config = *up.base.Copy()
+	pcfg.ConnConfig.RuntimeParams["application_name"] = "pggovernor-control"
+	if c := cfg.Budget.Cluster; c.Enabled {
+		maps.Copy(pcfg.ConnConfig.RuntimeParams, cluster.ServerParams(c.MemberTimeout))
+		pcfg.ConnConfig.DialFunc = cluster.Dialer(c.MemberTimeout).DialContext
+	}
+	pw := up.password
+	user := up.base.User
+	pcfg.BeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) error {
+		if err := up.tls.Apply(&cc.Config); err != nil {
+			return err
+		}
+		if pw == nil {
+			return nil
+		}
+		p, err := pw(ctx, pool.Route{Database: cc.Database, User: user})
+		if err != nil {
+			return err
+		}
+		if p != "" {
+			cc.Password = p
+		}
+		return nil
+	}
+	p, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("control connection: %w", err)
+	}
+	return p, nil
 }

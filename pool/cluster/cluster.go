@@ -311,11 +311,11 @@ func (m *Manager) Step(ctx context.Context) {
 func (m *Manager) heartbeat(ctx context.Context) bool {
 	sent := m.o.Now()
 	v, err := m.sess.Heartbeat(ctx, m.beat())
-	if f := m.o.Events.RoundTrip; f != nil {
+	if f := m.o.Events.RoundTrip; f != nil && !errors.Is(ctx.Err(), context.Canceled) {
 		f(m.o.Now().Sub(sent), err)
 	}
 	if err != nil {
-		m.lose(err)
+		m.lose(ctx, err)
 		return false
 	}
 	m.renewed(sent)
@@ -455,7 +455,7 @@ func (m *Manager) connect(ctx context.Context) bool {
 			candidates = candidates[len(try):]
 			got, err := m.sess.Lock(ctx, m.id, try, m.o.MemberTimeout)
 			if err != nil {
-				m.lose(err)
+				m.lose(ctx, err)
 				return false
 			}
 			m.held = got
@@ -469,7 +469,7 @@ func (m *Manager) connect(ctx context.Context) bool {
 		}
 		sent := m.o.Now()
 		if err := m.sess.Publish(ctx, m.beat()); err != nil {
-			m.lose(err)
+			m.lose(ctx, err)
 			return false
 		}
 		m.renewed(sent)
@@ -482,10 +482,13 @@ func (m *Manager) connect(ctx context.Context) bool {
 // lose ends the session after a failed exchange: no new server
 // connections, idle ones closed now and the others at their release; the
 // row keeps our leases reserved for a member timeout.
-func (m *Manager) lose(err error) {
+func (m *Manager) lose(ctx context.Context, err error) {
 	m.sess.Close()
 	m.sess, m.held, m.keep = nil, nil, 0
 	m.setLimit(0, noteLost)
+	if errors.Is(ctx.Err(), context.Canceled) {
+		return // shutting down: the pool is closed already
+	}
 	m.mu.Lock()
 	m.stats.Losses++
 	m.stats.Connected = false
@@ -631,7 +634,7 @@ func (m *Manager) rebalance(ctx context.Context, heartbeat bool) {
 			candidates = candidates[len(try):]
 			g, err := m.sess.Lock(ctx, m.id, try, m.o.MemberTimeout)
 			if err != nil {
-				m.lose(err)
+				m.lose(ctx, err)
 				return
 			}
 			for _, s := range try {
@@ -648,7 +651,7 @@ func (m *Manager) rebalance(ctx context.Context, heartbeat bool) {
 			if err := m.sess.Publish(ctx, m.beat()); err != nil {
 				// Not published, so not ours to use: the session is
 				// suspect; start again.
-				m.lose(err)
+				m.lose(ctx, err)
 				return
 			}
 			m.renewed(sent)
@@ -707,7 +710,7 @@ func (m *Manager) release(ctx context.Context) {
 	b.Slots = rest
 	sent := m.o.Now()
 	if err := m.sess.Release(ctx, drop, b); err != nil {
-		m.lose(err)
+		m.lose(ctx, err)
 		return
 	}
 	m.held = rest

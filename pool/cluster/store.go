@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -111,6 +113,18 @@ type PgStore struct {
 	Namespace int32
 	// Table is the membership table (budget.cluster.table).
 	Table string
+
+	localHost atomic.Pointer[string]
+}
+
+// LocalHost is the address this replica reaches the server from, as of
+// the last session opened ("" before any, or over a Unix socket): the
+// default address peers forward cancel requests to.
+func (s *PgStore) LocalHost() string {
+	if h := s.localHost.Load(); h != nil {
+		return *h
+	}
+	return ""
 }
 
 // createLockKey is the second key of the transaction lock that serialises
@@ -125,6 +139,10 @@ func (s *PgStore) Open(ctx context.Context) (Session, error) {
 	c, err := s.Pool.Acquire(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("opening the control connection: %w", err)
+	}
+	if a, ok := c.Conn().PgConn().Conn().LocalAddr().(*net.TCPAddr); ok {
+		h := a.IP.String()
+		s.localHost.Store(&h)
 	}
 	ps := &pgSession{c: c, ns: s.Namespace, table: pgx.Identifier(strings.Split(s.Table, ".")).Sanitize(), name: s.Table}
 	if err := ps.ensureTable(ctx); err != nil {
@@ -303,9 +321,7 @@ func (s *pgSession) Heartbeat(ctx context.Context, b Beat) (View, error) {
 		// connections are ours; every other client backend is foreign.
 		// (A server connection opened since its owner's last heartbeat
 		// counts as foreign until the next: the error is on the safe side.)
-		batch.Queue(`SELECT count(*)::int FROM pg_stat_activity a WHERE a.backend_type = 'client backend'
-			AND NOT EXISTS (SELECT 1 FROM `+s.table+` m WHERE m.namespace = $1 AND m.heartbeat >= now() - $2::interval
-				AND (a.pid = m.control_pid OR a.pid = ANY (m.server_pids)))`, s.ns, b.Timeout)
+		batch.Queue(s.foreignSQL(), s.ns, b.Timeout)
 	}
 	br := s.c.SendBatch(ctx, batch)
 	var v View
@@ -339,6 +355,12 @@ func (s *pgSession) Heartbeat(ctx context.Context, b Beat) (View, error) {
 		return View{}, fmt.Errorf("heartbeat: %w", err)
 	}
 	return v, nil
+}
+
+func (s *pgSession) foreignSQL() string {
+	return `SELECT count(*)::int FROM pg_stat_activity a WHERE a.backend_type = 'client backend'
+		AND NOT EXISTS (SELECT 1 FROM ` + s.table + ` m WHERE m.namespace = $1 AND m.heartbeat >= now() - $2::interval
+			AND (a.pid = m.control_pid OR a.pid = ANY (m.server_pids)))`
 }
 
 func (s *pgSession) Leave(ctx context.Context, id int) error {
@@ -382,4 +404,17 @@ func ReadMembers(ctx context.Context, q interface {
 		return nil, err
 	}
 	return scanMembers(rows)
+}
+
+// CountForeign counts, over q, the client backends that belong to no live
+// member of namespace (as the heartbeat does with
+// budget.cluster.count_foreign), for pggovernor doctor. The table must
+// exist.
+func CountForeign(ctx context.Context, q interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}, namespace int32, table string, timeout time.Duration) (int, error) {
+	s := &pgSession{ns: namespace, table: pgx.Identifier(strings.Split(table, ".")).Sanitize(), name: table}
+	var n int
+	err := q.QueryRow(ctx, s.foreignSQL(), namespace, timeout).Scan(&n)
+	return n, err
 }
