@@ -173,7 +173,7 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 		}
 	}
 	var open int
-	if err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'").Scan(&open); err == nil {
+	if err := conn.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity a WHERE "+cluster.ClientBackend).Scan(&open); err == nil {
 		d.row("server: client connections now", open)
 	}
 	d.row("round trip (median of 10)", medianRTT(ctx, conn).Round(time.Microsecond))
@@ -199,6 +199,10 @@ func (d *doctor) cluster(ctx context.Context, cfg *config.Config, conn *pgx.Conn
 		}
 	} else {
 		d.row("cluster: table", c.Table)
+		var ok bool
+		if err := conn.QueryRow(ctx, `SELECT has_table_privilege($1, 'SELECT, INSERT, UPDATE, DELETE')`, c.Table).Scan(&ok); err != nil || !ok {
+			d.problem("key budget.cluster.table: this user may not read and write %s: grant SELECT, INSERT, UPDATE and DELETE on it to the upstream user of every replica", c.Table)
+		}
 	}
 	members, err := cluster.ReadMembers(ctx, conn, ns, c.Table)
 	if err != nil {

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/pggovernor/pggovernor/pool/budget"
@@ -222,10 +223,17 @@ func scanMembers(rows pgx.Rows) ([]Member, error) {
 
 func (s *pgSession) Members(ctx context.Context) ([]Member, error) {
 	rows, err := s.c.Query(ctx, s.membersSQL(), s.ns)
-	if err != nil {
-		return nil, fmt.Errorf("reading the cluster members: %w", err)
+	if err == nil {
+		var ms []Member
+		if ms, err = scanMembers(rows); err == nil {
+			return ms, nil
+		}
 	}
-	return scanMembers(rows)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+		return nil, fmt.Errorf("reading the cluster members from %s (key budget.cluster.table: the upstream user of every replica needs SELECT, INSERT, UPDATE and DELETE on it): %w", s.name, err)
+	}
+	return nil, fmt.Errorf("reading the cluster members: %w", err)
 }
 
 func int32s(xs []int) []int32 {
@@ -357,8 +365,15 @@ func (s *pgSession) Heartbeat(ctx context.Context, b Beat) (View, error) {
 	return v, nil
 }
 
+// ClientBackend is a condition on pg_stat_activity a that holds for client
+// backends. Without pg_read_all_stats a role sees backend_type only for its
+// own backends; for the others it falls back to "connected to a database as
+// a role", which also takes in background workers such as parallel query
+// workers (counted as foreign then: the error is on the safe side).
+const ClientBackend = `coalesce(a.backend_type = 'client backend', a.datid IS NOT NULL AND a.usesysid IS NOT NULL)`
+
 func (s *pgSession) foreignSQL() string {
-	return `SELECT count(*)::int FROM pg_stat_activity a WHERE a.backend_type = 'client backend'
+	return `SELECT count(*)::int FROM pg_stat_activity a WHERE ` + ClientBackend + `
 		AND NOT EXISTS (SELECT 1 FROM ` + s.table + ` m WHERE m.namespace = $1 AND m.heartbeat >= now() - $2::interval
 			AND (a.pid = m.control_pid OR a.pid = ANY (m.server_pids)))`
 }

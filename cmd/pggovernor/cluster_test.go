@@ -1,0 +1,353 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// The shares the tests expect: the leases (clusterLeases = 24) split among
+// the replicas, each one's control connection holding one.
+func fairLeases(replicas int) []int {
+	out := make([]int, replicas)
+	for i := range out {
+		out[i] = clusterLeases / replicas
+		if i < clusterLeases%replicas {
+			out[i]++
+		}
+	}
+	return out
+}
+
+func equalInts(a, b []int) bool { return fmt.Sprint(a) == fmt.Sprint(b) }
+
+// TestClusterSharesOneBudget: three replicas (separate processes) in front
+// of one Postgres with max_connections = 30, each driven by 100 clients in
+// transaction mode. The governors' server connections in pg_stat_activity,
+// sampled every 50 ms, never exceed the budget; every transaction succeeds;
+// the replicas hold equal shares.
+func TestClusterSharesOneBudget(t *testing.T) {
+	pg := clusterServer(t)
+	ns := newNamespace()
+	users := usersFile(t)
+	rs := []*replica{startReplica(t, pg, "rep1", ns, users), startReplica(t, pg, "rep2", ns, users), startReplica(t, pg, "rep3", ns, users)}
+	waitMembers(t, pg, ns, rs...)
+	s := sampleCluster(t, pg)
+	var loads []*clusterLoad
+	for _, r := range rs {
+		loads = append(loads, startClusterLoad(t, r.url("alice", userPass, "clusterdb"), r.user, clusterClientsPerProxy))
+	}
+	want := fairLeases(3)
+	began := time.Now()
+	waitFor(t, 20*time.Second, fmt.Sprintf("fair shares %v", want), func() bool { return equalInts(leasesOf(t, pg, ns, rs...), want) })
+	t.Logf("fair shares %v %s after the load began", want, time.Since(began).Round(time.Millisecond))
+	time.Sleep(2 * time.Second) // steady load; nothing to await
+	var commits int64
+	for i, l := range loads {
+		commits += l.mustStop(t, rs[i].user)
+	}
+	servers, governors, all, samples := s.finish()
+	if samples < 20 {
+		t.Fatalf("pg_stat_activity samples: want >= 20, got = %d", samples)
+	}
+	// Three control connections hold three of the leases.
+	if budget := clusterLeases - 3; servers > budget {
+		t.Errorf("governor server connections in pg_stat_activity: want <= %d (the budget), got = %d", budget, servers)
+	}
+	if governors > clusterLeases {
+		t.Errorf("governor connections, control connections included: want <= %d (the leases), got = %d", clusterLeases, governors)
+	}
+	if all > clusterMaxConnections-clusterSuperReserved {
+		t.Errorf("client backends: want <= %d, got = %d", clusterMaxConnections-clusterSuperReserved, all)
+	}
+	rows, err := pg.ExecIn(context.Background(), "clusterdb", "SELECT count(*) FROM load WHERE replica IN ('rep1', 'rep2', 'rep3')")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := rows[0][0]; got != fmt.Sprint(commits) {
+		t.Errorf("committed rows: want = %d (the transactions acknowledged), got = %s", commits, got)
+	}
+	if _, err := pg.ExecIn(context.Background(), "clusterdb", "DELETE FROM load"); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rs {
+		mfs := r.scrape(t)
+		if got := mustValue(t, mfs, "pggovernor_cluster_replicas", nil); got != 3 {
+			t.Errorf("%s pggovernor_cluster_replicas: want = 3, got = %v", r.user, got)
+		}
+		if got := mustValue(t, mfs, "pggovernor_budget_connections", nil); got != clusterLeases-3 {
+			t.Errorf("%s pggovernor_budget_connections: want = %d, got = %v", r.user, clusterLeases-3, got)
+		}
+	}
+	t.Logf("%d transactions; at most %d server connections (%d with control connections, %d client backends in all) over %d samples",
+		commits, servers, governors, all, samples)
+	_ = strings.Contains
+}
+
+// waitConverge polls cond every 10 ms (lease rows and pg_stat_activity
+// announce nothing) and returns how long it took; it fails after limit.
+func waitConverge(t *testing.T, limit time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
+	began := time.Now()
+	for !cond() {
+		if time.Since(began) > limit {
+			t.Fatalf("%s: not within %s", what, limit)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return time.Since(began)
+}
+
+// TestClusterReplicaKilledAndRestarted: kill -9 one of three replicas under
+// load; the other two use its share within the documented bound
+// (member_timeout + heartbeat_interval). Restart it: the shares converge to
+// fair within the documented bound for a join (2 × heartbeat_interval +
+// the transactions in flight). No client of a live replica sees an error,
+// and the budget holds throughout.
+func TestClusterReplicaKilledAndRestarted(t *testing.T) {
+	pg := clusterServer(t)
+	ns := newNamespace()
+	users := usersFile(t)
+	a, b, c := startReplica(t, pg, "rep1", ns, users), startReplica(t, pg, "rep2", ns, users), startReplica(t, pg, "rep3", ns, users)
+	waitMembers(t, pg, ns, a, b, c)
+	s := sampleCluster(t, pg)
+	la := startClusterLoad(t, a.url("alice", userPass, "clusterdb"), "rep1", clusterClientsPerProxy)
+	lb := startClusterLoad(t, b.url("alice", userPass, "clusterdb"), "rep2", clusterClientsPerProxy)
+	lc := startClusterLoad(t, c.url("alice", userPass, "clusterdb"), "rep3", clusterClientsPerProxy)
+	waitFor(t, 20*time.Second, "fair shares", func() bool { return equalInts(leasesOf(t, pg, ns, a, b, c), fairLeases(3)) })
+
+	if err := c.cmd.Process.Kill(); err != nil { // kill -9
+		t.Fatal(err)
+	}
+	<-c.exited
+	_, _ = lc.stop() // its clients lost their connections with it: expected
+	bound := clusterMemberTimeout + clusterHeartbeat
+	took := waitConverge(t, bound+2*time.Second, "the survivors taking over the killed replica's share", func() bool {
+		l := leasesOf(t, pg, ns, a, b)
+		return l[0]+l[1] == clusterLeases && s.serversOf("rep1")+s.serversOf("rep2") == clusterLeases-2
+	})
+	t.Logf("killed replica's share in use by the others after %s (documented bound %s)", took.Round(time.Millisecond), bound)
+	if got := leasesOf(t, pg, ns, a, b); !equalInts(got, fairLeases(2)) {
+		t.Errorf("shares of the survivors: want = %v, got = %v", fairLeases(2), got)
+	}
+
+	c2 := startReplica(t, pg, "rep3", ns, users)
+	lc2 := startClusterLoad(t, c2.url("alice", userPass, "clusterdb"), "rep3", clusterClientsPerProxy)
+	joinBound := 2*clusterHeartbeat + 100*time.Millisecond // + the longest transaction (20 ms) and its round trips
+	took = waitConverge(t, joinBound+2*time.Second, "fair shares after the restart", func() bool {
+		return equalInts(leasesOf(t, pg, ns, a, b, c2), fairLeases(3))
+	})
+	t.Logf("restarted replica at its fair share %s after it started listening (documented bound %s)", took.Round(time.Millisecond), joinBound)
+	time.Sleep(time.Second) // load on the three again; nothing to await
+	la.mustStop(t, "rep1")
+	lb.mustStop(t, "rep2")
+	lc2.mustStop(t, "rep3 restarted")
+	servers, governors, _, samples := s.finish()
+	// With two members, the budget leaves 24 − 2 leases for server
+	// connections; and every governor connection, the joining replica's
+	// control connection included, fits max_connections − reserved.
+	if budget := clusterLeases - 2; servers > budget {
+		t.Errorf("governor server connections in pg_stat_activity: want <= %d, got = %d", budget, servers)
+	}
+	if capacity := clusterLeases + 1; governors > capacity {
+		t.Errorf("governor connections, control connections included: want <= %d, got = %d", capacity, governors)
+	}
+	t.Logf("at most %d server connections, %d with control connections, over %d samples", servers, governors, samples)
+	if _, err := pg.ExecIn(context.Background(), "clusterdb", "DELETE FROM load"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestClusterSkewedLoad: one busy replica and two idle ones: the busy one
+// borrows all the leases but the idle ones' floors (a control connection
+// and one server connection each); move the load to another replica and
+// the shares follow.
+func TestClusterSkewedLoad(t *testing.T) {
+	pg := clusterServer(t)
+	ns := newNamespace()
+	users := usersFile(t)
+	rs := []*replica{startReplica(t, pg, "rep1", ns, users), startReplica(t, pg, "rep2", ns, users), startReplica(t, pg, "rep3", ns, users)}
+	waitMembers(t, pg, ns, rs...)
+	s := sampleCluster(t, pg)
+	busy := clusterLeases - 2*2
+	l1 := startClusterLoad(t, rs[0].url("alice", userPass, "clusterdb"), "rep1", clusterClientsPerProxy)
+	took := waitConverge(t, 10*time.Second, "rep1 borrowing the idle replicas' leases", func() bool {
+		return equalInts(leasesOf(t, pg, ns, rs...), []int{busy, 2, 2})
+	})
+	t.Logf("busy replica at %d of %d leases %s after its load began", busy, clusterLeases, took.Round(time.Millisecond))
+	if got := rs[0].metric(t, "pggovernor_cluster_borrowed_leases"); got != float64(busy-clusterLeases/3) {
+		t.Errorf("rep1 pggovernor_cluster_borrowed_leases: want = %d, got = %v", busy-clusterLeases/3, got)
+	}
+	time.Sleep(time.Second) // steady skewed load; nothing to await
+
+	l2 := startClusterLoad(t, rs[1].url("alice", userPass, "clusterdb"), "rep2", clusterClientsPerProxy)
+	moved := time.Now()
+	n1 := l1.mustStop(t, "rep1")
+	took = waitConverge(t, 10*time.Second, "the leases following the load to rep2", func() bool {
+		return equalInts(leasesOf(t, pg, ns, rs...), []int{2, busy, 2})
+	})
+	t.Logf("leases followed the load to rep2 within %s (the busy replica's demand is the peak of its last 3 heartbeats)",
+		time.Since(moved).Round(time.Millisecond))
+	_ = took
+	if got := rs[0].metric(t, "pggovernor_cluster_rebalances_total"); got < 1 {
+		t.Errorf("rep1 pggovernor_cluster_rebalances_total: want >= 1 (it gave leases back), got = %v", got)
+	}
+	n2 := l2.mustStop(t, "rep2")
+	servers, governors, _, samples := s.finish()
+	if budget := clusterLeases - 3; servers > budget {
+		t.Errorf("governor server connections in pg_stat_activity: want <= %d, got = %d", budget, servers)
+	}
+	if governors > clusterLeases {
+		t.Errorf("governor connections, control connections included: want <= %d, got = %d", clusterLeases, governors)
+	}
+	t.Logf("%d and %d transactions; at most %d server connections over %d samples", n1, n2, servers, samples)
+	if _, err := pg.ExecIn(context.Background(), "clusterdb", "DELETE FROM load"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestClusterForeignConnections: with budget.cluster.count_foreign, a
+// foreign application that opens 10 connections gets them one after the
+// other as the replicas shrink to make room (each one it opens takes the
+// slot kept free, and the replicas give one back at their next
+// heartbeat), and the total stays within max_connections − reserved
+// throughout, with every client transaction succeeding.
+func TestClusterForeignConnections(t *testing.T) {
+	pg := clusterServer(t)
+	ns := newNamespace()
+	users := usersFile(t)
+	var rs []*replica
+	for _, u := range []string{"rep1", "rep2", "rep3"} {
+		rs = append(rs, startReplica(t, pg, u, ns, users, "--budget.reserve=0", "--budget.cluster.count-foreign"))
+	}
+	waitMembers(t, pg, ns, rs...)
+	s := sampleCluster(t, pg) // a foreign connection itself
+	var loads []*clusterLoad
+	for _, r := range rs {
+		loads = append(loads, startClusterLoad(t, r.url("alice", userPass, "clusterdb"), r.user, clusterClientsPerProxy))
+	}
+	limit := clusterMaxConnections - clusterSuperReserved // what non-superusers may use
+	// Leases: limit − 1 kept free − 1 sampler − what else of the tests is
+	// connected; the replicas use them all.
+	waitFor(t, 10*time.Second, "the replicas to use the budget", func() bool {
+		return s.serversOf("rep1")+s.serversOf("rep2")+s.serversOf("rep3") >= limit-1-1-3-1
+	})
+
+	ctx := context.Background()
+	began := time.Now()
+	var foreign []*pgx.Conn
+	defer func() {
+		for _, c := range foreign {
+			c.Close(ctx)
+		}
+	}()
+	refused := 0
+	var lastErr error
+	for len(foreign) < 10 {
+		if time.Since(began) > 20*time.Second {
+			rows, _ := pg.Exec(ctx, "SELECT usename, application_name, state, backend_type FROM pg_stat_activity")
+			t.Fatalf("the foreign application got %d of its 10 connections in 20 s (%d refusals, the last: %v); leases %v, budget %v; activity %v",
+				len(foreign), refused, lastErr, leasesOf(t, pg, ns, rs...), rs[0].metric(t, "pggovernor_budget_connections"), rows)
+		}
+		c, err := pgx.Connect(ctx, pg.URL("outsider", clusterPass, "clusterdb"))
+		if err != nil {
+			refused, lastErr = refused+1, err
+			time.Sleep(20 * time.Millisecond) // a client retrying; nothing to await
+			continue
+		}
+		foreign = append(foreign, c)
+	}
+	t.Logf("the foreign application opened 10 connections in %s (%d attempts refused by the server meanwhile)",
+		time.Since(began).Round(time.Millisecond), refused)
+	budget := limit - 1 - 11 - 3 // kept free, foreign (sampler included), control connections
+	took := waitConverge(t, 5*time.Second, "the replicas to shrink", func() bool {
+		return s.serversOf("rep1")+s.serversOf("rep2")+s.serversOf("rep3") <= budget
+	})
+	t.Logf("replicas within the %d server connections left %s after", budget, took.Round(time.Millisecond))
+	if got := rs[0].metric(t, "pggovernor_budget_connections"); got > float64(budget) {
+		t.Errorf("rep1 pggovernor_budget_connections: want <= %d, got = %v", budget, got)
+	}
+	time.Sleep(time.Second) // the load carries on beside the foreign application; nothing to await
+	for i, l := range loads {
+		l.mustStop(t, rs[i].user)
+	}
+	_, _, all, samples := s.finish()
+	if all > limit {
+		t.Errorf("client backends in pg_stat_activity: want <= %d (max_connections − superuser_reserved_connections), got = %d", limit, all)
+	}
+	t.Logf("at most %d client backends over %d samples", all, samples)
+	if _, err := pg.ExecIn(ctx, "clusterdb", "DELETE FROM load"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestClusterControlConnectionTerminated: pg_terminate_backend on a
+// replica's control connection under load. Its advisory locks go with the
+// session, but its row keeps its leases reserved: it stops opening server
+// connections and sheds (idle ones at once, busy ones at release), then
+// reconnects at its next heartbeat, takes its leases back and recovers.
+// The budget is never exceeded meanwhile, and no client sees an error.
+func TestClusterControlConnectionTerminated(t *testing.T) {
+	pg := clusterServer(t)
+	ns := newNamespace()
+	users := usersFile(t)
+	rs := []*replica{startReplica(t, pg, "rep1", ns, users), startReplica(t, pg, "rep2", ns, users), startReplica(t, pg, "rep3", ns, users)}
+	waitMembers(t, pg, ns, rs...)
+	s := sampleCluster(t, pg)
+	var loads []*clusterLoad
+	for _, r := range rs {
+		loads = append(loads, startClusterLoad(t, r.url("alice", userPass, "clusterdb"), r.user, clusterClientsPerProxy))
+	}
+	waitFor(t, 20*time.Second, "fair shares", func() bool { return equalInts(leasesOf(t, pg, ns, rs...), fairLeases(3)) })
+	ctx := context.Background()
+	pidOf := func() string {
+		rows, err := pg.Exec(ctx, "SELECT pid FROM pg_stat_activity WHERE usename = 'rep1' AND application_name = 'pggovernor-control'")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(rows) != 1 {
+			return ""
+		}
+		return rows[0][0]
+	}
+	before := pidOf()
+	shedBefore := rs[0].metric(t, "go_sql_max_idle_closed_total")
+	terminated := time.Now()
+	if _, err := pg.Exec(ctx, "SELECT pg_terminate_backend("+before+")"); err != nil {
+		t.Fatal(err)
+	}
+	took := waitConverge(t, 10*time.Second, "rep1 back with its leases on a new control connection", func() bool {
+		pid := pidOf()
+		return pid != "" && pid != before && equalInts(leasesOf(t, pg, ns, rs...), fairLeases(3)) && s.serversOf("rep1") > 0
+	})
+	t.Logf("rep1 recovered %s after its control connection was terminated; fewest server connections meanwhile %d (of %d)",
+		took.Round(time.Millisecond), s.minSince("rep1", terminated), fairLeases(3)[0]-1)
+	if got := rs[0].metric(t, "pggovernor_cluster_lease_losses_total"); got != 1 {
+		t.Errorf("rep1 pggovernor_cluster_lease_losses_total: want = 1, got = %v", got)
+	}
+	if shed := rs[0].metric(t, "go_sql_max_idle_closed_total") - shedBefore; shed < 1 {
+		t.Errorf("rep1's server connections closed as surplus while its leases were lost: want >= 1, got = %v", shed)
+	}
+	if !rs[0].logged(t, "lost the control connection: no new server connections until it is back; idle ones are closed now, the others as their clients release them") {
+		t.Errorf("rep1 did not log the loss of its control connection:\n%s", rs[0].stderr)
+	}
+	time.Sleep(time.Second) // the load carries on; nothing to await
+	for i, l := range loads {
+		l.mustStop(t, rs[i].user)
+	}
+	servers, governors, _, samples := s.finish()
+	if budget := clusterLeases - 3; servers > budget {
+		t.Errorf("governor server connections in pg_stat_activity: want <= %d, got = %d", budget, servers)
+	}
+	if capacity := clusterLeases + 1; governors > capacity {
+		t.Errorf("governor connections, control connections included: want <= %d, got = %d", capacity, governors)
+	}
+	t.Logf("at most %d server connections, %d with control connections, over %d samples", servers, governors, samples)
+	if _, err := pg.ExecIn(ctx, "clusterdb", "DELETE FROM load"); err != nil {
+		t.Fatal(err)
+	}
+}
