@@ -62,22 +62,7 @@ func clusterServer(t *testing.T) *pgtest.Cluster {
 			return
 		}
 		atExit(c.Close)
-		setup := []string{"CREATE DATABASE clusterdb"}
-		for _, r := range []string{"rep1", "rep2", "rep3", "rep4", "outsider"} {
-			setup = append(setup, fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD '%s'", r, clusterPass))
-		}
-		for _, q := range setup {
-			if _, err := c.Exec(ctx, q); err != nil {
-				clusterErr = err
-				return
-			}
-		}
-		if _, err := c.ExecIn(ctx, "clusterdb", `CREATE TABLE load (replica text, n bigint);
-			GRANT ALL ON load TO rep1, rep2, rep3, rep4;
-			GRANT USAGE, CREATE ON SCHEMA public TO rep1, rep2, rep3, rep4;
-			ALTER DEFAULT PRIVILEGES FOR ROLE rep1, rep2, rep3, rep4 IN SCHEMA public
-				GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO rep1, rep2, rep3, rep4`); err != nil {
-			clusterErr = err
+		if clusterErr = setupClusterDB(ctx, c); clusterErr != nil {
 			return
 		}
 		clusterPG = c
@@ -86,6 +71,28 @@ func clusterServer(t *testing.T) *pgtest.Cluster {
 		t.Fatalf("starting the cluster tests' postgres: %v", clusterErr)
 	}
 	return clusterPG
+}
+
+// setupClusterDB creates the roles rep1 to rep4 (the replicas) and
+// outsider (a foreign application), and the database clusterdb with the
+// table load, where the replicas may create the membership table and use
+// it whichever of them creates it.
+func setupClusterDB(ctx context.Context, c *pgtest.Cluster) error {
+	setup := []string{"CREATE DATABASE clusterdb"}
+	for _, r := range []string{"rep1", "rep2", "rep3", "rep4", "outsider"} {
+		setup = append(setup, fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD '%s'", r, clusterPass))
+	}
+	for _, q := range setup {
+		if _, err := c.Exec(ctx, q); err != nil {
+			return err
+		}
+	}
+	_, err := c.ExecIn(ctx, "clusterdb", `CREATE TABLE load (replica text, n bigint);
+		GRANT ALL ON load TO rep1, rep2, rep3, rep4;
+		GRANT USAGE, CREATE ON SCHEMA public TO rep1, rep2, rep3, rep4;
+		ALTER DEFAULT PRIVILEGES FOR ROLE rep1, rep2, rep3, rep4 IN SCHEMA public
+			GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO rep1, rep2, rep3, rep4`)
+	return err
 }
 
 // replica is one pggovernor process with budget.cluster.

@@ -1,13 +1,19 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"fmt"
+	"io"
+	"net"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pggovernor/pggovernor/internal/pgtest"
 )
 
 // The shares the tests expect: the leases (clusterLeases = 24) split among
@@ -85,7 +91,6 @@ func TestClusterSharesOneBudget(t *testing.T) {
 	}
 	t.Logf("%d transactions; at most %d server connections (%d with control connections, %d client backends in all) over %d samples",
 		commits, servers, governors, all, samples)
-	_ = strings.Contains
 }
 
 // waitConverge polls cond every 10 ms (lease rows and pg_stat_activity
@@ -349,5 +354,148 @@ func TestClusterControlConnectionTerminated(t *testing.T) {
 	t.Logf("at most %d server connections, %d with control connections, over %d samples", servers, governors, samples)
 	if _, err := pg.ExecIn(ctx, "clusterdb", "DELETE FROM load"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// cancelRequest sends a CancelRequest for pid and secret to addr, as libpq
+// does, and waits for the receiver to close the connection.
+func cancelRequest(t *testing.T, addr string, pid, secret uint32) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var buf [16]byte
+	binary.BigEndian.PutUint32(buf[0:], 16)
+	binary.BigEndian.PutUint32(buf[4:], 80877102)
+	binary.BigEndian.PutUint32(buf[8:], pid)
+	binary.BigEndian.PutUint32(buf[12:], secret)
+	if _, err := c.Write(buf[:]); err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, _ = io.Copy(io.Discard, c)
+}
+
+// TestClusterCancelAcrossReplicas: a query runs through replica A; a
+// CancelRequest with its key sent to replica B (as behind a Service) is
+// forwarded to A, which cancels it: 57014. The key carries A's replica
+// number; one with a wrong secret, forwarded the same way, is dropped by A
+// and the query runs on.
+func TestClusterCancelAcrossReplicas(t *testing.T) {
+	pg := clusterServer(t)
+	ns := newNamespace()
+	users := usersFile(t)
+	a := startReplica(t, pg, "rep1", ns, users, "--log.level=debug")
+	b := startReplica(t, pg, "rep2", ns, users)
+	waitMembers(t, pg, ns, a, b)
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, a.url("alice", userPass, "clusterdb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	pid, secret := conn.PgConn().PID(), binary.BigEndian.Uint32(conn.PgConn().SecretKey())
+	if got, want := int(pid>>21), members(t, pg, ns)[a.addr].id; got != want {
+		t.Fatalf("replica number in the cancel key: want = %d (A's), got = %d (pid %d)", want, got, pid)
+	}
+	done := make(chan error, 1)
+	go func() { // owner: the test; ends with the query
+		_, err := conn.Exec(ctx, "SELECT pg_sleep(60)")
+		done <- err
+	}()
+	waitFor(t, 10*time.Second, "the query to run", func() bool {
+		rows, err := pg.Exec(ctx, "SELECT 1 FROM pg_stat_activity WHERE usename = 'rep1' AND state = 'active' AND query = 'SELECT pg_sleep(60)'")
+		return err == nil && len(rows) == 1
+	})
+
+	cancelRequest(t, b.addr, pid, secret+1)
+	waitFor(t, 10*time.Second, "A to drop the cancel request with the wrong secret", func() bool {
+		return a.logged(t, "cancel request for an unknown key dropped")
+	})
+	select {
+	case err := <-done:
+		t.Fatalf("a cancel request with a wrong secret ended the query: %v", err)
+	default:
+	}
+
+	began := time.Now()
+	cancelRequest(t, b.addr, pid, secret)
+	select {
+	case err := <-done:
+		assertCode(t, err, "57014")
+		t.Logf("query cancelled through the other replica %s after the request", time.Since(began).Round(time.Millisecond))
+	case <-time.After(10 * time.Second):
+		t.Fatal("the query was not cancelled through the other replica")
+	}
+	if _, err := conn.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatalf("the client after its query was cancelled: %v", err)
+	}
+}
+
+// TestClusterBudgetFollowsTheServer: after the server restarts with a new
+// max_connections, and again with more superuser_reserved_connections, the
+// replicas recompute the budget and clients carry on. pggovernor doctor
+// lists the members and their shares.
+func TestClusterBudgetFollowsTheServer(t *testing.T) {
+	ctx := context.Background()
+	pg, err := pgtest.Start(ctx, pgtest.Options{MaxConnections: clusterMaxConnections})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pg.Close()
+	if err := setupClusterDB(ctx, pg); err != nil {
+		t.Fatal(err)
+	}
+	ns := newNamespace()
+	users := usersFile(t)
+	a, b := startReplica(t, pg, "rep1", ns, users), startReplica(t, pg, "rep2", ns, users)
+	waitMembers(t, pg, ns, a, b)
+	budgetIs := func(want int) func() bool {
+		return func() bool {
+			return a.metric(t, "pggovernor_budget_connections") == float64(want) && b.metric(t, "pggovernor_budget_connections") == float64(want)
+		}
+	}
+	waitFor(t, 10*time.Second, "the budget of 2 replicas", budgetIs(clusterLeases-2))
+
+	var out, errOut bytes.Buffer
+	err = execute(ctx, []string{"doctor", "--upstream-url=" + pg.URL("rep1", "", "clusterdb"), "--upstream.password=" + clusterPass,
+		"--clients.users-file=" + users, "--budget.reserve=2", "--budget.cluster.enabled", fmt.Sprintf("--budget.cluster.namespace=%d", ns),
+		"--budget.cluster.member-timeout=" + clusterMemberTimeout.String(), "--budget.cluster.heartbeat-interval=" + clusterHeartbeat.String()},
+		nil, &out, &errOut)
+	if err != nil {
+		t.Fatalf("doctor: %v\n%s%s", err, out.String(), errOut.String())
+	}
+	t.Logf("pggovernor doctor:\n%s", out.String())
+	text := strings.Join(strings.Fields(out.String()), " ")
+	for _, want := range []string{
+		"cluster: budget 24 leases = 30 max_connections − 3 superuser_reserved − 0 reserved − 2 budget.reserve − 1 kept free for a joining replica; 2 for the control connections of 2 replicas, 22 for server connections",
+		"cluster: replicas 2",
+		"replica 1 ", "replica 2 ", "fair share 12", "cancel address " + a.addr, "cancel address " + b.addr,
+	} {
+		if !strings.Contains(text, want) {
+			t.Fatalf("doctor output lacks %q:\n%s", want, out.String())
+		}
+	}
+
+	for _, step := range []struct {
+		settings map[string]string
+		want     int
+	}{
+		{map[string]string{"max_connections": "40"}, 40 - 3 - 2 - 1 - 2},
+		{map[string]string{"superuser_reserved_connections": "5"}, 40 - 5 - 2 - 1 - 2},
+	} {
+		if err := pg.Restart(ctx, step.settings); err != nil {
+			t.Fatal(err)
+		}
+		began := time.Now()
+		waitFor(t, 20*time.Second, fmt.Sprintf("the budget after %v", step.settings), budgetIs(step.want))
+		t.Logf("budget %d server connections %s after the server restarted with %v", step.want, time.Since(began).Round(time.Millisecond), step.settings)
+		for _, r := range []*replica{a, b} {
+			if err := selectOne(ctx, r.url("alice", userPass, "clusterdb")); err != nil {
+				t.Fatalf("%s after the restart: %v", r.user, err)
+			}
+		}
 	}
 }
