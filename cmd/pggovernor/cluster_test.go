@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -109,10 +110,13 @@ func waitConverge(t *testing.T, limit time.Duration, what string, cond func() bo
 
 // TestClusterReplicaKilledAndRestarted: kill -9 one of three replicas under
 // load; the other two use its share within the documented bound
-// (member_timeout + heartbeat_interval). Restart it: the shares converge to
-// fair within the documented bound for a join (2 × heartbeat_interval +
-// the transactions in flight). No client of a live replica sees an error,
-// and the budget holds throughout.
+// (member_timeout + heartbeat_interval, and the time to open the
+// connections). Restart it: the shares converge to fair within the
+// documented bound for a join (4 × heartbeat_interval + twice the longest
+// transaction, once its clients wait). No client of a live replica sees an
+// error, and the budget holds throughout. The limits the test waits are the
+// bounds plus slack for a loaded test machine; the figures measured are
+// logged.
 func TestClusterReplicaKilledAndRestarted(t *testing.T) {
 	pg := clusterServer(t)
 	ns := newNamespace()
@@ -131,7 +135,7 @@ func TestClusterReplicaKilledAndRestarted(t *testing.T) {
 	<-c.exited
 	_, _ = lc.stop() // its clients lost their connections with it: expected
 	bound := clusterMemberTimeout + clusterHeartbeat
-	took := waitConverge(t, bound+2*time.Second, "the survivors taking over the killed replica's share", func() bool {
+	took := waitConverge(t, bound+3*time.Second, "the survivors taking over the killed replica's share", func() bool {
 		l := leasesOf(t, pg, ns, a, b)
 		return l[0]+l[1] == clusterLeases && s.serversOf("rep1")+s.serversOf("rep2") == clusterLeases-2
 	})
@@ -142,8 +146,10 @@ func TestClusterReplicaKilledAndRestarted(t *testing.T) {
 
 	c2 := startReplica(t, pg, "rep3", ns, users)
 	lc2 := startClusterLoad(t, c2.url("alice", userPass, "clusterdb"), "rep3", clusterClientsPerProxy)
-	joinBound := 2*clusterHeartbeat + 100*time.Millisecond // + the longest transaction (20 ms) and its round trips
-	took = waitConverge(t, joinBound+2*time.Second, "fair shares after the restart", func() bool {
+	// Documented: 4 heartbeats and twice the longest transaction (20 ms)
+	// once its clients wait (they log in while it joins).
+	joinBound := 4*clusterHeartbeat + 2*20*time.Millisecond
+	took = waitConverge(t, joinBound+3*time.Second, "fair shares after the restart", func() bool {
 		return equalInts(leasesOf(t, pg, ns, a, b, c2), fairLeases(3))
 	})
 	t.Logf("restarted replica at its fair share %s after it started listening (documented bound %s)", took.Round(time.Millisecond), joinBound)
@@ -270,12 +276,14 @@ func TestClusterForeignConnections(t *testing.T) {
 		time.Since(began).Round(time.Millisecond), refused)
 	budget := limit - 1 - 11 - 3 // kept free, foreign (sampler included), control connections
 	took := waitConverge(t, 5*time.Second, "the replicas to shrink", func() bool {
+		for _, r := range rs {
+			if r.metric(t, "pggovernor_budget_connections") != float64(budget) {
+				return false
+			}
+		}
 		return s.serversOf("rep1")+s.serversOf("rep2")+s.serversOf("rep3") <= budget
 	})
 	t.Logf("replicas within the %d server connections left %s after", budget, took.Round(time.Millisecond))
-	if got := rs[0].metric(t, "pggovernor_budget_connections"); got > float64(budget) {
-		t.Errorf("rep1 pggovernor_budget_connections: want <= %d, got = %v", budget, got)
-	}
 	time.Sleep(time.Second) // the load carries on beside the foreign application; nothing to await
 	for i, l := range loads {
 		l.mustStop(t, rs[i].user)
@@ -497,5 +505,23 @@ func TestClusterBudgetFollowsTheServer(t *testing.T) {
 				t.Fatalf("%s after the restart: %v", r.user, err)
 			}
 		}
+	}
+
+	// A replica that stops in order leaves: its row and its locks are gone
+	// as it exits, not a member timeout later.
+	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	<-b.exited
+	if _, ok := members(t, pg, ns)[b.addr]; ok {
+		t.Errorf("members after rep2 stopped: want it gone, got = %+v", members(t, pg, ns))
+	}
+	rows, err := pg.ExecIn(ctx, "clusterdb", fmt.Sprintf(`SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+		WHERE l.locktype = 'advisory' AND l.classid = %d AND a.usename = 'rep2'`, ns))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rows[0][0] != "0" {
+		t.Errorf("advisory locks of rep2 after it stopped: want = 0, got = %s", rows[0][0])
 	}
 }

@@ -145,6 +145,8 @@ type Manager struct {
 	budget    Budget
 	known     bool
 	failed    map[int]bool // slots that failed to lock since the last heartbeat
+	// waitLogged is true once waiting for a first lease was logged.
+	waitLogged bool
 
 	mu    sync.Mutex
 	stats Stats
@@ -461,7 +463,12 @@ func (m *Manager) connect(ctx context.Context) bool {
 			m.held = got
 		}
 		if len(m.held) == 0 {
-			m.o.Logger.Info("waiting for a lease to join the cluster: the budget is in use; the other replicas give one back at their next heartbeat",
+			level := zap.InfoLevel
+			if m.waitLogged {
+				level = zap.DebugLevel
+			}
+			m.waitLogged = true
+			m.o.Logger.Log(level, "waiting for a lease to join the cluster: the budget is in use; the other replicas give one back at their next heartbeat",
 				zap.Int("replica", m.id), zap.String("budget", m.budget.String()))
 			m.sess.Close()
 			m.sess = nil
@@ -474,6 +481,7 @@ func (m *Manager) connect(ctx context.Context) bool {
 		}
 		m.renewed(sent)
 	}
+	m.waitLogged = false
 	m.o.Logger.Info("joined the cluster", zap.Int("replica", id), zap.Bool("rejoined", rejoin),
 		zap.Int("leases", len(m.held)), zap.Int("leases_reserved", reserved))
 	return true
