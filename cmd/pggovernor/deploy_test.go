@@ -22,13 +22,15 @@ import (
 
 // exportedNames returns every series name a running governor exports
 // (histograms with their _bucket, _sum and _count). It terminates TLS so
-// that the certificate expiry series exists.
+// that the certificate expiry series exists, and shares a cluster budget
+// (alone) so that the cluster series exist.
 func exportedNames(t *testing.T) map[string]bool {
 	t.Helper()
 	pki := newClientPKI(t)
 	g := startGov(t, nil, func(c *config.Config) {
-		c.Budget.Max = 1
 		c.Clients.TLS = config.ClientTLS{Mode: "allow", CertFile: pki.mount.Path("tls.crt"), KeyFile: pki.mount.Path("tls.key")}
+		c.Budget.Cluster = config.Cluster{Enabled: true, Namespace: int(newNamespace()), Table: "pggovernor_members",
+			HeartbeatInterval: 50 * time.Millisecond, MemberTimeout: time.Second}
 	})
 	conn := connectPgx(t, g.url("alice", userPass, "appdb"))
 	mustExec(t, conn, "SELECT 1")
@@ -257,7 +259,7 @@ func TestDashboardAndAlertsUseExportedMetrics(t *testing.T) {
 		}
 	}
 	for _, want := range []string{"Budget saturation", "Waiting clients", "Wait time", "Server connections by state",
-		"Transaction latency", "Errors sent to clients by SQLSTATE", "Pinned clients"} {
+		"Transaction latency", "Errors sent to clients by SQLSTATE", "Pinned clients", "Leases by replica"} {
 		if !titles[want] {
 			t.Errorf("the dashboard has no panel %q", want)
 		}
@@ -309,7 +311,7 @@ func TestDashboardAndAlertsUseExportedMetrics(t *testing.T) {
 	}
 	sort.Strings(alerts)
 	want := []string{"PggovernorBudgetSaturated", "PggovernorCertificateExpired", "PggovernorCertificateExpiresSoon",
-		"PggovernorClientsWaiting", "PggovernorIAMTokenFailures", "PggovernorIAMTokensFailing", "PggovernorPausedLong",
+		"PggovernorClientsWaiting", "PggovernorClusterLeasesLost", "PggovernorIAMTokenFailures", "PggovernorIAMTokensFailing", "PggovernorPausedLong",
 		"PggovernorUpstreamDown", "PggovernorWaitTimeouts"}
 	if !reflect.DeepEqual(alerts, want) {
 		t.Fatalf("alerts: want = %v, got = %v", want, alerts)
