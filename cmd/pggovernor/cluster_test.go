@@ -14,6 +14,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pggovernor/pggovernor/config"
 	"github.com/pggovernor/pggovernor/internal/pgtest"
 )
 
@@ -523,5 +524,40 @@ func TestClusterBudgetFollowsTheServer(t *testing.T) {
 	}
 	if rows[0][0] != "0" {
 		t.Errorf("advisory locks of rep2 after it stopped: want = 0, got = %s", rows[0][0])
+	}
+}
+
+// TestClusterWaitTimeoutNamesTheShare: a client that waits past
+// timeouts.query_wait for a server connection of a replica's share gets
+// 53300 with a message saying it is the replica's share of the cluster
+// budget and a hint naming the settings. (budget.max 3: 2 leases once one
+// slot is kept free, one of them the control connection's.)
+func TestClusterWaitTimeoutNamesTheShare(t *testing.T) {
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Budget.Max = 3
+		c.Timeouts.QueryWait = 300 * time.Millisecond
+		c.Budget.Cluster = config.Cluster{Enabled: true, Namespace: int(newNamespace()), Table: "pggovernor_members",
+			HeartbeatInterval: 50 * time.Millisecond, MemberTimeout: time.Second}
+	})
+	waitFor(t, 10*time.Second, "the replica to join", func() bool { return g.g.cluster.Stats().Known })
+	if n, _ := g.g.pool.Limit(); n != 1 {
+		t.Fatalf("pool limit: want = 1 (2 leases, one the control connection's), got = %d", n)
+	}
+	ctx := context.Background()
+	holder := connectPgx(t, g.url("alice", userPass, "appdb"))
+	tx, err := holder.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = tx.Rollback(ctx) }()
+	mustExecTx(t, tx, "SELECT 1")
+	waiter := connectPgx(t, g.url("alice", userPass, "appdb"))
+	_, err = waiter.Exec(ctx, "SELECT 1")
+	pgErr := assertCode(t, err, "53300")
+	if want := "all 1 server connections of this replica's share of the cluster budget are in use"; !strings.Contains(pgErr.Message, want) {
+		t.Fatalf("53300 message: want it to contain %q, got = %q", want, pgErr.Message)
+	}
+	if !strings.Contains(pgErr.Hint, "budget.cluster.enabled") || !strings.Contains(pgErr.Hint, "max_connections") {
+		t.Fatalf("53300 hint: want it to name budget.cluster.enabled and max_connections, got = %q", pgErr.Hint)
 	}
 }

@@ -205,7 +205,7 @@ var (
 	errJoining   = errors.New("joining the cluster (budget.cluster): no lease held yet")
 	errFenced    = errors.New("the cluster leases lapsed: no heartbeat reached the server within three quarters of budget.cluster.member_timeout, so other replicas may take them over")
 	noteShare    = "this replica's share of the cluster budget"
-	noteLost     = "this replica's share of the cluster budget (0: its control connection to the server is lost; it holds no lease until it reconnects)"
+	noteLost     = "this replica's share of the cluster budget (none while its control connection to the server is down)"
 	errNoReplica = errors.New("no replica number is free")
 )
 
