@@ -182,7 +182,14 @@ type startDeps struct {
 	// level and load: see withReload.
 	level zap.AtomicLevel
 	load  func() (config.Config, error)
+	// linkUnnamed: see withLinkUnnamed.
+	linkUnnamed bool
 }
+
+// withLinkUnnamed keeps a server connection linked from a client's Parse
+// of the unnamed statement to its Execute instead of replaying the Parse
+// (proxy.Options.LinkUnnamed): for the benchmark that chose replay.
+func withLinkUnnamed() option { return func(d *startDeps) { d.linkUnnamed = true } }
 
 // withAWSCredentials signs RDS IAM tokens with p instead of the default
 // chain.
@@ -319,6 +326,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		Pool:         g.pool,
 		Verifier:     auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle)),
 		TLS:          clientTLS,
+		LinkUnnamed:  deps.linkUnnamed,
 		UpstreamUser: up.sidecarUser,
 		Logger:       logger.Named("proxy"),
 		Metrics: proxy.Metrics{
