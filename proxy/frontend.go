@@ -67,15 +67,6 @@ func (sess *session) clientMessage(typ byte, n int) error {
 	}
 }
 
-// frameOrStream returns the whole frame when it fits the buffer, or nil
-// (stream it) when it does not.
-func (sess *session) frameOrStream(n int) ([]byte, error) {
-	if n <= len(sess.rd.Buffer()) {
-		return sess.rd.Frame(n)
-	}
-	return nil, nil
-}
-
 // needServer returns the attached server connection, attaching one for the
 // client's message typ if there is none. ok is false when none could be
 // had; the client has then been told, and the message must be dropped.

@@ -26,6 +26,7 @@ import (
 	"github.com/pggovernor/pggovernor/config"
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/tlsconf"
+	"github.com/pggovernor/pggovernor/wire"
 )
 
 // Options configure a Server.
@@ -66,7 +67,8 @@ type Server struct {
 	pool    *pool.Pool
 	nextID  atomic.Uint64
 	clients atomic.Int64
-	bufs    sync.Pool
+	// bufs lends the sessions' 8 KiB buffers while they are active.
+	bufs    wire.Pool
 	welcome welcomeCache
 	hasher  stmtHasher
 	known   knownStatements
@@ -110,12 +112,8 @@ func NewServer(opts Options) *Server {
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.live.Store(opts.Config)
-	s.bufs.New = func() any { b := make([]byte, 8192); return &b }
 	return s
 }
-
-func (s *Server) getBuf() []byte  { return *(s.bufs.Get().(*[]byte)) }
-func (s *Server) putBuf(b []byte) { b = b[:cap(b)]; s.bufs.Put(&b) }
 
 // Listen opens the TCP listener (and the Unix socket when configured).
 func (s *Server) Listen() error {

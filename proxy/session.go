@@ -169,6 +169,14 @@ func (sess *session) pump() error {
 			if err := sess.flushServer(); err != nil {
 				return err
 			}
+			sess.mu.Lock()
+			idle := sess.server == nil
+			sess.mu.Unlock()
+			if idle && sess.rd.Buffered() == 0 {
+				// Nothing in flight and no server: the client may stay
+				// idle for long, so it holds no buffer meanwhile.
+				sess.releaseBuffers()
+			}
 			if err := sess.rd.Fill(); err != nil {
 				return err
 			}
@@ -183,6 +191,16 @@ func (sess *session) pump() error {
 		}
 		sess.rd.Shrink()
 	}
+}
+
+// releaseBuffers gives the session's buffers back to the pool (those
+// holding nothing). Called by the pump.
+func (sess *session) releaseBuffers() {
+	sess.rd.Release()
+	sess.sw.Release()
+	sess.wmu.Lock()
+	sess.cw.Release()
+	sess.wmu.Unlock()
 }
 
 // protocolError tells the client about a malformed message and ends it.

@@ -43,9 +43,6 @@ func (s *Server) serveConn(c net.Conn) {
 	defer s.clients.Add(-1)
 	id := s.nextID.Add(1)
 	log := s.logger.With(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()), zap.String("mode", s.cfg.PoolMode))
-	rbuf := s.getBuf()
-	wbuf := s.getBuf()
-	defer func() { s.putBuf(rbuf); s.putBuf(wbuf) }()
 
 	sess := &session{
 		srv:     s,
@@ -60,9 +57,12 @@ func (s *Server) serveConn(c net.Conn) {
 	sess.virtual = sess.txMode
 	sess.linkUnnamed = s.opts.LinkUnnamed
 	sess.slot = pool.NewHandlerSlot(sess)
-	sess.rd = wire.NewReader(c, rbuf, s.cfg.Clients.MaxMessageSize)
-	sess.cw = wire.NewWriter(c, wbuf)
-	sess.sw = wire.NewWriter(nil, nil)
+	// Buffers are lent while the session is active: an idle client holds
+	// none (see pump).
+	sess.rd = wire.NewPooledReader(c, &s.bufs, s.cfg.Clients.MaxMessageSize)
+	sess.cw = wire.NewPooledWriter(c, &s.bufs)
+	sess.sw = wire.NewPooledWriter(nil, &s.bufs)
+	defer sess.releaseBuffers()
 
 	_ = c.SetDeadline(time.Now().Add(s.cfg.Timeouts.ClientLogin))
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.ClientLogin)
