@@ -920,12 +920,12 @@ func BenchmarkReaderWriterRoundTrip(b *testing.B) {
 // TestPooledReaderWriterRelease: a pooled Reader and Writer hold no buffer
 // once released, borrow one when data comes, and keep the bytes intact.
 func TestPooledReaderWriterRelease(t *testing.T) {
-	var pool Pool
-	frame := AppendHeader(nil, 'Q', 9)
+	var pool wire.Pool
+	frame := wire.AppendHeader(nil, 'Q', 9)
 	frame = append(append(frame, "SELECT 1"...), 0)
-	big := AppendHeader(nil, 'D', 1000)
+	big := wire.AppendHeader(nil, 'D', 1000)
 	big = append(big, make([]byte, 1000)...)
-	r := NewPooledReader(bytes.NewReader(append(append([]byte(nil), frame...), big...)), &pool, 1<<20)
+	r := wire.NewPooledReader(bytes.NewReader(append(append([]byte(nil), frame...), big...)), &pool, 1<<20)
 	r.Release()
 	if r.Buffer() != nil {
 		t.Fatal("want = no buffer after Release, got one")
@@ -944,12 +944,12 @@ func TestPooledReaderWriterRelease(t *testing.T) {
 		t.Fatalf("second frame: want = D %d, got = %q %d (%v)", len(big), typ, n, err)
 	}
 	var out bytes.Buffer
-	w := NewPooledWriter(&out, &pool)
+	w := wire.NewPooledWriter(&out, &pool)
 	if _, err := w.Write(frame); err != nil || w.Flush() != nil {
 		t.Fatal(err)
 	}
 	w.Release()
-	if w.buf != nil {
+	if w.Buffer() != nil {
 		t.Fatal("want = no buffer after Release, got one")
 	}
 	if _, err := w.WriteString("x"); err != nil || w.Flush() != nil || out.String() != string(frame)+"x" {
