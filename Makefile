@@ -53,7 +53,8 @@ deps:
 	@command -v psql >/dev/null && command -v pgbench >/dev/null || \
 	 { echo "missing: psql and pgbench. Install them: sudo apt-get install postgresql-client postgresql-contrib"; exit 1; }
 
-# deps-bench: PgBouncer for the side-by-side benchmark.
+# deps-bench: PgBouncer for the side-by-side benchmark (and strace for its
+# system call counts; bench/ installs it too when missing).
 deps-bench:
 	@command -v pgbouncer >/dev/null || ls /usr/sbin/pgbouncer >/dev/null 2>&1 || \
 	 if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

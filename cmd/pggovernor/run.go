@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -93,7 +94,8 @@ func runCommand(ctx context.Context, args, environ []string, stdout, stderr io.W
 	}
 	logger.Info("pggovernor started", zap.String("version", version), zap.String("listen", g.proxy.Addr().String()),
 		zap.String("admin_listen", g.adminAddr()), zap.String("pool_mode", cfg.PoolMode),
-		zap.String("upstream", config.RedactURL(cfg.Upstream.URL)), zap.String("model", g.model()))
+		zap.String("upstream", config.RedactURL(cfg.Upstream.URL)), zap.String("model", g.model()),
+		zap.Int("gomaxprocs", runtime.GOMAXPROCS(0)))
 	fmt.Fprintf(stdout, "pggovernor listening on %s\n", g.proxy.Addr())
 
 	for {
