@@ -106,7 +106,7 @@ func NewServer(opts Options) *Server {
 		keys:     map[uint32]*session{},
 		hubs:     map[pool.Route]*listenHub{},
 		empty:    make(chan struct{}),
-		welcome:  welcomeCache{entries: map[welcomeKey]map[string]string{}},
+		welcome:  welcomeCache{entries: map[welcomeKey]*welcomeEntry{}},
 		hasher:   newStmtHasher(),
 		ended:    map[string]*Totals{},
 	}
@@ -379,7 +379,7 @@ func (s *Server) ClientCount() int64 { return s.clients.Load() }
 // a server connection once the combination has been seen.
 type welcomeCache struct {
 	mu      sync.Mutex
-	entries map[welcomeKey]map[string]string
+	entries map[welcomeKey]*welcomeEntry
 }
 
 type welcomeKey struct {
@@ -387,9 +387,17 @@ type welcomeKey struct {
 	params string
 }
 
+// welcomeEntry is what clients with the same route and startup parameters
+// see. It is never modified once cached: its sessions share view until one
+// of them changes a parameter (and takes a copy), and a server connection
+// brought to these settings remembers the entry (serverState.fittedTo).
+type welcomeEntry struct {
+	view map[string]string
+}
+
 const maxWelcomeEntries = 4096
 
-func (c *welcomeCache) get(k welcomeKey) map[string]string {
+func (c *welcomeCache) get(k welcomeKey) *welcomeEntry {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.entries[k]
@@ -405,7 +413,7 @@ func (c *welcomeCache) drop(match func(pool.Route) bool) {
 	}
 }
 
-func (c *welcomeCache) put(k welcomeKey, v map[string]string) {
+func (c *welcomeCache) put(k welcomeKey, e *welcomeEntry) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.entries) >= maxWelcomeEntries {
@@ -414,7 +422,7 @@ func (c *welcomeCache) put(k welcomeKey, v map[string]string) {
 			break
 		}
 	}
-	c.entries[k] = v
+	c.entries[k] = e
 }
 
 // freeDatabase prepares for a statement that needs no other connection to

@@ -327,8 +327,8 @@ func parseOptions(s string) (map[string]string, error) {
 func (sess *session) welcome(ctx context.Context) error {
 	s := sess.srv
 	key := welcomeKey{route: sess.route, params: settingsKey(sess.settings)}
-	view := s.welcome.get(key)
-	if view == nil || !sess.txMode {
+	entry := s.welcome.get(key)
+	if entry == nil || !sess.txMode {
 		// A login waits behind a PAUSE only within timeouts.client_login.
 		wctx, cancel := context.WithTimeout(pool.PauseCounts(ctx), s.cfg.Timeouts.QueryWait)
 		srv, err := s.pool.Acquire(wctx, sess.route, nil)
@@ -342,12 +342,14 @@ func (sess *session) welcome(ctx context.Context) error {
 				return toClientError(err, true, s.cfg.Timeouts.QueryWait)
 			}
 			sess.recordSettings(srv)
+			sess.stateOf(srv).paramsChanged()
 		}
-		view = make(map[string]string, len(srv.Params))
+		view := make(map[string]string, len(srv.Params))
 		for k, v := range srv.Params {
 			view[k] = v
 		}
-		s.welcome.put(key, view)
+		entry = &welcomeEntry{view: view}
+		s.welcome.put(key, entry)
 		if sess.txMode {
 			s.pool.Release(srv)
 		} else {
@@ -357,10 +359,10 @@ func (sess *session) welcome(ctx context.Context) error {
 			sess.sw.Reset(srv.Conn())
 		}
 	}
-	sess.view = make(map[string]string, len(view))
-	for k, v := range view {
-		sess.view[k] = v
-	}
+	// Shared with every session of the same settings until one changes a
+	// parameter (ServerMessage copies it then).
+	sess.view, sess.fit = entry.view, entry
+	view := entry.view
 	buf := make([]byte, 0, 512)
 	buf, _ = (&pgproto3.AuthenticationOk{}).Encode(buf)
 	names := make([]string, 0, len(view))
