@@ -36,11 +36,14 @@ fmt:
 	gofmt -w $$(git ls-files '*.go')
 
 ## bench: the interleaved benchmark against direct Postgres, PgBouncer and pggovernor.
+# The full matrix with 7 s runs (3 repetitions, interleaved), the
+# diagnostics, then 10,000 idle clients: under 20 minutes on 2 cores.
+BENCHFLAGS ?= -duration 7s -idle 10000
 bench: deps deps-bench
 	$(GO) run ./bench $(BENCHFLAGS)
 
 bench-quick: deps deps-bench
-	$(GO) run ./bench -quick $(BENCHFLAGS)
+	$(GO) run ./bench -quick
 
 # deps: PostgreSQL server binaries (initdb, postgres), psql and pgbench.
 deps:
