@@ -38,7 +38,7 @@ fmt:
 ## bench: the interleaved benchmark against direct Postgres, PgBouncer and pggovernor.
 # The full matrix with 7 s runs (3 repetitions, interleaved), the
 # diagnostics, then 10,000 idle clients: under 20 minutes on 2 cores.
-BENCHFLAGS ?= -duration 7s -idle 10000
+BENCHFLAGS ?= -duration 7s -idle 10000 -cases select-simple,select-extended,select-prepared,tpcb,storm
 bench: deps deps-bench
 	$(GO) run ./bench $(BENCHFLAGS)
 
