@@ -36,11 +36,14 @@ fmt:
 	gofmt -w $$(git ls-files '*.go')
 
 ## bench: the interleaved benchmark against direct Postgres, PgBouncer and pggovernor.
+# The full matrix with 7 s runs (3 repetitions, interleaved), the
+# diagnostics, then 10,000 idle clients: under 20 minutes on 2 cores.
+BENCHFLAGS ?= -duration 7s -idle 10000 -cases select-simple,select-extended,select-prepared,tpcb,storm
 bench: deps deps-bench
 	$(GO) run ./bench $(BENCHFLAGS)
 
 bench-quick: deps deps-bench
-	$(GO) run ./bench -quick $(BENCHFLAGS)
+	$(GO) run ./bench -quick
 
 # deps: PostgreSQL server binaries (initdb, postgres), psql and pgbench.
 deps:
@@ -53,7 +56,8 @@ deps:
 	@command -v psql >/dev/null && command -v pgbench >/dev/null || \
 	 { echo "missing: psql and pgbench. Install them: sudo apt-get install postgresql-client postgresql-contrib"; exit 1; }
 
-# deps-bench: PgBouncer for the side-by-side benchmark.
+# deps-bench: PgBouncer for the side-by-side benchmark (and strace for its
+# system call counts; bench/ installs it too when missing).
 deps-bench:
 	@command -v pgbouncer >/dev/null || ls /usr/sbin/pgbouncer >/dev/null 2>&1 || \
 	 if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

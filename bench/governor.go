@@ -13,9 +13,10 @@ import (
 
 // governorTarget is pggovernor in transaction mode.
 type governorTarget struct {
-	e    *env
-	proc *child
-	port int
+	e     *env
+	proc  *child
+	port  int
+	admin int // the admin HTTP port (/readyz, /debug/pprof)
 }
 
 func (g *governorTarget) Name() string { return targetGovernor }
@@ -44,7 +45,7 @@ func (g *governorTarget) Start(ctx context.Context, auth string, maxClients int)
 	if err != nil {
 		return err
 	}
-	g.port = port
+	g.port, g.admin = port, admin
 	dir := filepath.Join(g.e.work, "pggovernor-"+auth)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
@@ -57,6 +58,7 @@ func (g *governorTarget) Start(ctx context.Context, auth string, maxClients int)
 	cmd := exec.Command(g.e.bins.governor, "run",
 		"--listen=127.0.0.1:"+strconv.Itoa(port),
 		"--admin-listen=127.0.0.1:"+strconv.Itoa(admin),
+		"--admin.pprof=true", // for the diagnostics' CPU profile; loopback only
 		"--pool-mode=transaction",
 		"--upstream.url="+upstream,
 		"--clients.auth="+auth,
@@ -66,6 +68,7 @@ func (g *governorTarget) Start(ctx context.Context, auth string, maxClients int)
 		"--timeouts.query-wait=60s",
 		"--timeouts.shutdown-drain=1s",
 		"--log.level="+g.e.opts.logLevel,
+		"--log.format=json",
 	)
 	// The password through the environment rather than the command line.
 	cmd.Env = append(os.Environ(), "PGGOVERNOR_UPSTREAM_PASSWORD="+benchPassword)

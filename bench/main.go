@@ -58,6 +58,7 @@ type options struct {
 	logLevel    string
 	noInstall   bool
 	keep        bool
+	diagnose    bool
 	runCases    bool   // run the pgbench cases (false for an idle-only run)
 	root        string // the repository root
 	argv        []string
@@ -84,6 +85,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.governorBin, "governor", "", "pggovernor binary to use (default: build ./cmd/pggovernor into the run's temporary directory)")
 	fs.StringVar(&o.logLevel, "governor-log-level", "warn", "pggovernor --log.level (its log is shown when a run fails)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary directory (pooler configurations and logs) instead of removing it")
+	fs.BoolVar(&o.diagnose, "diagnose", true, "after the cases: a CPU profile of pggovernor and each pooler's system calls per transaction (strace -c), in the report")
 	fs.BoolVar(&o.noInstall, "no-install", false, "do not apt-get install pgbouncer when it is missing (skip the target instead)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -94,6 +96,9 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	if o.quick {
+		if !set["diagnose"] {
+			o.diagnose = false
+		}
 		if !set["duration"] {
 			o.duration = 5 * time.Second
 		}
@@ -262,6 +267,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			logf("session ended early: %v (writing what was measured)", err)
 		}
 	}
+	var diag diagnostics
+	if o.runCases && o.diagnose && ctx.Err() == nil {
+		diag = runDiagnostics(ctx, e, o, targets, maxClients, logf)
+	}
 	var idle []idleResult
 	if o.idle > 0 && ctx.Err() == nil {
 		n := o.idle
@@ -282,7 +291,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if results == nil && idle == nil {
 		return errors.New("nothing was measured")
 	}
-	if err := writeReport(o, facts, cases, targetNames, results, idle, stdout, logf); err != nil {
+	if err := writeReport(o, facts, cases, targetNames, results, idle, diag, stdout, logf); err != nil {
 		return err
 	}
 	if ctx.Err() != nil {

@@ -220,7 +220,7 @@ func commandLine() string {
 }
 
 // writeReport prints the report and writes it, and the chart, to o.out.
-func writeReport(o options, f facts, cases []benchCase, targetNames []string, rs *resultSet, idle []idleResult, stdout io.Writer, logf func(string, ...any)) error {
+func writeReport(o options, f facts, cases []benchCase, targetNames []string, rs *resultSet, idle []idleResult, diag diagnostics, stdout io.Writer, logf func(string, ...any)) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# pggovernor benchmark, %s\n\n", f.date.Format("2006-01-02 15:04 UTC"))
 	if rs != nil {
@@ -229,6 +229,8 @@ func writeReport(o options, f facts, cases []benchCase, targetNames []string, rs
 	if len(idle) > 0 {
 		writeIdleTable(&b, idle)
 	}
+	writeTargets(&b, rs, idle)
+	writeDiagnostics(&b, diag)
 	fmt.Fprintf(&b, "## Machine and software\n\n")
 	fmt.Fprintf(&b, "- CPU: %s, nproc %d\n", f.cpuModel, f.nproc)
 	fmt.Fprintf(&b, "- kernel: %s\n", f.kernel)
@@ -370,4 +372,77 @@ func mib(r row) string {
 		return "-"
 	}
 	return fmt.Sprintf("%.1f", r.rssMiB)
+}
+
+// writeTargets compares the results with the goals set for pggovernor on
+// this kind of machine, each MET or NOT MET with the figures, or not
+// measured in this session.
+func writeTargets(b *strings.Builder, rs *resultSet, idle []idleResult) {
+	type goal struct {
+		name    string
+		ok      bool
+		known   bool
+		figures string
+	}
+	var goals []goal
+	cell := func(c string, n int, t string) (row, bool) {
+		if rs == nil {
+			return row{}, false
+		}
+		r := rs.aggregate(resultKey{c, n, t})
+		return r, r.ok
+	}
+	ratio := func(name, c string, n int, min float64) {
+		g, ok1 := cell(c, n, targetGovernor)
+		p, ok2 := cell(c, n, targetPgBouncer)
+		gl := goal{name: name}
+		if ok1 && ok2 && p.tps > 0 {
+			r := g.tps / p.tps
+			gl.known, gl.ok = true, r >= min
+			gl.figures = fmt.Sprintf("%.2f× (%.0f vs %.0f TPS)", r, g.tps, p.tps)
+		}
+		goals = append(goals, gl)
+	}
+	ratio("≥ 1.3× PgBouncer TPS at -S 64 clients", "select-simple", 64, 1.3)
+	ratio("≥ 1.3× PgBouncer TPS at -S 1000 clients", "select-simple", 1000, 1.3)
+	ratio("≥ 1.0× PgBouncer TPS at -S 1 client", "select-simple", 1, 1.0)
+	ratio("≥ 1.0× PgBouncer TPS at -S 8 clients", "select-simple", 8, 1.0)
+	lat := goal{name: "1-client latency ≤ 1.5× direct (-S simple, mean)"}
+	if g, ok1 := cell("select-simple", 1, targetGovernor); ok1 {
+		if d, ok2 := cell("select-simple", 1, targetDirect); ok2 && d.meanMs > 0 {
+			r := g.meanMs / d.meanMs
+			lat.known, lat.ok = true, r <= 1.5
+			lat.figures = fmt.Sprintf("%.2f× (%.3f vs %.3f ms)", r, g.meanMs, d.meanMs)
+		}
+	}
+	goals = append(goals, lat)
+	ratio("connection storm (-C, 32 clients) ≥ 1.5× PgBouncer", "storm", 32, 1.5)
+	idleGoal := goal{name: "idle clients ≤ 16 KiB RSS each"}
+	for _, r := range idle {
+		if r.Target == targetGovernor && r.Opened > 0 {
+			kib := r.perClientKiB()
+			idleGoal.known, idleGoal.ok = true, kib <= 16
+			idleGoal.figures = fmt.Sprintf("%.1f KiB per client (%d clients)", kib, r.Opened)
+		}
+	}
+	goals = append(goals, idleGoal)
+	errGoal := goal{name: "1000 clients on 20 server connections with zero errors"}
+	if g, ok := cell("select-simple", 1000, targetGovernor); ok {
+		errGoal.known, errGoal.ok = true, g.errors == 0
+		errGoal.figures = fmt.Sprintf("%d errors", g.errors)
+	}
+	goals = append(goals, errGoal)
+
+	fmt.Fprintf(b, "## Targets\n\n| goal | result | figures |\n|---|---|---|\n")
+	for _, g := range goals {
+		verdict := "not measured in this session"
+		switch {
+		case g.known && g.ok:
+			verdict = "MET"
+		case g.known:
+			verdict = "NOT MET"
+		}
+		fmt.Fprintf(b, "| %s | %s | %s |\n", g.name, verdict, g.figures)
+	}
+	fmt.Fprintln(b)
 }

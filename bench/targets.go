@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -398,6 +399,23 @@ func (c *child) logTail(n int) string {
 		return ""
 	}
 	return tailLines(string(b), n)
+}
+
+// logValue returns the value of a JSON field in the child's log (the first
+// line that has it), "" if none.
+func (c *child) logValue(field string) string {
+	if c == nil {
+		return ""
+	}
+	b, err := os.ReadFile(c.logPath)
+	if err != nil {
+		return ""
+	}
+	re := regexp.MustCompile(`"` + regexp.QuoteMeta(field) + `":\s*"?([^",}]*)`)
+	if m := re.FindSubmatch(b); m != nil {
+		return string(m[1])
+	}
+	return ""
 }
 
 // tailLines returns the last n lines of s.

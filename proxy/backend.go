@@ -31,6 +31,7 @@ type entry struct {
 	stmt  *clientStmt // a client's own named Parse: forgotten if it fails
 	key   stmtKey     // the statement a Parse prepares
 	synth string      // what a synthetic entry sends
+	close []byte      // the statement a governor Close closes: closed again if skipped
 }
 
 // ServerMessage implements pool.Handler: it follows the server's responses
@@ -106,7 +107,15 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				var ps pgproto3.ParameterStatus
 				if err := ps.Decode(data[wire.HeaderLen:]); err == nil {
 					srv.Params[ps.Name] = ps.Value
-					if !suppress && sess.view != nil {
+					sess.stateOf(srv).paramsChanged()
+					if !suppress && sess.view != nil && sess.view[ps.Name] != ps.Value {
+						if sess.fit != nil { // shared: copy before changing
+							own := make(map[string]string, len(sess.view))
+							for k, v := range sess.view {
+								own[k] = v
+							}
+							sess.view, sess.fit = own, nil
+						}
 						sess.view[ps.Name] = ps.Value
 					}
 				}
@@ -196,9 +205,37 @@ func (sess *session) serverError(srv *pool.Server, data []byte) {
 	}
 	// The server skips everything up to the next Sync; so does the queue
 	// (synthetic responses in between are dropped, as the server would
-	// not have answered those messages either).
+	// not have answered those messages either). A Parse skipped there
+	// created nothing: what recorded it as prepared is undone.
+	sess.q.pop() // the failed entry itself, handled above
 	for h := sess.q.peek(); h != nil && h.kind != 'S'; h = sess.q.peek() {
+		if sess.virtual {
+			sess.skipped(srv, *h)
+		}
 		sess.q.pop()
+	}
+}
+
+// skipped undoes what a Parse the server skipped (after an error, up to
+// Sync) recorded: the statement is neither on the connection nor, if it
+// was the client's own, the client's. Called with mu held.
+func (sess *session) skipped(srv *pool.Server, e entry) {
+	ss := sess.stmtsOf(srv)
+	if e.kind == 'C' && e.close != nil {
+		ss.pendingClose = append(ss.pendingClose, e.close) // it still exists
+	}
+	if e.kind == 'P' {
+		if e.flags&entUnnamed != 0 {
+			ss.unnamedOK = false
+			if e.flags&entOwnParse != 0 {
+				sess.unnamedOK = false
+			}
+		} else {
+			ss.drop(e.key, false)
+		}
+	}
+	if e.stmt != nil && sess.stmts[e.stmt.name] == e.stmt {
+		delete(sess.stmts, e.stmt.name)
 	}
 }
 
@@ -206,7 +243,7 @@ func (sess *session) serverError(srv *pool.Server, data []byte) {
 // connection after the server said their plan is unusable. Without knowing
 // which one, it drops all the client's statements from the connection:
 // they are re-prepared on their next use. Called with mu held.
-func (sess *session) dropStale(ss *serverStmts) {
+func (sess *session) dropStale(ss *serverState) {
 	for _, cs := range sess.stmts {
 		ss.drop(cs.key, true)
 	}

@@ -67,15 +67,6 @@ func (sess *session) clientMessage(typ byte, n int) error {
 	}
 }
 
-// frameOrStream returns the whole frame when it fits the buffer, or nil
-// (stream it) when it does not.
-func (sess *session) frameOrStream(n int) ([]byte, error) {
-	if n <= len(sess.rd.Buffer()) {
-		return sess.rd.Frame(n)
-	}
-	return nil, nil
-}
-
 // needServer returns the attached server connection, attaching one for the
 // client's message typ if there is none. ok is false when none could be
 // had; the client has then been told, and the message must be dropped.
@@ -214,7 +205,7 @@ func (sess *session) parse(frame []byte) error {
 	sess.inject = sess.inject[:0]
 	sess.closePending(ss)
 	if ss.has(key) {
-		sess.pushSynthetic(parseCompleteMsg)
+		sess.pushSyntheticParse(cs)
 	} else {
 		sess.prepareOn(ss, cs, false)
 	}
@@ -253,10 +244,10 @@ func (sess *session) parseUnnamed(frame, rest []byte, eff sqlEffects) error {
 // name (and the Close of an evicted statement), and records it. own says
 // whether this is the client's own Parse (its response goes to the client)
 // or one the governor adds before a Bind or Describe (suppressed).
-func (sess *session) prepareOn(ss *serverStmts, cs *clientStmt, suppress bool) {
+func (sess *session) prepareOn(ss *serverState, cs *clientStmt, suppress bool) {
 	if evict := ss.add(cs.key, cs.server); evict != nil {
 		sess.inject = appendClose(sess.inject, 'S', evict)
-		sess.push(entry{kind: 'C', flags: entSuppress})
+		sess.push(entry{kind: 'C', flags: entSuppress, close: evict})
 	}
 	start := len(sess.inject)
 	sess.inject = append(sess.inject, 'P', 0, 0, 0, 0)
@@ -274,12 +265,13 @@ func (sess *session) prepareOn(ss *serverStmts, cs *clientStmt, suppress bool) {
 
 // closePending appends Closes for statements the server may still hold
 // though the governor dropped them.
-func (sess *session) closePending(ss *serverStmts) {
-	for _, name := range ss.pendingClose {
+func (sess *session) closePending(ss *serverState) {
+	pending := ss.pendingClose
+	ss.pendingClose = nil
+	for _, name := range pending {
 		sess.inject = appendClose(sess.inject, 'S', name)
-		sess.push(entry{kind: 'C', flags: entSuppress})
+		sess.push(entry{kind: 'C', flags: entSuppress, close: name})
 	}
-	ss.pendingClose = ss.pendingClose[:0]
 }
 
 func appendClose(dst []byte, what byte, name []byte) []byte {
@@ -586,6 +578,17 @@ func (sess *session) pushSynthetic(msg string) {
 	sess.q.push(entry{kind: 'y', flags: entSynthetic, synth: msg})
 }
 
+// pushSyntheticParse answers a client's Parse of a statement the
+// connection already has, keeping the statement with the entry so that a
+// skip after an earlier error forgets it. Called with mu held.
+func (sess *session) pushSyntheticParse(cs *clientStmt) {
+	if sess.q.empty() {
+		sess.synthOut = append(sess.synthOut, parseCompleteMsg...)
+		return
+	}
+	sess.q.push(entry{kind: 'y', flags: entSynthetic, synth: parseCompleteMsg, stmt: cs})
+}
+
 // applyEffects records the session state a statement creates or drops.
 // Called with mu held.
 func (sess *session) applyEffects(eff sqlEffects) {
@@ -634,7 +637,10 @@ func (sess *session) logPin() {
 	}
 }
 
-func (sess *session) stmtsOf(srv *pool.Server) *serverStmts {
+func (sess *session) stmtsOf(srv *pool.Server) *serverState { return sess.stateOf(srv) }
+
+// stateOf returns what the proxy keeps with srv.
+func (sess *session) stateOf(srv *pool.Server) *serverState {
 	return stmtsOf(srv, sess.srv.cfg.Pool.MaxPreparedStatements)
 }
 

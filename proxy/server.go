@@ -26,6 +26,7 @@ import (
 	"github.com/pggovernor/pggovernor/config"
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/tlsconf"
+	"github.com/pggovernor/pggovernor/wire"
 )
 
 // Options configure a Server.
@@ -69,7 +70,8 @@ type Server struct {
 	pool    *pool.Pool
 	nextID  atomic.Uint64
 	clients atomic.Int64
-	bufs    sync.Pool
+	// bufs lends the sessions' 8 KiB buffers while they are active.
+	bufs    wire.Pool
 	welcome welcomeCache
 	hasher  stmtHasher
 	known   knownStatements
@@ -107,18 +109,14 @@ func NewServer(opts Options) *Server {
 		keys:     map[uint32]*session{},
 		hubs:     map[pool.Route]*listenHub{},
 		empty:    make(chan struct{}),
-		welcome:  welcomeCache{entries: map[welcomeKey]map[string]string{}},
+		welcome:  welcomeCache{entries: map[welcomeKey]*welcomeEntry{}},
 		hasher:   newStmtHasher(),
 		ended:    map[string]*Totals{},
 	}
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.live.Store(opts.Config)
-	s.bufs.New = func() any { b := make([]byte, 8192); return &b }
 	return s
 }
-
-func (s *Server) getBuf() []byte  { return *(s.bufs.Get().(*[]byte)) }
-func (s *Server) putBuf(b []byte) { b = b[:cap(b)]; s.bufs.Put(&b) }
 
 // Listen opens the TCP listener (and the Unix socket when configured).
 func (s *Server) Listen() error {
@@ -392,7 +390,7 @@ func (s *Server) ClientCount() int64 { return s.clients.Load() }
 // a server connection once the combination has been seen.
 type welcomeCache struct {
 	mu      sync.Mutex
-	entries map[welcomeKey]map[string]string
+	entries map[welcomeKey]*welcomeEntry
 }
 
 type welcomeKey struct {
@@ -400,9 +398,17 @@ type welcomeKey struct {
 	params string
 }
 
+// welcomeEntry is what clients with the same route and startup parameters
+// see. It is never modified once cached: its sessions share view until one
+// of them changes a parameter (and takes a copy), and a server connection
+// brought to these settings remembers the entry (serverState.fittedTo).
+type welcomeEntry struct {
+	view map[string]string
+}
+
 const maxWelcomeEntries = 4096
 
-func (c *welcomeCache) get(k welcomeKey) map[string]string {
+func (c *welcomeCache) get(k welcomeKey) *welcomeEntry {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.entries[k]
@@ -418,7 +424,7 @@ func (c *welcomeCache) drop(match func(pool.Route) bool) {
 	}
 }
 
-func (c *welcomeCache) put(k welcomeKey, v map[string]string) {
+func (c *welcomeCache) put(k welcomeKey, e *welcomeEntry) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if len(c.entries) >= maxWelcomeEntries {
@@ -427,7 +433,7 @@ func (c *welcomeCache) put(k welcomeKey, v map[string]string) {
 			break
 		}
 	}
-	c.entries[k] = v
+	c.entries[k] = e
 }
 
 // freeDatabase prepares for a statement that needs no other connection to

@@ -88,14 +88,17 @@ type session struct {
 	unsynced        bool    // extended-protocol messages were sent after the last Sync
 	copyIn          bool    // the server is in COPY FROM STDIN mode
 	view            map[string]string
-	draining        bool
-	qEmpty          chan struct{} // closed when q empties, for cleanup; nil when nobody waits
-	stmts           map[string]*clientStmt
-	unnamedKey      stmtKey    // the client's unnamed statement
-	unnamedOK       bool       // the client has an unnamed statement
-	unnamedEff      sqlEffects // what executing it does to session state
-	synthBefore     []string   // synthetic responses due before the current server message
-	synthAfter      []string   // and after it
+	// fit is the welcome entry whose view this session still shares (nil
+	// once it changed a parameter): a server fitted to it fits this client.
+	fit         *welcomeEntry
+	draining    bool
+	qEmpty      chan struct{} // closed when q empties, for cleanup; nil when nobody waits
+	stmts       map[string]*clientStmt
+	unnamedKey  stmtKey    // the client's unnamed statement
+	unnamedOK   bool       // the client has an unnamed statement
+	unnamedEff  sqlEffects // what executing it does to session state
+	synthBefore []string   // synthetic responses due before the current server message
+	synthAfter  []string   // and after it
 }
 
 // queue is a FIFO of entries that reuses its storage.
@@ -169,6 +172,14 @@ func (sess *session) pump() error {
 			if err := sess.flushServer(); err != nil {
 				return err
 			}
+			sess.mu.Lock()
+			idle := sess.server == nil
+			sess.mu.Unlock()
+			if idle && sess.rd.Buffered() == 0 {
+				// Nothing in flight and no server: the client may stay
+				// idle for long, so it holds no buffer meanwhile.
+				sess.releaseBuffers()
+			}
 			if err := sess.rd.Fill(); err != nil {
 				return err
 			}
@@ -183,6 +194,16 @@ func (sess *session) pump() error {
 		}
 		sess.rd.Shrink()
 	}
+}
+
+// releaseBuffers gives the session's buffers back to the pool (those
+// holding nothing). Called by the pump.
+func (sess *session) releaseBuffers() {
+	sess.rd.Release()
+	sess.sw.Release()
+	sess.wmu.Lock()
+	sess.cw.Release()
+	sess.wmu.Unlock()
 }
 
 // protocolError tells the client about a malformed message and ends it.
@@ -223,8 +244,12 @@ func (sess *session) attach() (*pool.Server, error) {
 	sess.tx = srv.TxStatus
 	sess.batchError = false
 	var stmts string
-	if sess.settingsDiffer(srv, sess.view) {
-		stmts = sess.settingStatements(srv, sess.view)
+	st := sess.stateOf(srv)
+	if sess.fit == nil || st.fittedTo != sess.fit || st.fittedGen != st.gen {
+		if sess.settingsDiffer(srv, sess.view) {
+			stmts = sess.settingStatements(srv, sess.view)
+		}
+		st.fittedTo, st.fittedGen = sess.fit, st.gen
 	}
 	if stmts != "" {
 		sess.q.push(entry{kind: 'q', flags: entSuppress})
@@ -482,7 +507,7 @@ func (sess *session) finish(cause error) {
 	if pins != 0 || !sess.txMode {
 		// DISCARD ALL drops every prepared statement: the connection's
 		// cache starts empty (it is closed if the reset fails).
-		if ss, ok := srv.State.(*serverStmts); ok {
+		if ss, ok := srv.State.(*serverState); ok {
 			ss.reset()
 		}
 		srv.Settings = map[string]string{}

@@ -43,9 +43,6 @@ func (s *Server) serveConn(c net.Conn) {
 	defer s.clients.Add(-1)
 	id := s.nextID.Add(1)
 	log := s.logger.With(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()), zap.String("mode", s.cfg.PoolMode))
-	rbuf := s.getBuf()
-	wbuf := s.getBuf()
-	defer func() { s.putBuf(rbuf); s.putBuf(wbuf) }()
 
 	sess := &session{
 		srv:     s,
@@ -60,9 +57,12 @@ func (s *Server) serveConn(c net.Conn) {
 	sess.virtual = sess.txMode
 	sess.linkUnnamed = s.opts.LinkUnnamed
 	sess.slot = pool.NewHandlerSlot(sess)
-	sess.rd = wire.NewReader(c, rbuf, s.cfg.Clients.MaxMessageSize)
-	sess.cw = wire.NewWriter(c, wbuf)
-	sess.sw = wire.NewWriter(nil, nil)
+	// Buffers are lent while the session is active: an idle client holds
+	// none (see pump).
+	sess.rd = wire.NewPooledReader(c, &s.bufs, s.cfg.Clients.MaxMessageSize)
+	sess.cw = wire.NewPooledWriter(c, &s.bufs)
+	sess.sw = wire.NewPooledWriter(nil, &s.bufs)
+	defer sess.releaseBuffers()
 
 	_ = c.SetDeadline(time.Now().Add(s.cfg.Timeouts.ClientLogin))
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.ClientLogin)
@@ -335,8 +335,8 @@ func parseOptions(s string) (map[string]string, error) {
 func (sess *session) welcome(ctx context.Context) error {
 	s := sess.srv
 	key := welcomeKey{route: sess.route, params: settingsKey(sess.settings)}
-	view := s.welcome.get(key)
-	if view == nil || !sess.txMode {
+	entry := s.welcome.get(key)
+	if entry == nil || !sess.txMode {
 		// A login waits behind a PAUSE only within timeouts.client_login.
 		wctx, cancel := context.WithTimeout(pool.PauseCounts(ctx), s.cfg.Timeouts.QueryWait)
 		srv, err := s.pool.Acquire(wctx, sess.route, nil)
@@ -350,12 +350,14 @@ func (sess *session) welcome(ctx context.Context) error {
 				return toClientError(err, true, s.cfg.Timeouts.QueryWait)
 			}
 			sess.recordSettings(srv)
+			sess.stateOf(srv).paramsChanged()
 		}
-		view = make(map[string]string, len(srv.Params))
+		view := make(map[string]string, len(srv.Params))
 		for k, v := range srv.Params {
 			view[k] = v
 		}
-		s.welcome.put(key, view)
+		entry = &welcomeEntry{view: view}
+		s.welcome.put(key, entry)
 		if sess.txMode {
 			s.pool.Release(srv)
 		} else {
@@ -365,10 +367,10 @@ func (sess *session) welcome(ctx context.Context) error {
 			sess.sw.Reset(srv.Conn())
 		}
 	}
-	sess.view = make(map[string]string, len(view))
-	for k, v := range view {
-		sess.view[k] = v
-	}
+	// Shared with every session of the same settings until one changes a
+	// parameter (ServerMessage copies it then).
+	sess.view, sess.fit = entry.view, entry
+	view := entry.view
 	buf := make([]byte, 0, 512)
 	buf, _ = (&pgproto3.AuthenticationOk{}).Encode(buf)
 	names := make([]string, 0, len(view))

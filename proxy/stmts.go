@@ -59,10 +59,11 @@ type clientStmt struct {
 	eff    sqlEffects // what executing it does to session state
 }
 
-// serverStmts is what one server connection has prepared. It lives in
-// pool.Server.State and is touched only by the client holding the
-// connection (under that session's mu).
-type serverStmts struct {
+// serverState is what the proxy keeps with one server connection, in
+// pool.Server.State, touched only by the client holding the connection
+// (under that session's mu): the statements it has prepared, and the
+// client settings it was last brought to.
+type serverState struct {
 	max     int
 	byKey   map[stmtKey]*list.Element // → *serverStmt
 	lru     *list.List                // front: most recently used
@@ -74,24 +75,34 @@ type serverStmts struct {
 	// statements the server may still hold though the governor dropped
 	// them (stale plans, a DISCARD ALL that may have failed).
 	pendingClose [][]byte
+
+	// gen counts changes of the connection's parameters and settings;
+	// fittedTo and fittedGen say which clients' settings it matched at
+	// which gen, so that their next attach skips the comparison.
+	gen       uint64
+	fittedTo  *welcomeEntry
+	fittedGen uint64
 }
+
+// paramsChanged records that the connection's parameters changed.
+func (ss *serverState) paramsChanged() { ss.gen++ }
 
 type serverStmt struct {
 	key  stmtKey
 	name []byte
 }
 
-func stmtsOf(srv *pool.Server, max int) *serverStmts {
-	if ss, ok := srv.State.(*serverStmts); ok {
+func stmtsOf(srv *pool.Server, max int) *serverState {
+	if ss, ok := srv.State.(*serverState); ok {
 		return ss
 	}
-	ss := &serverStmts{max: max, byKey: map[stmtKey]*list.Element{}, lru: list.New()}
+	ss := &serverState{max: max, byKey: map[stmtKey]*list.Element{}, lru: list.New()}
 	srv.State = ss
 	return ss
 }
 
 // has reports whether k is prepared, marking it recently used.
-func (ss *serverStmts) has(k stmtKey) bool {
+func (ss *serverState) has(k stmtKey) bool {
 	el, ok := ss.byKey[k]
 	if ok {
 		ss.lru.MoveToFront(el)
@@ -101,7 +112,7 @@ func (ss *serverStmts) has(k stmtKey) bool {
 
 // add records k as prepared under name and returns the name of a statement
 // to close first when the LRU is full (nil otherwise).
-func (ss *serverStmts) add(k stmtKey, name []byte) (evict []byte) {
+func (ss *serverState) add(k stmtKey, name []byte) (evict []byte) {
 	if len(ss.byKey) >= ss.max {
 		if back := ss.lru.Back(); back != nil {
 			old := back.Value.(*serverStmt)
@@ -116,7 +127,7 @@ func (ss *serverStmts) add(k stmtKey, name []byte) (evict []byte) {
 
 // drop forgets k; when the server may still hold it, its name is queued
 // for a Close.
-func (ss *serverStmts) drop(k stmtKey, mayExist bool) {
+func (ss *serverState) drop(k stmtKey, mayExist bool) {
 	el, ok := ss.byKey[k]
 	if !ok {
 		return
@@ -131,7 +142,7 @@ func (ss *serverStmts) drop(k stmtKey, mayExist bool) {
 
 // dropAll forgets every statement (DISCARD ALL, DEALLOCATE ALL); they are
 // queued for a Close in case the command did not run.
-func (ss *serverStmts) dropAll() {
+func (ss *serverState) dropAll() {
 	for el := ss.lru.Front(); el != nil; el = el.Next() {
 		ss.pendingClose = append(ss.pendingClose, el.Value.(*serverStmt).name)
 	}
@@ -142,7 +153,8 @@ func (ss *serverStmts) dropAll() {
 
 // reset forgets every statement after the connection was reset with
 // DISCARD ALL successfully: nothing is left to close.
-func (ss *serverStmts) reset() {
+func (ss *serverState) reset() {
+	ss.gen++
 	ss.byKey = map[stmtKey]*list.Element{}
 	ss.lru.Init()
 	ss.unnamedOK = false
@@ -150,7 +162,7 @@ func (ss *serverStmts) reset() {
 }
 
 // len is the number of prepared statements.
-func (ss *serverStmts) len() int { return len(ss.byKey) }
+func (ss *serverState) len() int { return len(ss.byKey) }
 
 // knownStatements remembers, per route, statements that parsed
 // successfully, so that a client's Parse of one of them needs no server

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 )
 
 // HeaderLen is the size of a regular message header: one type byte and a
@@ -46,6 +47,37 @@ func (e *FrameError) Error() string {
 
 func (e *FrameError) Unwrap() error { return e.Err }
 
+// BufferPool lends buffers of BufferSize bytes, so that an idle connection
+// holds none.
+type BufferPool interface {
+	Get() []byte
+	Put([]byte)
+}
+
+// Pool is a BufferPool over sync.Pool.
+type Pool struct{ p sync.Pool }
+
+// Get returns a buffer of BufferSize bytes.
+func (p *Pool) Get() []byte {
+	if b, ok := p.p.Get().(*[]byte); ok {
+		return (*b)[:BufferSize]
+	}
+	return make([]byte, BufferSize)
+}
+
+// Put takes a buffer back.
+func (p *Pool) Put(b []byte) {
+	if cap(b) >= BufferSize {
+		b = b[:BufferSize]
+		p.p.Put(&b)
+	}
+}
+
+// tinyLen is the inline buffer a Reader without a buffer reads into: a
+// connection that was idle gets its next message's first bytes there, and
+// a pooled buffer only once it has data.
+const tinyLen = 256
+
 // Reader buffers a connection's bytes and exposes them frame by frame. It is
 // not safe for concurrent use.
 type Reader struct {
@@ -54,6 +86,8 @@ type Reader struct {
 	r, w   int
 	maxLen int // maximum message length (including the 4 length bytes)
 	base   int // the buffer size to shrink back to
+	pool   BufferPool
+	tiny   *[tinyLen]byte
 }
 
 // NewReader returns a Reader with a buffer of BufferSize bytes that accepts
@@ -65,6 +99,40 @@ func NewReader(rd io.Reader, buf []byte, maxLen int) *Reader {
 	}
 	return &Reader{rd: rd, buf: buf, maxLen: maxLen, base: len(buf)}
 }
+
+// NewPooledReader returns a Reader whose buffer is lent by pool: Release
+// gives it back while nothing is buffered, and Fill borrows one again once
+// there is something to read.
+func NewPooledReader(rd io.Reader, pool BufferPool, maxLen int) *Reader {
+	return &Reader{rd: rd, maxLen: maxLen, base: BufferSize, pool: pool, tiny: new([tinyLen]byte)}
+}
+
+// Release gives the buffer back to the pool when nothing is buffered
+// (a Reader from NewPooledReader only).
+func (r *Reader) Release() {
+	if r.pool == nil || r.buf == nil || r.Buffered() > 0 {
+		return
+	}
+	if len(r.buf) == r.base {
+		r.pool.Put(r.buf)
+	}
+	r.buf, r.r, r.w = nil, 0, 0
+}
+
+// borrow gets a buffer from the pool for a released Reader.
+func (r *Reader) borrow() {
+	if r.buf == nil {
+		if r.pool != nil {
+			r.buf = r.pool.Get()
+		} else {
+			r.buf = make([]byte, r.base)
+		}
+		r.r, r.w = 0, 0
+	}
+}
+
+// Size is the Reader's buffer size when not grown.
+func (r *Reader) Size() int { return r.base }
 
 // Reset points the Reader at a new source with an empty buffer.
 func (r *Reader) Reset(rd io.Reader) {
@@ -91,6 +159,19 @@ func (r *Reader) Buffer() []byte { return r.buf }
 // Fill reads at least once from the source into the buffer, moving unread
 // bytes to the front first. It returns io.EOF only when nothing was read.
 func (r *Reader) Fill() error {
+	if r.buf == nil {
+		// Released: wait for data without holding a buffer.
+		n, err := r.rd.Read(r.tiny[:])
+		if n == 0 {
+			if err == nil {
+				err = io.ErrNoProgress
+			}
+			return err
+		}
+		r.borrow()
+		r.w = copy(r.buf, r.tiny[:n])
+		return nil
+	}
 	if r.r > 0 {
 		n := copy(r.buf, r.buf[r.r:r.w])
 		r.r, r.w = 0, n
@@ -163,6 +244,7 @@ func (r *Reader) Frame(n int) ([]byte, error) {
 
 // Ensure reads until n bytes are buffered, growing the buffer if needed.
 func (r *Reader) Ensure(n int) error {
+	r.borrow()
 	if n > len(r.buf) {
 		grown := make([]byte, n)
 		r.w = copy(grown, r.buf[r.r:r.w])
@@ -215,6 +297,7 @@ func (r *Reader) ReadStartup() ([]byte, error) {
 // Stream copies the next n bytes to w, first from the buffer, then straight
 // from the source through the buffer, without growing it.
 func (r *Reader) Stream(w io.Writer, n int) error {
+	r.borrow()
 	for n > 0 {
 		if r.Buffered() == 0 {
 			if err := r.Fill(); err != nil {
@@ -242,8 +325,36 @@ func (r *Reader) Stream(w io.Writer, n int) error {
 // Writer coalesces frames into one buffer and writes it in one call on
 // Flush, or straight through when a frame does not fit.
 type Writer struct {
-	wr  io.Writer
-	buf []byte
+	wr   io.Writer
+	buf  []byte
+	pool BufferPool
+}
+
+// NewPooledWriter returns a Writer whose buffer is lent by pool: Release
+// gives it back while nothing is buffered, and Write borrows one again.
+func NewPooledWriter(wr io.Writer, pool BufferPool) *Writer {
+	return &Writer{wr: wr, pool: pool}
+}
+
+// Release gives the buffer back to the pool when nothing is buffered (a
+// Writer from NewPooledWriter only).
+func (w *Writer) Release() {
+	if w.pool == nil || w.buf == nil || len(w.buf) > 0 {
+		return
+	}
+	w.pool.Put(w.buf[:cap(w.buf)])
+	w.buf = nil
+}
+
+// borrow gets a buffer for a released Writer.
+func (w *Writer) borrow() {
+	if w.buf == nil {
+		if w.pool != nil {
+			w.buf = w.pool.Get()[:0]
+		} else {
+			w.buf = make([]byte, 0, BufferSize)
+		}
+	}
 }
 
 // NewWriter returns a Writer over wr using buf's capacity as its buffer.
@@ -266,6 +377,7 @@ func (w *Writer) Buffered() int { return len(w.buf) }
 // Write buffers p, flushing first when it would not fit; a p larger than the
 // buffer is written straight through.
 func (w *Writer) Write(p []byte) (int, error) {
+	w.borrow()
 	if len(w.buf)+len(p) > cap(w.buf) {
 		if err := w.Flush(); err != nil {
 			return 0, err
@@ -280,6 +392,7 @@ func (w *Writer) Write(p []byte) (int, error) {
 
 // WriteString is Write for a string, without converting it.
 func (w *Writer) WriteString(s string) (int, error) {
+	w.borrow()
 	if len(w.buf)+len(s) > cap(w.buf) {
 		if err := w.Flush(); err != nil {
 			return 0, err

@@ -916,3 +916,43 @@ func BenchmarkReaderWriterRoundTrip(b *testing.B) {
 		}
 	}
 }
+
+// TestPooledReaderWriterRelease: a pooled Reader and Writer hold no buffer
+// once released, borrow one when data comes, and keep the bytes intact.
+func TestPooledReaderWriterRelease(t *testing.T) {
+	var pool wire.Pool
+	frame := wire.AppendHeader(nil, 'Q', 9)
+	frame = append(append(frame, "SELECT 1"...), 0)
+	big := wire.AppendHeader(nil, 'D', 1000)
+	big = append(big, make([]byte, 1000)...)
+	r := wire.NewPooledReader(bytes.NewReader(append(append([]byte(nil), frame...), big...)), &pool, 1<<20)
+	r.Release()
+	if r.Buffer() != nil {
+		t.Fatal("want = no buffer after Release, got one")
+	}
+	typ, n, err := r.Header()
+	if err != nil || typ != 'Q' || n != len(frame) {
+		t.Fatalf("first frame: want = Q %d, got = %q %d (%v)", len(frame), typ, n, err)
+	}
+	got, err := r.Frame(n)
+	if err != nil || !bytes.Equal(got, frame) {
+		t.Fatalf("want = %q, got = %q (%v)", frame, got, err)
+	}
+	r.Release() // bytes of the next frame are buffered: kept
+	typ, n, err = r.Header()
+	if err != nil || typ != 'D' || n != len(big) {
+		t.Fatalf("second frame: want = D %d, got = %q %d (%v)", len(big), typ, n, err)
+	}
+	var out bytes.Buffer
+	w := wire.NewPooledWriter(&out, &pool)
+	if _, err := w.Write(frame); err != nil || w.Flush() != nil {
+		t.Fatal(err)
+	}
+	w.Release()
+	if w.Buffer() != nil {
+		t.Fatal("want = no buffer after Release, got one")
+	}
+	if _, err := w.WriteString("x"); err != nil || w.Flush() != nil || out.String() != string(frame)+"x" {
+		t.Fatalf("want = %q, got = %q", string(frame)+"x", out.String())
+	}
+}

@@ -346,3 +346,65 @@ func TestCertificateExpiryMetric(t *testing.T) {
 	}
 	t.Fatal("no expiry series for clients.tls.cert_file")
 }
+
+// TestDeployManifests: every PGGOVERNOR_* variable of the Kubernetes
+// sidecar example is a setting and the configuration it makes validates;
+// the Dockerfile builds with the Go release go.mod names.
+func TestDeployManifests(t *testing.T) {
+	data, err := os.ReadFile("../../deploy/kubernetes/coder-sidecar.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		Spec struct {
+			Template struct {
+				Spec struct {
+					Containers []struct {
+						Name string
+						Env  []struct{ Name, Value string }
+					}
+				}
+			}
+		}
+	}
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		t.Fatal(err)
+	}
+	var environ []string
+	for _, c := range doc.Spec.Template.Spec.Containers {
+		if c.Name != "pggovernor" {
+			continue
+		}
+		for _, e := range c.Env {
+			environ = append(environ, e.Name+"="+e.Value)
+		}
+	}
+	if len(environ) == 0 {
+		t.Fatal("no pggovernor container with an environment in the manifest")
+	}
+	cfg, err := config.Load(config.Source{Environ: environ})
+	if err != nil {
+		t.Fatalf("the manifest's configuration: %v", err)
+	}
+	if cfg.Listen != "127.0.0.1:6432" || !cfg.Budget.Cluster.Enabled {
+		t.Fatalf("want = the sidecar settings, got listen %s, cluster %v", cfg.Listen, cfg.Budget.Cluster.Enabled)
+	}
+	dockerfile, err := os.ReadFile("../../deploy/docker/Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gomod, err := os.ReadFile("../../go.mod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var goVersion string
+	for _, line := range strings.Split(string(gomod), "\n") {
+		if v, ok := strings.CutPrefix(line, "go "); ok {
+			parts := strings.Split(v, ".")
+			goVersion = parts[0] + "." + parts[1]
+		}
+	}
+	if !strings.Contains(string(dockerfile), "FROM golang:"+goVersion+" ") {
+		t.Fatalf("the Dockerfile's build stage does not use Go %s (go.mod)", goVersion)
+	}
+}

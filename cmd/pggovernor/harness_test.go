@@ -78,7 +78,7 @@ func runTests(m *testing.M) int {
 
 // gov is a governor running in-process for a test.
 type gov struct {
-	t      *testing.T
+	t      testing.TB
 	cfg    *config.Config
 	g      *governor
 	logs   *observer.ObservedLogs
@@ -101,7 +101,7 @@ func usersFile(t testing.TB, lines ...string) string {
 
 // startGov starts a governor in front of cluster c (shared when nil), with
 // cfg adjusted by mutate and start's options.
-func startGov(t *testing.T, c *pgtest.Cluster, mutate func(*config.Config), opts ...option) *gov {
+func startGov(t testing.TB, c *pgtest.Cluster, mutate func(*config.Config), opts ...option) *gov {
 	t.Helper()
 	if c == nil {
 		c = shared

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -95,7 +96,8 @@ func runCommand(ctx context.Context, args, environ []string, stdout, stderr io.W
 	}
 	logger.Info("pggovernor started", zap.String("version", version), zap.String("listen", g.proxy.Addr().String()),
 		zap.String("admin_listen", g.adminAddr()), zap.String("pool_mode", cfg.PoolMode),
-		zap.String("upstream", config.RedactURL(cfg.Upstream.URL)), zap.String("model", g.model()))
+		zap.String("upstream", config.RedactURL(cfg.Upstream.URL)), zap.String("model", g.model()),
+		zap.Int("gomaxprocs", runtime.GOMAXPROCS(0)))
 	fmt.Fprintf(stdout, "pggovernor listening on %s\n", g.proxy.Addr())
 
 	for {
@@ -185,7 +187,14 @@ type startDeps struct {
 	// level and load: see withReload.
 	level zap.AtomicLevel
 	load  func() (config.Config, error)
+	// linkUnnamed: see withLinkUnnamed.
+	linkUnnamed bool
 }
+
+// withLinkUnnamed keeps a server connection linked from a client's Parse
+// of the unnamed statement to its Execute instead of replaying the Parse
+// (proxy.Options.LinkUnnamed): for the benchmark that chose replay.
+func withLinkUnnamed() option { return func(d *startDeps) { d.linkUnnamed = true } }
 
 // withAWSCredentials signs RDS IAM tokens with p instead of the default
 // chain.
@@ -342,6 +351,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		Pool:         g.pool,
 		Verifier:     auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle)),
 		TLS:          clientTLS,
+		LinkUnnamed:  deps.linkUnnamed,
 		UpstreamUser: up.sidecarUser,
 		Logger:       logger.Named("proxy"),
 		Metrics: proxy.Metrics{

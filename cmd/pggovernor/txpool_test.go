@@ -469,3 +469,33 @@ func TestFlushKeepsTheServer(t *testing.T) {
 	}
 	_ = time.Second
 }
+
+// TestSkippedPrepareIsForgotten: after an error, the server skips the rest
+// of the pipeline up to Sync, including a Parse the governor added there
+// to re-prepare a statement for a Bind; the governor must not believe the
+// connection has it. One connection, an LRU of one statement.
+func TestSkippedPrepareIsForgotten(t *testing.T) {
+	g := txGov(t, func(c *config.Config) { c.Budget.Max = 1; c.Pool.MaxPreparedStatements = 1 })
+	ctx := context.Background()
+	conn, err := pgconn.Connect(ctx, g.url("alice", userPass, "appdb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Prepare(ctx, "x", "SELECT 100", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Prepare(ctx, "y", "SELECT 200", nil); err != nil { // evicts x from the connection
+		t.Fatal(err)
+	}
+	batch := &pgconn.Batch{}
+	batch.ExecParams("SELECT 1/0", nil, nil, nil, nil) // fails at Execute
+	batch.ExecPrepared("x", nil, nil, nil)             // its re-prepare is skipped by the server
+	if _, err := conn.ExecBatch(ctx, batch).ReadAll(); err == nil {
+		t.Fatal("want = division by zero, got = nil")
+	}
+	res := conn.ExecPrepared(ctx, "x", nil, nil, nil).Read()
+	if res.Err != nil || string(res.Rows[0][0]) != "100" {
+		t.Fatalf("statement x after the skipped re-prepare: want = 100, got = %v (%v)", res.Rows, res.Err)
+	}
+}
