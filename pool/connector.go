@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pggovernor/pggovernor/internal/rawsock"
 )
 
 // PasswordFunc returns the password for a new connection of route; "" keeps
@@ -79,5 +81,6 @@ func (c *UpstreamConnector) Connect(ctx context.Context, route Route, params map
 		_ = conn.Close(ctx)
 		return nil, fmt.Errorf("taking over the server connection: %w", err)
 	}
+	hc.Conn = rawsock.Wrap(hc.Conn) // the relay's reads and writes, as raw system calls
 	return hc, nil
 }

@@ -105,7 +105,7 @@ func (sess *session) consoleLogin(ctx context.Context, login auth.Login, params 
 	if !s.register(sess) {
 		return fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down")
 	}
-	sess.key = s.newCancelKey(sess)
+	s.assignCancelKey(sess)
 	buf, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
 	for _, p := range [...][2]string{
 		{"application_name", sess.console.appName},

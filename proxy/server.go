@@ -251,10 +251,10 @@ func (s *Server) removeLocked(sess *session) {
 	}
 }
 
-// newCancelKey gives a session a process ID and secret unique among live
-// sessions; in cluster mode the process ID carries the replica's number
-// (peers.go).
-func (s *Server) newCancelKey(sess *session) cancelKey {
+// assignCancelKey gives a session a process ID and secret unique among live
+// sessions, and publishes it for cancel requests; in cluster mode the
+// process ID carries the replica's number (peers.go).
+func (s *Server) assignCancelKey(sess *session) {
 	var b [8]byte
 	mask, prefix := uint32(0x7fffffff), uint32(0)
 	if s.opts.Peers != nil {
@@ -274,8 +274,9 @@ func (s *Server) newCancelKey(sess *session) cancelKey {
 			continue
 		}
 		k := cancelKey{pid: pid, secret: binary.BigEndian.Uint32(b[4:])}
+		sess.key = k // under s.mu, before the key is published: sessionByKey finds it set
 		s.keys[pid] = sess
-		return k
+		return
 	}
 }
 

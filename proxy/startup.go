@@ -19,6 +19,7 @@ import (
 
 	"github.com/pggovernor/pggovernor/auth"
 	"github.com/pggovernor/pggovernor/config"
+	"github.com/pggovernor/pggovernor/internal/rawsock"
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/wire"
 )
@@ -39,6 +40,7 @@ type cancelKey struct {
 
 // serveConn runs one client connection from accept to close.
 func (s *Server) serveConn(c net.Conn) {
+	c = rawsock.Wrap(c) // the relay's reads and writes, as raw system calls
 	n := s.clients.Add(1)
 	defer s.clients.Add(-1)
 	id := s.nextID.Add(1)
@@ -243,7 +245,7 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 	if !s.register(sess) {
 		return fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down")
 	}
-	sess.key = s.newCancelKey(sess)
+	s.assignCancelKey(sess)
 	if err := sess.welcome(ctx); err != nil {
 		// Not served after all: forget the session and its cancel key, or
 		// a drain would wait for it and the maps would keep it.
