@@ -134,6 +134,27 @@ func startReplica(t *testing.T, pg *pgtest.Cluster, user string, ns int32, users
 	return r
 }
 
+// startReplicas runs one replica per user name in namespace ns, all with
+// the same extra flags, and waits until every one is a member.
+func startReplicas(t *testing.T, pg *pgtest.Cluster, ns int32, users string, names []string, extra ...string) []*replica {
+	t.Helper()
+	rs := make([]*replica, 0, len(names))
+	for _, name := range names {
+		rs = append(rs, startReplica(t, pg, name, ns, users, extra...))
+	}
+	waitMembers(t, pg, ns, rs...)
+	return rs
+}
+
+// clearLoad empties the table the cluster loads insert into, so that the
+// next test counts its own commits.
+func clearLoad(t *testing.T, pg *pgtest.Cluster) {
+	t.Helper()
+	if _, err := pg.ExecIn(context.Background(), "clusterdb", "DELETE FROM load"); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // newNamespace gives each test its own advisory-lock namespace (and so its
 // own members) on the shared server.
 func newNamespace() int32 { return 0x7000 + clusterNS.Add(1) }

@@ -42,8 +42,7 @@ func TestClusterSharesOneBudget(t *testing.T) {
 	pg := clusterServer(t)
 	ns := newNamespace()
 	users := usersFile(t)
-	rs := []*replica{startReplica(t, pg, "rep1", ns, users), startReplica(t, pg, "rep2", ns, users), startReplica(t, pg, "rep3", ns, users)}
-	waitMembers(t, pg, ns, rs...)
+	rs := startReplicas(t, pg, ns, users, []string{"rep1", "rep2", "rep3"})
 	s := sampleCluster(t, pg)
 	var loads []*clusterLoad
 	for _, r := range rs {
@@ -79,9 +78,7 @@ func TestClusterSharesOneBudget(t *testing.T) {
 	if got := rows[0][0]; got != fmt.Sprint(commits) {
 		t.Errorf("committed rows: want = %d (the transactions acknowledged), got = %s", commits, got)
 	}
-	if _, err := pg.ExecIn(context.Background(), "clusterdb", "DELETE FROM load"); err != nil {
-		t.Fatal(err)
-	}
+	clearLoad(t, pg)
 	for _, r := range rs {
 		mfs := r.scrape(t)
 		if got := mustValue(t, mfs, "pggovernor_cluster_replicas", nil); got != 3 {
@@ -122,8 +119,8 @@ func TestClusterReplicaKilledAndRestarted(t *testing.T) {
 	pg := clusterServer(t)
 	ns := newNamespace()
 	users := usersFile(t)
-	a, b, c := startReplica(t, pg, "rep1", ns, users), startReplica(t, pg, "rep2", ns, users), startReplica(t, pg, "rep3", ns, users)
-	waitMembers(t, pg, ns, a, b, c)
+	rs := startReplicas(t, pg, ns, users, []string{"rep1", "rep2", "rep3"})
+	a, b, c := rs[0], rs[1], rs[2]
 	s := sampleCluster(t, pg)
 	la := startClusterLoad(t, a.url("alice", userPass, "clusterdb"), "rep1", clusterClientsPerProxy)
 	lb := startClusterLoad(t, b.url("alice", userPass, "clusterdb"), "rep2", clusterClientsPerProxy)
@@ -169,9 +166,7 @@ func TestClusterReplicaKilledAndRestarted(t *testing.T) {
 		t.Errorf("governor connections, control connections included: want <= %d, got = %d", capacity, governors)
 	}
 	t.Logf("at most %d server connections, %d with control connections, over %d samples", servers, governors, samples)
-	if _, err := pg.ExecIn(context.Background(), "clusterdb", "DELETE FROM load"); err != nil {
-		t.Fatal(err)
-	}
+	clearLoad(t, pg)
 }
 
 // TestClusterSkewedLoad: one busy replica and two idle ones: the busy one
@@ -182,8 +177,7 @@ func TestClusterSkewedLoad(t *testing.T) {
 	pg := clusterServer(t)
 	ns := newNamespace()
 	users := usersFile(t)
-	rs := []*replica{startReplica(t, pg, "rep1", ns, users), startReplica(t, pg, "rep2", ns, users), startReplica(t, pg, "rep3", ns, users)}
-	waitMembers(t, pg, ns, rs...)
+	rs := startReplicas(t, pg, ns, users, []string{"rep1", "rep2", "rep3"})
 	s := sampleCluster(t, pg)
 	busy := clusterLeases - 2*2
 	l1 := startClusterLoad(t, rs[0].url("alice", userPass, "clusterdb"), "rep1", clusterClientsPerProxy)
@@ -217,9 +211,7 @@ func TestClusterSkewedLoad(t *testing.T) {
 		t.Errorf("governor connections, control connections included: want <= %d, got = %d", clusterLeases, governors)
 	}
 	t.Logf("%d and %d transactions; at most %d server connections over %d samples", n1, n2, servers, samples)
-	if _, err := pg.ExecIn(context.Background(), "clusterdb", "DELETE FROM load"); err != nil {
-		t.Fatal(err)
-	}
+	clearLoad(t, pg)
 }
 
 // TestClusterForeignConnections: with budget.cluster.count_foreign, a
@@ -232,11 +224,7 @@ func TestClusterForeignConnections(t *testing.T) {
 	pg := clusterServer(t)
 	ns := newNamespace()
 	users := usersFile(t)
-	var rs []*replica
-	for _, u := range []string{"rep1", "rep2", "rep3"} {
-		rs = append(rs, startReplica(t, pg, u, ns, users, "--budget.reserve=0", "--budget.cluster.count-foreign"))
-	}
-	waitMembers(t, pg, ns, rs...)
+	rs := startReplicas(t, pg, ns, users, []string{"rep1", "rep2", "rep3"}, "--budget.reserve=0", "--budget.cluster.count-foreign")
 	s := sampleCluster(t, pg) // a foreign connection itself
 	var loads []*clusterLoad
 	for _, r := range rs {
@@ -294,9 +282,7 @@ func TestClusterForeignConnections(t *testing.T) {
 		t.Errorf("client backends in pg_stat_activity: want <= %d (max_connections − superuser_reserved_connections), got = %d", limit, all)
 	}
 	t.Logf("at most %d client backends over %d samples", all, samples)
-	if _, err := pg.ExecIn(ctx, "clusterdb", "DELETE FROM load"); err != nil {
-		t.Fatal(err)
-	}
+	clearLoad(t, pg)
 }
 
 // TestClusterControlConnectionTerminated: pg_terminate_backend on a
@@ -309,8 +295,7 @@ func TestClusterControlConnectionTerminated(t *testing.T) {
 	pg := clusterServer(t)
 	ns := newNamespace()
 	users := usersFile(t)
-	rs := []*replica{startReplica(t, pg, "rep1", ns, users), startReplica(t, pg, "rep2", ns, users), startReplica(t, pg, "rep3", ns, users)}
-	waitMembers(t, pg, ns, rs...)
+	rs := startReplicas(t, pg, ns, users, []string{"rep1", "rep2", "rep3"})
 	s := sampleCluster(t, pg)
 	var loads []*clusterLoad
 	for _, r := range rs {
@@ -361,9 +346,7 @@ func TestClusterControlConnectionTerminated(t *testing.T) {
 		t.Errorf("governor connections, control connections included: want <= %d, got = %d", capacity, governors)
 	}
 	t.Logf("at most %d server connections, %d with control connections, over %d samples", servers, governors, samples)
-	if _, err := pg.ExecIn(ctx, "clusterdb", "DELETE FROM load"); err != nil {
-		t.Fatal(err)
-	}
+	clearLoad(t, pg)
 }
 
 // cancelRequest sends a CancelRequest for pid and secret to addr, as libpq
