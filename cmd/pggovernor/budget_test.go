@@ -71,17 +71,7 @@ func (s *sampler) finish() (max, samples int64) {
 // budget derived from the server, and no client ever sees "too many clients".
 func TestBudgetHoldsUnderLoad(t *testing.T) {
 	ctx := context.Background()
-	c, err := pgtest.Start(ctx, pgtest.Options{MaxConnections: 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.CreateRole(ctx, "app", appPass, false); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Exec(ctx, "CREATE DATABASE appdb OWNER app"); err != nil {
-		t.Fatal(err)
-	}
+	c := privateCluster(t, pgtest.Options{MaxConnections: 20})
 	if _, err := c.ExecIn(ctx, "appdb", "CREATE TABLE load (client int, n int); GRANT ALL ON load TO app"); err != nil {
 		t.Fatal(err)
 	}

@@ -127,12 +127,7 @@ func TestLibpqThroughGovernor(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			g := startGov(t, nil, func(c *config.Config) { c.PoolMode = mode; c.Budget.Max = 4 })
 			ctx := context.Background()
-			db, err := sql.Open("postgres", g.url("alice", userPass, "appdb"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer db.Close()
-			db.SetMaxOpenConns(3)
+			db := openPq(t, g.url("alice", userPass, "appdb"), 3)
 			table := "pq_" + mode
 			if _, err := db.Exec("DROP TABLE IF EXISTS " + table); err != nil {
 				t.Fatal(err)
@@ -310,6 +305,19 @@ func TestCancelReachesTheRightBackend(t *testing.T) {
 	if bErr != nil {
 		t.Fatalf("the other client's query was hit by the cancel: %v", bErr)
 	}
+}
+
+// openPq opens a database/sql pool on lib/pq (coderd's driver) for url,
+// with at most maxOpen connections, closed at cleanup.
+func openPq(t testing.TB, url string, maxOpen int) *sql.DB {
+	t.Helper()
+	db, err := sql.Open("postgres", url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close() })
+	db.SetMaxOpenConns(maxOpen)
+	return db
 }
 
 // connectPgx connects with pgx configured to send a CancelRequest when a

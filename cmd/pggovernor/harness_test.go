@@ -76,6 +76,26 @@ func runTests(m *testing.M) int {
 	return code
 }
 
+// privateCluster starts a cluster of the test's own (for tests that
+// restart the server or depend on its limits) with the role app owning
+// the database appdb, as on the shared one; it is stopped at cleanup.
+func privateCluster(t *testing.T, opts pgtest.Options) *pgtest.Cluster {
+	t.Helper()
+	ctx := context.Background()
+	c, err := pgtest.Start(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := c.CreateRole(ctx, "app", appPass, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, "CREATE DATABASE appdb OWNER app"); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // gov is a governor running in-process for a test.
 type gov struct {
 	t      testing.TB

@@ -173,17 +173,7 @@ func TestSessionModeResetsOnRelease(t *testing.T) {
 // is logged, and clients carry on.
 func TestBudgetFollowsServerRestart(t *testing.T) {
 	ctx := context.Background()
-	c, err := pgtest.Start(ctx, pgtest.Options{MaxConnections: 30})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.CreateRole(ctx, "app", appPass, false); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Exec(ctx, "CREATE DATABASE appdb OWNER app"); err != nil {
-		t.Fatal(err)
-	}
+	c := privateCluster(t, pgtest.Options{MaxConnections: 30})
 	g := startGov(t, c, func(cfg *config.Config) { cfg.Budget.RefreshInterval = time.Second; cfg.Budget.Reserve = 2 })
 	if n, _ := g.g.pool.Limit(); n != 30-3-2-1 {
 		t.Fatalf("budget: want = %d, got = %d", 30-3-2-1, n)

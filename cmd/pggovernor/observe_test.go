@@ -224,17 +224,7 @@ func (g *gov) get(path string) (int, string) {
 // stays true throughout. /debug/pprof is served only with admin.pprof.
 func TestReadiness(t *testing.T) {
 	ctx := context.Background()
-	c, err := pgtest.Start(ctx, pgtest.Options{MaxConnections: 20})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.CreateRole(ctx, "app", appPass, false); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Exec(ctx, "CREATE DATABASE appdb OWNER app"); err != nil {
-		t.Fatal(err)
-	}
+	c := privateCluster(t, pgtest.Options{MaxConnections: 20})
 	g := startGov(t, c, func(cfg *config.Config) {
 		cfg.Budget.RefreshInterval = time.Second
 		cfg.Admin.ProbeInterval = 100 * time.Millisecond

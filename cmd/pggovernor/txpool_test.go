@@ -223,12 +223,7 @@ func TestPgxpoolOnTinyBudget(t *testing.T) {
 // re-prepared.
 func TestLibpqUnnamedAcrossSync(t *testing.T) {
 	g := txGov(t, nil)
-	db, err := sql.Open("postgres", g.url("alice", userPass, "appdb"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.SetMaxOpenConns(20)
+	db := openPq(t, g.url("alice", userPass, "appdb"), 20)
 	db.SetMaxIdleConns(20)
 	parallel(t, 20, func(i int) error {
 		for j := 0; j < 40; j++ {
@@ -255,12 +250,7 @@ func TestLibpqUnnamedAcrossSync(t *testing.T) {
 // pattern), on a budget of 2.
 func TestLibpqTransactionsAndRetries(t *testing.T) {
 	g := txGov(t, nil)
-	db, err := sql.Open("postgres", g.url("alice", userPass, "appdb"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	db.SetMaxOpenConns(10)
+	db := openPq(t, g.url("alice", userPass, "appdb"), 10)
 	if _, err := db.Exec("DROP TABLE IF EXISTS counters; CREATE TABLE counters (id int PRIMARY KEY, n int); INSERT INTO counters VALUES (1, 0)"); err != nil {
 		t.Fatal(err)
 	}
