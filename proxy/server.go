@@ -118,9 +118,19 @@ func NewServer(opts Options) *Server {
 	return s
 }
 
+// The TCP keepalive of client connections: Go's default for accepted
+// connections (idle 15 s, then a probe every 15 s, 9 probes), so that a
+// client whose host vanished is found within about 2.5 minutes.
+const (
+	clientKeepAliveIdle     = 15 * time.Second
+	clientKeepAliveInterval = 15 * time.Second
+	clientKeepAliveCount    = 9
+)
+
 // Listen opens the TCP listener (and the Unix socket when configured).
 func (s *Server) Listen() error {
-	l, err := net.Listen("tcp", s.cfg.Listen)
+	lc := listenConfig()
+	l, err := lc.Listen(context.Background(), "tcp", s.cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listening on %s (key listen): %w", s.cfg.Listen, err)
 	}

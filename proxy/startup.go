@@ -44,7 +44,7 @@ func (s *Server) serveConn(c net.Conn) {
 	n := s.clients.Add(1)
 	defer s.clients.Add(-1)
 	id := s.nextID.Add(1)
-	log := s.logger.With(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()), zap.String("mode", s.cfg.PoolMode))
+	log := s.logger.WithLazy(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()), zap.String("mode", s.cfg.PoolMode))
 
 	sess := &session{
 		srv:     s,
