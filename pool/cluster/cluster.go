@@ -400,16 +400,21 @@ func (m *Manager) connect(ctx context.Context) bool {
 		m.o.Logger.Warn("cannot read the cluster members; retrying at the next heartbeat", zap.Error(err))
 		return false
 	}
-	// Numbers of live members are theirs (a member reconnecting gets its
-	// own back); ours comes first.
+	// Numbers of live members are theirs. A member reconnecting within the
+	// member timeout of its last write gets its own number back (nobody
+	// may have taken it: its row was live all along); one whose row lapsed
+	// is a new member, and a live row with its old number is someone
+	// else's — another replica took the number after the row lapsed, and
+	// its row reserves the leases of that replica's connections.
+	lapsed := m.lastOK.Load() == 0 || !m.o.Now().Before(time.Unix(0, m.lastOK.Load()).Add(m.o.MemberTimeout))
 	taken := map[int]bool{}
 	for _, mb := range members {
-		if mb.ID != m.id && mb.Age < m.o.MemberTimeout {
+		if (mb.ID != m.id || lapsed) && mb.Age < m.o.MemberTimeout {
 			taken[mb.ID] = true
 		}
 	}
 	var ids []int
-	if m.id > 0 {
+	if m.id > 0 && !lapsed {
 		ids = append(ids, m.id)
 	}
 	for id := 1; id <= m.o.MaxID; id++ {
@@ -427,7 +432,6 @@ func (m *Manager) connect(ctx context.Context) bool {
 		return false
 	}
 	rejoin := m.known
-	lapsed := m.lastOK.Load() == 0 || !m.o.Now().Before(time.Unix(0, m.lastOK.Load()).Add(m.o.MemberTimeout))
 	if id != m.id || lapsed {
 		m.claimed = nil // no longer reserved for us
 	}
