@@ -90,27 +90,16 @@ func (g *governorTarget) Start(ctx context.Context, auth string, maxClients int)
 // waitReady polls an HTTP readiness URL until it answers 200.
 func waitReady(ctx context.Context, c *child, url string, timeout time.Duration) error {
 	client := &http.Client{Timeout: 2 * time.Second}
-	deadline := time.Now().Add(timeout)
-	for {
+	return c.waitUntil(ctx, timeout, "not ready", func() error {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 		resp, err := client.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			err = fmt.Errorf("%s: %s", url, resp.Status)
+		if err != nil {
+			return err
 		}
-		select {
-		case <-c.exited:
-			return fmt.Errorf("exited during start:\n%s", c.logTail(30))
-		case <-ctx.Done():
-			return ctx.Err()
-		default:
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s: %s", url, resp.Status)
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("not ready within %s: %v\n%s", timeout, err, c.logTail(30))
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return nil
+	})
 }

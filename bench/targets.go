@@ -429,13 +429,26 @@ func tailLines(s string, n int) string {
 
 // waitLogin waits until a client can log in at ep, or the child exits.
 func waitLogin(ctx context.Context, c *child, ep endpoint, timeout time.Duration) error {
+	return c.waitUntil(ctx, timeout, "no login", func() error {
+		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		defer cancel()
+		conn, err := pgconn.Connect(cctx, ep.dsn())
+		if err != nil {
+			return err
+		}
+		conn.Close(ctx)
+		return nil
+	})
+}
+
+// waitUntil calls probe every 100 ms until it succeeds; it gives up when
+// the child exits (with its log tail), when ctx ends, or after timeout
+// (saying what, with probe's last error and the log tail).
+func (c *child) waitUntil(ctx context.Context, timeout time.Duration, what string, probe func() error) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		cctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		conn, err := pgconn.Connect(cctx, ep.dsn())
-		cancel()
+		err := probe()
 		if err == nil {
-			conn.Close(ctx)
 			return nil
 		}
 		select {
@@ -446,9 +459,9 @@ func waitLogin(ctx context.Context, c *child, ep endpoint, timeout time.Duration
 		default:
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("no login within %s: %v\n%s", timeout, err, c.logTail(30))
+			return fmt.Errorf("%s within %s: %v\n%s", what, timeout, err, c.logTail(30))
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond) // polling a child process: nothing announces readiness
 	}
 }
 
