@@ -47,11 +47,17 @@ type Options struct {
 	UpstreamUser string
 	// Logger receives the proxy's logs.
 	Logger *zap.Logger
-	// LinkUnnamed keeps a server connection linked to a client from its
-	// Parse of the unnamed statement until the Execute, instead of
-	// re-preparing the statement on the connection that serves the Bind.
+	// ReplayUnnamed releases a client's server connection at the
+	// ReadyForQuery after a Parse of the unnamed statement, and prepares
+	// the statement again (checked) on the connection that serves its
+	// Bind, instead of keeping the connection linked until the Execute.
 	// For measurements only; see docs/architecture.md.
-	LinkUnnamed bool
+	ReplayUnnamed bool
+	// PrepareOnControl, when set, answers a prepare-only batch of a client
+	// that holds no server connection while none is idle, on the
+	// governor's control connection (see prepare.go); nil waits for a
+	// pooled connection.
+	PrepareOnControl PrepareFunc
 	// Metrics are the handles the proxy reports to; the zero value
 	// reports nothing.
 	Metrics Metrics
@@ -74,7 +80,6 @@ type Server struct {
 	bufs    wire.Pool
 	welcome welcomeCache
 	hasher  stmtHasher
-	known   knownStatements
 	stats   serverStats
 
 	mu        sync.Mutex

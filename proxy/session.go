@@ -44,8 +44,9 @@ type session struct {
 	// governor's business, rewritten per server connection.
 	virtual bool
 	// linkUnnamed keeps a server linked from a Parse of the unnamed
-	// statement until its Execute, instead of re-preparing it on the
-	// connection that serves the Bind (see Options.LinkUnnamed).
+	// statement until its Execute (for at most unnamedLinger after a
+	// Sync), instead of preparing it again on the connection that serves
+	// the Bind (unless Options.ReplayUnnamed).
 	linkUnnamed bool
 	// stats are the session's figures for the admin console and metrics.
 	stats sessionStats
@@ -61,6 +62,12 @@ type session struct {
 	scratch      []byte // a rewritten header, reused
 	synthOut     []byte // governor responses due before the pump next blocks
 	unnamedParse []byte // the client's last unnamed Parse, after its name
+	// verifyCh carries the server's answer to a statement the pump
+	// prepared again and waits for (resolve); quit is closed when the
+	// session is terminated, so that such a wait ends.
+	verifyCh     chan verifyResult
+	quit         chan struct{}
+	quitOnce     sync.Once
 	bytesIn      atomic.Int64
 	bytesOut     atomic.Int64
 	transactions atomic.Int64
@@ -85,20 +92,29 @@ type session struct {
 	pendingUnpin    pinKind // unpins taking effect at the next error-free ReadyForQuery
 	batchError      bool    // an error was seen since the last ReadyForQuery
 	linger          bool    // linkUnnamed: an unnamed statement awaits its Execute
-	unsynced        bool    // extended-protocol messages were sent after the last Sync
-	copyIn          bool    // the server is in COPY FROM STDIN mode
+	lingerTimer     *time.Timer
+	unsynced        bool // extended-protocol messages were sent after the last Sync
+	copyIn          bool // the server is in COPY FROM STDIN mode
 	view            map[string]string
 	// fit is the welcome entry whose view this session still shares (nil
 	// once it changed a parameter): a server fitted to it fits this client.
-	fit         *welcomeEntry
-	draining    bool
-	qEmpty      chan struct{} // closed when q empties, for cleanup; nil when nobody waits
-	stmts       map[string]*clientStmt
-	unnamedKey  stmtKey    // the client's unnamed statement
-	unnamedOK   bool       // the client has an unnamed statement
-	unnamedEff  sqlEffects // what executing it does to session state
-	synthBefore []string   // synthetic responses due before the current server message
-	synthAfter  []string   // and after it
+	fit        *welcomeEntry
+	draining   bool
+	qEmpty     chan struct{} // closed when q empties, for cleanup; nil when nobody waits
+	stmts      map[string]*clientStmt
+	unnamedKey stmtKey    // the client's unnamed statement
+	unnamedOK  bool       // the client has an unnamed statement
+	unnamedEff sqlEffects // what executing it does to session state
+	unnamedSeq uint64     // counts the client's unnamed Parses
+	// unnamedShape and unnamedParamTypes are what the server said of the
+	// client's unnamed statement when the client described it.
+	unnamedShape      stmtShape
+	unnamedParamTypes []byte
+	// paramDesc holds a ParameterDescription until the RowDescription or
+	// NoData of the same Describe (reader side, under mu).
+	paramDesc   []byte
+	synthBefore []string // synthetic responses due before the current server message
+	synthAfter  []string // and after it
 }
 
 // queue is a FIFO of entries that reuses its storage.
@@ -237,10 +253,17 @@ func (sess *session) attach() (*pool.Server, error) {
 			return nil, err
 		}
 	}
+	return srv, sess.attachServer(srv)
+}
+
+// attachServer makes srv the client's server connection and brings it to
+// the client's settings.
+func (sess *session) attachServer(srv *pool.Server) error {
 	srv.SetHandler(sess.slot)
 	sess.sw.Reset(srv.Conn())
 	sess.mu.Lock()
 	sess.server = srv
+	sess.writing = true // the pump writes next (see needServer)
 	sess.tx = srv.TxStatus
 	sess.batchError = false
 	var stmts string
@@ -254,7 +277,6 @@ func (sess *session) attach() (*pool.Server, error) {
 	if stmts != "" {
 		sess.q.push(entry{kind: 'q', flags: entSuppress})
 		sess.recordSettings(srv)
-		sess.writing = true
 	}
 	sess.mu.Unlock()
 	sess.transactions.Add(1)
@@ -262,10 +284,10 @@ func (sess *session) attach() (*pool.Server, error) {
 		buf := wire.AppendHeader(nil, 'Q', len(stmts)+1)
 		buf = append(append(buf, stmts...), 0)
 		if _, err := sess.sw.Write(buf); err != nil {
-			return srv, sess.serverWriteErr(err)
+			return sess.serverWriteErr(err)
 		}
 	}
-	return srv, nil
+	return nil
 }
 
 // attachFailed reports that no server connection could be had for the
@@ -348,6 +370,36 @@ func (sess *session) tryRelease(srv *pool.Server) {
 	}
 }
 
+// unnamedLinger is how long a connection stays linked to a client whose
+// unnamed statement awaits its Bind after a Sync (lib/pq sends it as soon
+// as it has read the ReadyForQuery). After that the connection is
+// released; the Bind then prepares the statement again where it lands,
+// checked against the shape the client was told (resolve).
+const unnamedLinger = 50 * time.Millisecond
+
+// armLinger starts the linger timer. Called with mu held.
+func (sess *session) armLinger() {
+	if sess.lingerTimer == nil {
+		sess.lingerTimer = time.AfterFunc(unnamedLinger, sess.lingerExpired)
+		return
+	}
+	sess.lingerTimer.Reset(unnamedLinger)
+}
+
+// lingerExpired releases a connection linked for an unnamed statement
+// whose Bind did not come in time. Runs on the timer's goroutine.
+func (sess *session) lingerExpired() {
+	sess.mu.Lock()
+	srv := sess.server
+	if !sess.linger || srv == nil || !sess.q.empty() {
+		sess.mu.Unlock()
+		return
+	}
+	sess.linger = false
+	sess.mu.Unlock()
+	sess.afterIdle(srv)
+}
+
 func (sess *session) releasableLocked() bool {
 	return sess.txMode && sess.q.empty() && sess.tx == 'I' && sess.pins == 0 && !sess.linger
 }
@@ -375,6 +427,7 @@ func (sess *session) afterIdle(srv *pool.Server) {
 // terminate sends a final error (at a message boundary only) and closes
 // the client connection; the pump then ends the session.
 func (sess *session) terminate(ce *clientError) {
+	sess.quitOnce.Do(func() { close(sess.quit) })
 	sess.wmu.Lock()
 	if !sess.clientDead {
 		if !sess.midFrame {
