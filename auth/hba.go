@@ -117,9 +117,17 @@ type HBAError struct {
 	File string
 	Line int
 	Msg  string
+	// IncludedFrom is the line of the hba file (file:line) whose @file
+	// led to File, "" when File is the hba file itself.
+	IncludedFrom string
 }
 
-func (e *HBAError) Error() string { return fmt.Sprintf("%s:%d: %s", e.File, e.Line, e.Msg) }
+func (e *HBAError) Error() string {
+	if e.IncludedFrom != "" {
+		return fmt.Sprintf("%s:%d: %s (included from %s)", e.File, e.Line, e.Msg, e.IncludedFrom)
+	}
+	return fmt.Sprintf("%s:%d: %s", e.File, e.Line, e.Msg)
+}
 
 // HBAReadFunc reads a file an hba file names: the file itself and every
 // @file it includes.
@@ -235,11 +243,12 @@ func (p *hbaParser) tokenizeFile(path string, depth int) ([]hbaLine, error) {
 }
 
 // lineError places err at path:line; an error of an included file keeps
-// its own place and says where it was included from.
+// its own place and says from which line it was included (the outermost
+// one, once every level has placed it).
 func (p *hbaParser) lineError(path string, line int, err error) error {
 	var he *HBAError
 	if errors.As(err, &he) {
-		return &HBAError{File: he.File, Line: he.Line, Msg: fmt.Sprintf("%s (included from %s:%d)", he.Msg, path, line)}
+		return &HBAError{File: he.File, Line: he.Line, Msg: he.Msg, IncludedFrom: fmt.Sprintf("%s:%d", path, line)}
 	}
 	return &HBAError{File: path, Line: line, Msg: err.Error()}
 }
