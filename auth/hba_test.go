@@ -151,7 +151,7 @@ hostnogssenc all h 0.0.0.0/0 md5
 				want  int
 			}{
 				{tcp("127.0.0.1", "alice", "x"), 1},
-				{tcp("127.0.0.1", "bob", "x"), 0},          // continued into the comment
+				{tcp("127.0.0.1", "bob", "x"), 0},         // continued into the comment
 				{tcp("127.0.0.1", "carol", "otherdb"), 6}, // the blank ends the list: ", carol" is the next field
 				{tcp("127.0.0.1", "dave", "x"), 7},
 			},
