@@ -157,7 +157,7 @@ func TestHBAFile(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		plainTLS := &tls.Config{InsecureSkipVerify: true}                                  //nolint:gosec // the test's own server
+		plainTLS := &tls.Config{InsecureSkipVerify: true}                                        //nolint:gosec // the test's own server
 		certTLS := &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{certy}} //nolint:gosec // the test's own server
 		noEntry := func(user, db, enc string) string {
 			return fmt.Sprintf("no pg_hba.conf entry for host \"127.0.0.1\", user \"%s\", database \"%s\", %s", user, db, enc)
@@ -208,7 +208,9 @@ func TestHBAFile(t *testing.T) {
 		}
 	})
 
-	tlsURL := func(user, password string, extra ...string) string { return g.tlsURL(user, password, pki.caFile, extra...) }
+	tlsURL := func(user, password string, extra ...string) string {
+		return g.tlsURL(user, password, pki.caFile, extra...)
+	}
 	certParams := []string{"sslcert=" + certyCert, "sslkey=" + certyKey}
 	sockDSN := func(user, password, db string) string {
 		dsn := fmt.Sprintf("host=%s port=%s user=%s dbname=%s sslmode=disable", sockDir, port, user, db)
