@@ -205,6 +205,7 @@ func fullWant() config.Config {
 		Clients: config.Clients{
 			MaxConnections:   500,
 			Auth:             config.AuthCert,
+			HBAFile:          "/etc/pggovernor/pg_hba.conf",
 			UsersFile:        usersFile,
 			AllowTrustRemote: true,
 			MaxMessageSize:   1 << 20,

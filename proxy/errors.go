@@ -125,6 +125,10 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 		return &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not obtain upstream credentials",
 			detail: mintErr.Error(), hint: credentialsHint(err, ""), cause: err}
 	}
+	var refused *auth.RefusedError
+	if errors.As(err, &refused) {
+		return &clientError{fatal: true, code: refused.Code, message: refused.Message, cause: err}
+	}
 	if errors.Is(err, auth.ErrAuthFailed) {
 		return &clientError{fatal: true, code: codeInvalidPassword, cause: err}
 	}
