@@ -38,12 +38,12 @@ func TestUnlistenDeliversWhatCommittedBefore(t *testing.T) {
 	const burst = 1000
 	payload := strings.Repeat("p", 200)
 	for _, unlisten := range []string{"UNLISTEN burst", "UNLISTEN *"} {
-		for _, shared := range []bool{false, true} {
-			name := fmt.Sprintf("%s, another client listening=%v", unlisten, shared)
+		for _, others := range []bool{false, true} {
+			name := fmt.Sprintf("%s, another client listening=%v", unlisten, others)
 			t.Run(name, func(t *testing.T) {
 				c := connectPgx(t, g.url("alice", userPass, "appdb"))
 				mustExec(t, c, "LISTEN burst")
-				if shared {
+				if others {
 					other := connectPgx(t, g.url("alice", userPass, "appdb"))
 					mustExec(t, other, "LISTEN burst")
 				}
