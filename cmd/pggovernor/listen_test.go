@@ -91,13 +91,18 @@ func TestStalledListenerDelaysNobody(t *testing.T) {
 		threshold  = 256 << 10 // queued for the stalled client: its socket is full
 	)
 
-	// The stalled client: a raw connection with a small receive buffer
-	// (set before connecting, so that the window it announces is small),
-	// that logs in, listens and then never reads.
+	// The stalled client: a raw connection that logs in, listens and then
+	// never reads. Its receive buffer is small and so is the segment size
+	// it announces (both set before connecting): the governor's side of a
+	// loopback connection sizes its send buffer from the segment size, so
+	// the socket holds ~90 KB instead of ~3 MB before writes block.
 	d := net.Dialer{Timeout: 5 * time.Second, Control: func(_, _ string, rc syscall.RawConn) error {
-		var serr error
-		err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
-		return errors.Join(err, serr)
+		var rerr, merr error
+		err := rc.Control(func(fd uintptr) {
+			rerr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096)
+			merr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_MAXSEG, 536)
+		})
+		return errors.Join(err, rerr, merr)
 	}}
 	stalled, err := d.Dial("tcp", g.addr)
 	if err != nil {
@@ -171,7 +176,7 @@ func TestStalledListenerDelaysNobody(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer notifier.Close(ctx)
-	payload := strings.Repeat("n", 7000) // near the 8000-byte limit: fills the stalled socket sooner
+	payload := strings.Repeat("n", 7000) // near the 8000-byte limit: fewer round trips to fill the backlog
 	const (
 		backlogMetric  = "pggovernor_notify_backlog_bytes"
 		overflowMetric = "pggovernor_notify_backlog_overflows_total"
