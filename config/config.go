@@ -235,6 +235,14 @@ type Clients struct {
 	// MaxMessageSize bounds one protocol message from a client, in bytes.
 	// Postgres itself accepts up to 1 GiB.
 	MaxMessageSize int `yaml:"max_message_size" min:"1024"`
+	// NotifyBacklogSize bounds, in bytes, the notifications waiting to be
+	// written to one listening client (transaction mode, where LISTEN goes
+	// through the route's shared listener connection). Notifications are
+	// never held up for the other clients by one that does not read: a
+	// client with more than this waiting is disconnected with SQLSTATE
+	// 53200, counted in pggovernor_notify_backlog_overflows_total and
+	// logged. A notification is at most about 8 KiB.
+	NotifyBacklogSize int `yaml:"notify_backlog_size" min:"16384"`
 	// TLS configures TLS termination for clients.
 	TLS ClientTLS `yaml:"tls"`
 }
@@ -334,10 +342,11 @@ func Default() Config {
 		},
 		Pool: Pool{MaxPreparedStatements: 200},
 		Clients: Clients{
-			MaxConnections: 10000,
-			Auth:           AuthSCRAM,
-			MaxMessageSize: 1 << 30,
-			TLS:            ClientTLS{Mode: "disable"},
+			MaxConnections:    10000,
+			Auth:              AuthSCRAM,
+			MaxMessageSize:    1 << 30,
+			NotifyBacklogSize: 1 << 20,
+			TLS:               ClientTLS{Mode: "disable"},
 		},
 		Timeouts: Timeouts{
 			QueryWait:        30 * time.Second,

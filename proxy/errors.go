@@ -24,6 +24,7 @@ const (
 	codeInvalidPassword     = "28P01"
 	codeInvalidAuthSpec     = "28000"
 	codeTooManyConnections  = "53300"
+	codeOutOfMemory         = "53200"
 	codeAdminShutdown       = "57P01"
 	codeQueryCanceled       = "57014"
 	codeFeatureNotSupported = "0A000"

@@ -252,9 +252,16 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	// The metrics read the pool and the proxy at scrape time through
 	// these closures; both exist before the first scrape.
 	g.metrics = metrics.New(g.registry, metrics.Sources{
-		Pool:     poolSource{g},
-		Clients:  g.clientStates,
-		Traffic:  g.traffic,
+		Pool:    poolSource{g},
+		Clients: g.clientStates,
+		Traffic: g.traffic,
+		Notifications: func() (int64, int64) {
+			if g.proxy == nil {
+				return 0, 0
+			}
+			st := g.proxy.Stats()
+			return st.NotifyBacklog, st.NotifyOverflows
+		},
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
 		Cluster:  g.clusterStats,
 		Security: g.securityMetrics,
