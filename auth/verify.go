@@ -56,6 +56,9 @@ type Login struct {
 	// ServerCert is the certificate pggovernor presented in that TLS
 	// handshake: SCRAM-SHA-256-PLUS binds to it (tls-server-end-point).
 	ServerCert *x509.Certificate
+	// Database is the database the client asks for (the user name when
+	// its StartupMessage names none), which hba rules match.
+	Database string
 }
 
 // Users holds the current users file. It is read again, on use, when the
@@ -112,10 +115,13 @@ func (u *Users) Current() *UserList {
 	return ul
 }
 
-// Verifier authenticates clients with one method. Its methods are safe for
+// Verifier authenticates clients: with one method for everyone
+// (clients.auth), or, with hba rules (clients.hba_file), with the method of
+// the first line that matches the login. Its methods are safe for
 // concurrent use.
 type Verifier struct {
 	method   string
+	hba      *HBA // nil without clients.hba_file
 	users    *Users
 	throttle *Throttle
 	mockKey  []byte
@@ -127,8 +133,14 @@ type VerifierOption func(*Verifier)
 // WithThrottle slows down repeated failed logins from one address.
 func WithThrottle(t *Throttle) VerifierOption { return func(v *Verifier) { v.throttle = t } }
 
+// WithHBA makes the hba rules decide each login's method instead of the
+// verifier's one method: the first line that matches the connection type,
+// address, database and user; no line, or a reject line, refuses the login
+// before any exchange.
+func WithHBA(h *HBA) VerifierOption { return func(v *Verifier) { v.hba = h } }
+
 // NewVerifier returns a verifier for method (scram-sha-256, md5, cert or
-// trust).
+// trust; with WithHBA the rules' methods are used instead).
 func NewVerifier(method string, users *Users, opts ...VerifierOption) *Verifier {
 	v := &Verifier{method: method, users: users, mockKey: randomBytes(32)}
 	for _, o := range opts {
@@ -147,49 +159,143 @@ type Result struct {
 	// ChannelBinding reports that the client logged in with
 	// SCRAM-SHA-256-PLUS.
 	ChannelBinding bool
+	// Rule is the hba line that decided the method (file:line), "" without
+	// hba rules. It is set on failures too, for the log.
+	Rule string
+}
+
+// RefusedError is a login refused with the SQLSTATE and message Postgres
+// sends in the same case, shown to the client as is: no hba line matched,
+// a reject line matched, a line requires a client certificate the client
+// did not present, or trust with clientcert=verify-full and another CN.
+type RefusedError struct {
+	// Code is the SQLSTATE, Message the client's error message.
+	Code, Message string
+	// Rules reports a refusal by the hba rules themselves (no line, or a
+	// reject line), before any exchange.
+	Rules bool
+	// Err, when set, is what the refusal counts as (ErrCertAuthFailed for
+	// a certificate that does not name the user).
+	Err error
+}
+
+func (e *RefusedError) Error() string { return e.Message }
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+// SQLSTATE of Postgres' refusals (invalid_authorization_specification).
+const codeInvalidAuthorization = "28000"
+
+// rejected is Postgres' refusal by pg_hba.conf (auth.c, ClientAuthentication):
+// no line matched, or a reject line did.
+func rejected(login Login, explicit bool) *RefusedError {
+	host := login.Addr
+	if host == "" {
+		host = "[local]" // what getnameinfo says of a Unix socket
+	}
+	enc := "no encryption"
+	if login.TLS != nil {
+		enc = "SSL encryption"
+	}
+	format := "no pg_hba.conf entry for host \"%s\", user \"%s\", database \"%s\", %s"
+	if explicit {
+		format = "pg_hba.conf rejects connection for host \"%s\", user \"%s\", database \"%s\", %s"
+	}
+	return &RefusedError{Code: codeInvalidAuthorization, Rules: true, Message: fmt.Sprintf(format, host, login.User, login.Database, enc)}
+}
+
+// rule is how one login is authenticated: a method and the client
+// certificate it requires.
+type rule struct {
+	method     string
+	clientCert int
+	name       string // file:line of the hba line, "" without hba rules
 }
 
 // Authenticate runs the method's exchange for the login and returns nil
 // once the client has proved who it is, having sent nothing final: the
 // caller sends AuthenticationOk. Failures wrap ErrAuthFailed or
-// ErrCertAuthFailed, or are a *ProtocolError, or a *ThrottledError when the
-// client's address has failed too often to try now.
+// ErrCertAuthFailed, or are a *RefusedError (hba rules, client
+// certificates), a *ProtocolError, or a *ThrottledError when the client's
+// address has failed too often to try now. With hba rules the rules are
+// consulted first: their refusals are not throttled and do not count as
+// failures (they reveal nothing about passwords).
 func (v *Verifier) Authenticate(ctx context.Context, c Conn, login Login) (Result, error) {
+	r := rule{method: v.method}
+	if v.hba != nil {
+		line := v.hba.Current().Match(login)
+		switch {
+		case line == nil:
+			return Result{}, rejected(login, false)
+		case line.Method == HBAReject:
+			return Result{Rule: line.String()}, rejected(login, true)
+		}
+		r = rule{method: line.Method, clientCert: line.clientCert, name: line.String()}
+	}
 	end, err := v.throttle.Begin(login.Addr)
 	if err != nil {
-		return Result{}, err
+		return Result{Rule: r.name}, err
 	}
-	res, err := v.authenticate(ctx, c, login)
+	res, err := v.authenticate(ctx, c, login, r)
 	end(errors.Is(err, ErrAuthFailed) || errors.Is(err, ErrCertAuthFailed))
+	res.Rule = r.name
 	return res, err
 }
 
-func (v *Verifier) authenticate(ctx context.Context, c Conn, login Login) (Result, error) {
+func (v *Verifier) authenticate(ctx context.Context, c Conn, login Login, r rule) (Result, error) {
 	user := login.User
-	secret, known := v.users.Current().Lookup(user)
-	switch v.method {
-	case "trust":
-		return Result{User: user, Secret: secret}, nil
-	case "cert":
-		return v.cert(login, secret)
-	case "md5":
-		if known && secret.SCRAM != nil {
-			// As PgBouncer does: a SCRAM verifier cannot check an md5
-			// response, so such users log in with SCRAM instead.
-			return v.scram(ctx, c, login, secret, known)
-		}
-		return v.md5(ctx, c, user, secret, known)
-	case "scram-sha-256":
-		return v.scram(ctx, c, login, secret, known)
+	if r.clientCert != clientCertOff && !hasVerifiedCert(login) {
+		// Postgres checks this before the method (auth.c).
+		return Result{}, &RefusedError{Code: codeInvalidAuthorization, Message: "connection requires a valid client certificate"}
 	}
-	return Result{}, fmt.Errorf("client authentication method %q is not supported", v.method)
+	secret, known := v.users.Current().Lookup(user)
+	var res Result
+	var err error
+	switch r.method {
+	case HBATrust:
+		res = Result{User: user, Secret: secret}
+	case HBACert:
+		return v.cert(login, secret)
+	case HBAMD5:
+		if known && secret.SCRAM != nil {
+			// As Postgres and PgBouncer do: a SCRAM verifier cannot check
+			// an md5 response, so such users log in with SCRAM instead.
+			res, err = v.scram(ctx, c, login, secret, known)
+		} else {
+			res, err = v.md5(ctx, c, user, secret, known)
+		}
+	case HBASCRAM:
+		res, err = v.scram(ctx, c, login, secret, known)
+	case HBAPassword:
+		res, err = v.password(ctx, c, user, secret, known)
+	default:
+		return Result{}, fmt.Errorf("client authentication method %q is not supported", r.method)
+	}
+	if err != nil || r.clientCert != clientCertFull {
+		return res, err
+	}
+	// clientcert=verify-full with another method: the certificate's CN
+	// must be the user too; a mismatch fails as the method fails.
+	if cn := login.TLS.PeerCertificates[0].Subject.CommonName; subtle.ConstantTimeCompare([]byte(cn), []byte(user)) != 1 {
+		if r.method == HBATrust {
+			return Result{}, &RefusedError{Code: codeInvalidAuthorization, Err: ErrCertAuthFailed,
+				Message: fmt.Sprintf("authentication failed for user %q: host rejected", user)}
+		}
+		return Result{}, fmt.Errorf("%w for user %q: the client certificate's CN is %q (clientcert=verify-full)", ErrAuthFailed, user, cn)
+	}
+	return res, nil
+}
+
+// hasVerifiedCert reports that the client presented a certificate that the
+// TLS handshake verified against clients.tls.client_ca_file.
+func hasVerifiedCert(login Login) bool {
+	return login.TLS != nil && len(login.TLS.VerifiedChains) > 0 && len(login.TLS.PeerCertificates) > 0
 }
 
 // cert is Postgres' cert method: the client presented a certificate that
 // the TLS handshake verified against clients.tls.client_ca_file, and its
 // Common Name is the user name.
 func (v *Verifier) cert(login Login, secret *Secret) (Result, error) {
-	if login.TLS == nil || len(login.TLS.VerifiedChains) == 0 || len(login.TLS.PeerCertificates) == 0 {
+	if !hasVerifiedCert(login) {
 		return Result{}, fmt.Errorf("%w for user %q: the connection has no verified client certificate", ErrCertAuthFailed, login.User)
 	}
 	cn := login.TLS.PeerCertificates[0].Subject.CommonName
@@ -226,6 +332,54 @@ func (v *Verifier) md5(ctx context.Context, c Conn, user string, secret *Secret,
 		return Result{}, fmt.Errorf("%w for user %q", ErrAuthFailed, user)
 	}
 	return Result{User: user, Secret: secret}, nil
+}
+
+// password is Postgres' password method: the client sends its password in
+// cleartext (AuthenticationCleartextPassword), checked against the users
+// file entry in whatever form it is stored.
+func (v *Verifier) password(ctx context.Context, c Conn, user string, secret *Secret, known bool) (Result, error) {
+	if err := c.Send(&pgproto3.AuthenticationCleartextPassword{}); err != nil {
+		return Result{}, err
+	}
+	body, err := c.ReceivePassword(ctx)
+	if err != nil {
+		return Result{}, err
+	}
+	var pm pgproto3.PasswordMessage
+	if err := pm.Decode(body); err != nil {
+		return Result{}, &ProtocolError{Msg: "malformed password message"}
+	}
+	ok := false
+	switch {
+	case !known || pm.Password == "":
+		// An unknown user costs what a SCRAM verifier costs, so that the
+		// time taken does not tell which users exist.
+		mock := v.mockCredentials(user)
+		_ = scramKeysMatch(pm.Password, &mock)
+	case secret.Plain != "":
+		ok = subtle.ConstantTimeCompare([]byte(secret.Plain), []byte(pm.Password)) == 1
+	case secret.MD5 != "":
+		sum := md5.Sum([]byte(pm.Password + user)) //nolint:gosec // Postgres md5 verifier
+		ok = subtle.ConstantTimeCompare([]byte(secret.MD5), []byte(hex.EncodeToString(sum[:]))) == 1
+	case secret.SCRAM != nil:
+		ok = scramKeysMatch(pm.Password, secret.SCRAM)
+	}
+	if !ok {
+		return Result{}, fmt.Errorf("%w for user %q", ErrAuthFailed, user)
+	}
+	return Result{User: user, Secret: secret}, nil
+}
+
+// scramKeysMatch reports whether password yields the stored SCRAM keys,
+// as Postgres' scram_verify_plain_password (SASLprep, or the raw password
+// when SASLprep refuses it).
+func scramKeysMatch(password string, stored *scram.StoredCredentials) bool {
+	client, err := scram.SHA256.NewClient("", password, "")
+	if err != nil {
+		client, _ = scram.SHA256.NewClientUnprepped("", password, "")
+	}
+	got := client.GetStoredCredentials(stored.KeyFactors)
+	return subtle.ConstantTimeCompare(got.StoredKey, stored.StoredKey)&subtle.ConstantTimeCompare(got.ServerKey, stored.ServerKey) == 1
 }
 
 // mockCredentials gives an unknown user (or an md5-only secret) a stable

@@ -66,6 +66,9 @@ type Config struct {
 	// libpqEnv holds the PG* variables that decide, as in libpq, what the
 	// URL leaves out (read by Load, used by Validate).
 	libpqEnv libpqEnv
+	// authSet records that clients.auth was given (by Load, for Validate:
+	// it means nothing with clients.hba_file).
+	authSet bool
 }
 
 type libpqEnv struct{ user, sslMode string }
@@ -204,8 +207,21 @@ type Clients struct {
 	// SCRAM-SHA-256-PLUS offered over TLS), md5, cert (the client
 	// certificate's CN is the user name; needs tls.mode verify-client) or
 	// trust. trust is refused on non-loopback listeners unless
-	// AllowTrustRemote is set.
+	// AllowTrustRemote is set. Not used with HBAFile.
 	Auth string `yaml:"auth" enum:"scram-sha-256,md5,cert,trust"`
+	// HBAFile is a file of client authentication rules in Postgres'
+	// pg_hba.conf format (local, host, hostssl, hostnossl lines; database
+	// and user lists with all, sameuser and @file; addresses with a CIDR
+	// mask or a netmask; methods scram-sha-256, md5, password, cert, trust
+	// and reject; clientcert=). The first line that matches a login decides
+	// its method; no line refuses it, with Postgres' 28000 "no pg_hba.conf
+	// entry" error. It replaces Auth entirely, for the admin console too.
+	// What pggovernor cannot do (+group, samerole, samehost, host names,
+	// map=, other methods) is refused with an error naming the line. It is
+	// read again when it or a file it includes changes (checked at each
+	// login) and on SIGHUP; a version that does not parse is logged and the
+	// previous one kept.
+	HBAFile string `yaml:"hba_file"`
 	// UsersFile is a file in PgBouncer's userlist.txt format: one
 	// "user" "password" pair per line, the password in plaintext, md5 or
 	// SCRAM-SHA-256 verifier form. It is read again when it changes
@@ -219,6 +235,14 @@ type Clients struct {
 	// MaxMessageSize bounds one protocol message from a client, in bytes.
 	// Postgres itself accepts up to 1 GiB.
 	MaxMessageSize int `yaml:"max_message_size" min:"1024"`
+	// NotifyBacklogSize bounds, in bytes, the notifications waiting to be
+	// written to one listening client (transaction mode, where LISTEN goes
+	// through the route's shared listener connection). Notifications are
+	// never held up for the other clients by one that does not read: a
+	// client with more than this waiting is disconnected with SQLSTATE
+	// 53200, counted in pggovernor_notify_backlog_overflows_total and
+	// logged. A notification is at most about 8 KiB.
+	NotifyBacklogSize int `yaml:"notify_backlog_size" min:"16384"`
 	// TLS configures TLS termination for clients.
 	TLS ClientTLS `yaml:"tls"`
 }
@@ -318,10 +342,11 @@ func Default() Config {
 		},
 		Pool: Pool{MaxPreparedStatements: 200},
 		Clients: Clients{
-			MaxConnections: 10000,
-			Auth:           AuthSCRAM,
-			MaxMessageSize: 1 << 30,
-			TLS:            ClientTLS{Mode: "disable"},
+			MaxConnections:    10000,
+			Auth:              AuthSCRAM,
+			MaxMessageSize:    1 << 30,
+			NotifyBacklogSize: 1 << 20,
+			TLS:               ClientTLS{Mode: "disable"},
 		},
 		Timeouts: Timeouts{
 			QueryWait:        30 * time.Second,

@@ -183,6 +183,7 @@ func Load(src Source) (Config, error) {
 	if err := applyCoderEnv(&cfg, env, explicit); err != nil {
 		return Config{}, err
 	}
+	cfg.authSet = explicit["clients.auth"]
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
 	}

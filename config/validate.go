@@ -30,16 +30,20 @@ func (c *Config) Validate() error {
 	if c.Upstream.Password != "" && c.Upstream.PasswordFile != "" {
 		errs = append(errs, errors.New("keys upstream.password and upstream.password_file: set only one of them"))
 	}
-	switch c.Clients.Auth {
-	case AuthSCRAM, AuthMD5:
+	switch {
+	case c.Clients.HBAFile != "":
+		// The file's lines are checked when it is loaded (auth.NewHBA),
+		// against the TLS, users file and listen settings; clients.auth
+		// is not used (AuthIgnored).
+	case c.Clients.Auth == AuthSCRAM, c.Clients.Auth == AuthMD5:
 		if c.Clients.UsersFile == "" {
 			errs = append(errs, fmt.Errorf("key clients.users_file: required when clients.auth is %s (a PgBouncer userlist.txt: \"user\" \"password\" per line)", c.Clients.Auth))
 		}
-	case AuthTrust:
+	case c.Clients.Auth == AuthTrust:
 		if !c.Clients.AllowTrustRemote && !IsLoopback(c.Listen) {
 			errs = append(errs, fmt.Errorf("key clients.auth: trust is refused on the non-loopback listener %s; set clients.allow_trust_remote: true to accept it anyway, or choose scram-sha-256", c.Listen))
 		}
-	case AuthCert:
+	case c.Clients.Auth == AuthCert:
 		if c.Clients.TLS.Mode != "verify-client" {
 			errs = append(errs, errors.New("key clients.auth: cert needs clients.tls.mode: verify-client"))
 		}
@@ -84,6 +88,10 @@ func (c *Config) Validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// AuthIgnored reports that clients.auth was given although
+// clients.hba_file replaces it (the command warns about it).
+func (c *Config) AuthIgnored() bool { return c.authSet && c.Clients.HBAFile != "" }
 
 // IsLoopback reports whether a listen address only accepts local clients.
 func IsLoopback(addr string) bool {

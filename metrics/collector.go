@@ -58,6 +58,10 @@ type Sources struct {
 	Clients func() ClientStates
 	// Traffic returns the bytes received from and sent to clients so far.
 	Traffic func() (received, sent int64)
+	// Notifications returns the bytes of notifications waiting to be
+	// written to listening clients, and how many clients were disconnected
+	// because more than clients.notify_backlog_size waited for them.
+	Notifications func() (backlogBytes, overflows int64)
 	// Upstream reports whether the upstream server answered the last
 	// health probe; known is false before any evidence.
 	Upstream func() (up, known bool)
@@ -87,7 +91,8 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.maxOpen, c.open, c.inUse, c.idle, c.waitCount, c.waitDuration,
 		c.maxIdleClosed, c.maxIdleTimeClosed, c.maxLifetimeClosed, c.clients, c.servers, c.budget, c.budgetShare,
 		c.budgetUsed, c.waitTimeouts, c.connects, c.connectErrors, c.received, c.sent, c.upstreamUp, c.paused,
-		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.certExpiry, c.iamMints} {
+		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.certExpiry, c.iamMints,
+		c.notifyBacklog, c.notifyOverflows} {
 		ch <- d
 	}
 }
@@ -148,6 +153,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		in, out := c.src.Traffic()
 		counter(c.received, float64(in))
 		counter(c.sent, float64(out))
+	}
+	if c.src.Notifications != nil {
+		backlog, overflows := c.src.Notifications()
+		gauge(c.notifyBacklog, float64(backlog))
+		counter(c.notifyOverflows, float64(overflows))
 	}
 	if c.src.Upstream != nil {
 		if up, known := c.src.Upstream(); known {

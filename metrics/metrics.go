@@ -111,6 +111,7 @@ type scrapeDescs struct {
 	received, sent, upstreamUp, paused, leases, replicas *prometheus.Desc
 	borrowed, rebalances, leaseLosses                    *prometheus.Desc
 	certExpiry, iamMints                                 *prometheus.Desc
+	notifyBacklog, notifyOverflows                       *prometheus.Desc
 }
 
 func newScrapeDescs() scrapeDescs {
@@ -155,6 +156,10 @@ func newScrapeDescs() scrapeDescs {
 		certExpiry: own("tls_certificate_expiry_timestamp_seconds",
 			"When a TLS certificate pggovernor presents expires (Unix time), by the configuration key of its file.", "certificate"),
 		iamMints: own("iam_token_mints_total", "RDS IAM authentication tokens minted, by result (success or failure).", "result"),
+		notifyBacklog: own("notify_backlog_bytes",
+			"Bytes of notifications waiting to be written to listening clients (LISTEN through the shared listener connection), summed over them."),
+		notifyOverflows: own("notify_backlog_overflows_total",
+			"Clients disconnected (SQLSTATE 53200) because more than clients.notify_backlog_size of notifications waited for them."),
 	}
 }
 

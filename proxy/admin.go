@@ -92,7 +92,7 @@ func (c *console) cancelCommand() {
 // sends the welcome. No server connection is involved.
 func (sess *session) consoleLogin(ctx context.Context, login auth.Login, params map[string]string) error {
 	s := sess.srv
-	res, err := s.opts.Verifier.Authenticate(ctx, (*authConn)(sess), login)
+	res, err := sess.authenticate(ctx, login)
 	if err != nil {
 		return err
 	}

@@ -169,9 +169,9 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 		} else if !suppress && err == nil {
 			_, err = sess.cw.Write(data)
 			sess.midFrame = more > 0
-			if !sess.midFrame && len(sess.pendingNotify) > 0 && err == nil {
-				_, err = sess.cw.Write(sess.pendingNotify)
-				sess.pendingNotify = sess.pendingNotify[:0]
+			if !sess.midFrame && err == nil && sess.nq.pending.Load() {
+				// Notifications from the hub, at this frame boundary.
+				err = sess.writeNotificationsLocked()
 			}
 		}
 		for _, s := range after {

@@ -24,6 +24,7 @@ const (
 	codeInvalidPassword     = "28P01"
 	codeInvalidAuthSpec     = "28000"
 	codeTooManyConnections  = "53300"
+	codeOutOfMemory         = "53200"
 	codeAdminShutdown       = "57P01"
 	codeQueryCanceled       = "57014"
 	codeFeatureNotSupported = "0A000"
@@ -124,6 +125,10 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 	if errors.As(err, &mintErr) {
 		return &clientError{fatal: fatal, code: codeConnectionFailure, message: "pggovernor could not obtain upstream credentials",
 			detail: mintErr.Error(), hint: credentialsHint(err, ""), cause: err}
+	}
+	var refused *auth.RefusedError
+	if errors.As(err, &refused) {
+		return &clientError{fatal: true, code: refused.Code, message: refused.Message, cause: err}
 	}
 	if errors.Is(err, auth.ErrAuthFailed) {
 		return &clientError{fatal: true, code: codeInvalidPassword, cause: err}

@@ -8,6 +8,36 @@ package proxy
 // client that only listens is therefore not pinned, and N replicas × one
 // pq.Listener cost one server connection per governor.
 //
+// Which notifications a client gets is what a direct connection gets:
+// those committed while it listened. Postgres signals the listening
+// backends when a NOTIFY's transaction commits, before the notifier is told
+// of the commit; a backend sends what it has received when idle, and
+// before every ReadyForQuery. So a round trip on the hub's connection (an
+// empty query) that starts after a client's request arrived ends with every
+// notification committed before the request ahead of its ReadyForQuery in
+// the hub's stream. Hence:
+//
+//   - UNLISTEN: the subscription ends only after such a round trip (then,
+//     if nobody else listens, the hub's UNLISTEN); what arrived meanwhile
+//     is queued for the client, and written ahead of its UNLISTEN's answer.
+//     A notification committed before the client sent UNLISTEN is
+//     delivered, whether the hub stops listening or goes on for others.
+//   - LISTEN of a channel the hub listens on already: the subscription
+//     starts after such a round trip, so nothing committed before the
+//     client sent LISTEN reaches it; everything committed after the LISTEN
+//     returned arrives at the hub after the subscription began. Of a new
+//     channel: the subscription starts before the hub's LISTEN, so whatever
+//     the hub receives on it after its LISTEN committed is the client's.
+//     Either way every notification committed after the client's LISTEN
+//     returned is delivered, and what committed concurrently may or may not
+//     be, as on a direct connection.
+//
+// Fan-out never waits on a client: the hub's reader only appends to each
+// listener's bounded backlog (notify.go), so a client that stops reading
+// delays nobody else's notifications, nor the hub's own round trips; it is
+// disconnected (53200) once more than clients.notify_backlog_size waits for
+// it.
+//
 // If the hub's connection is lost, the clients listening through it are
 // disconnected (SQLSTATE 08006), so that they know notifications may have
 // been missed and listen again (lib/pq's Listener does) — never a silent
@@ -60,18 +90,37 @@ func (s *Server) hub(r pool.Route) *listenHub {
 }
 
 // listen subscribes sess to channel, listening upstream first if it is the
-// channel's first listener.
+// channel's first listener. When it returns, every notification on the
+// channel committed from then on reaches sess; none committed before the
+// client sent its LISTEN does (see the file comment).
 func (h *listenHub) listen(sess *session, channel string) error {
 	h.opMu.Lock()
 	defer h.opMu.Unlock()
 	h.mu.Lock()
-	if subs, ok := h.channels[channel]; ok {
-		subs[sess] = struct{}{}
+	subs, listened := h.channels[channel]
+	if _, ok := subs[sess]; ok {
 		h.mu.Unlock()
-		return nil
+		return nil // listening already: nothing changes, as in Postgres
 	}
 	conn := h.conn
 	h.mu.Unlock()
+	if listened && conn != nil {
+		// The connection listens already. A round trip first: what was
+		// committed before this LISTEN arrived is then in the
+		// connection's stream ahead of its ReadyForQuery, and goes to the
+		// channel's listeners of before.
+		if err := h.command(conn, ""); err != nil {
+			return err
+		}
+		h.mu.Lock()
+		defer h.mu.Unlock()
+		subs, ok := h.channels[channel]
+		if !ok || h.conn != conn {
+			return errListenerLost
+		}
+		subs[sess] = struct{}{}
+		return nil
+	}
 	if conn == nil {
 		ctx, cancel := context.WithTimeout(context.Background(), h.srv.cfg.Timeouts.QueryWait)
 		c, err := h.srv.pool.Acquire(ctx, h.route, nil)
@@ -86,28 +135,68 @@ func (h *listenHub) listen(sess *session, channel string) error {
 		h.log.Info("listener connection opened: LISTEN of every client of this route goes through it", zap.Uint64("server_id", c.ID()))
 		conn = c
 	}
-	if err := h.command(conn, "LISTEN "+quoteIdent(channel)); err != nil {
-		return err
-	}
+	// Subscribed before the connection's LISTEN commits: whatever it
+	// receives on the channel from then on is this client's.
 	h.mu.Lock()
 	h.channels[channel] = map[*session]struct{}{sess: {}}
 	h.mu.Unlock()
+	if err := h.command(conn, "LISTEN "+quoteIdent(channel)); err != nil {
+		h.mu.Lock()
+		if subs := h.channels[channel]; subs != nil {
+			delete(subs, sess)
+			if len(subs) == 0 {
+				delete(h.channels, channel)
+			}
+		}
+		h.mu.Unlock()
+		h.releaseIfIdle(conn)
+		return err
+	}
 	return nil
 }
+
+// errListenerLost is a LISTEN that found the listener connection gone.
+var errListenerLost = errors.New("listener connection lost")
 
 // unlisten unsubscribes sess from channel ("" for all its channels), and
 // stops listening upstream on channels nobody listens to any more; the
 // connection goes back to the pool when no channel is left.
-func (h *listenHub) unlisten(sess *session, channel string) error {
+//
+// With barrier (a client's UNLISTEN), the subscription ends only after a
+// round trip on the hub's connection that started after the UNLISTEN
+// arrived: every notification committed before it is then in the
+// connection's stream ahead of the round trip's ReadyForQuery, and queued
+// for the client ahead of its UNLISTEN's answer — as a direct connection
+// delivers what it read before its UNLISTEN took effect. Without (a client
+// that left), at once.
+func (h *listenHub) unlisten(sess *session, channel string, barrier bool) error {
 	h.opMu.Lock()
 	defer h.opMu.Unlock()
-	var drop []string
+	var mine []string
 	h.mu.Lock()
 	for ch, subs := range h.channels {
 		if channel != "" && ch != channel {
 			continue
 		}
-		if _, ok := subs[sess]; !ok {
+		if _, ok := subs[sess]; ok {
+			mine = append(mine, ch)
+		}
+	}
+	conn := h.conn
+	h.mu.Unlock()
+	if len(mine) == 0 || conn == nil {
+		return nil
+	}
+	if barrier {
+		if err := h.command(conn, ""); err != nil {
+			return err
+		}
+	}
+	var drop []string
+	h.mu.Lock()
+	for _, ch := range mine {
+		subs, ok := h.channels[ch]
+		if !ok {
 			continue
 		}
 		delete(subs, sess)
@@ -115,14 +204,17 @@ func (h *listenHub) unlisten(sess *session, channel string) error {
 			drop = append(drop, ch)
 		}
 	}
-	conn := h.conn
+	live := h.conn == conn
 	h.mu.Unlock()
-	if conn == nil {
-		return nil
+	if !live {
+		return nil // lost meanwhile: its clients are being disconnected
 	}
 	for _, ch := range drop {
 		if err := h.command(conn, "UNLISTEN "+quoteIdent(ch)); err != nil {
-			return err
+			// The client is unsubscribed all the same; the connection
+			// goes on (or was lost, and its clients are told).
+			h.log.Info("UNLISTEN on the listener connection failed", zap.Error(err))
+			return nil
 		}
 		h.mu.Lock()
 		if len(h.channels[ch]) == 0 {
@@ -130,6 +222,13 @@ func (h *listenHub) unlisten(sess *session, channel string) error {
 		}
 		h.mu.Unlock()
 	}
+	h.releaseIfIdle(conn)
+	return nil
+}
+
+// releaseIfIdle gives conn back to the pool when no channel is left on it.
+// Called with opMu held.
+func (h *listenHub) releaseIfIdle(conn *pool.Server) {
 	h.mu.Lock()
 	idle := len(h.channels) == 0 && h.conn == conn
 	if idle {
@@ -137,12 +236,12 @@ func (h *listenHub) unlisten(sess *session, channel string) error {
 	}
 	h.mu.Unlock()
 	if idle {
-		// UNLISTEN of every channel left the connection clean.
+		// UNLISTEN of every channel left the connection clean (or it is
+		// broken, and closed).
 		conn.SetHandler(nil)
 		h.srv.pool.Release(conn)
 		h.log.Info("listener connection released: no client listens any more", zap.Uint64("server_id", conn.ID()))
 	}
-	return nil
 }
 
 // command runs one statement on the hub's connection and waits for it.
@@ -179,19 +278,26 @@ func (h *listenHub) ServerMessage(srv *pool.Server, typ byte, data []byte, more 
 	}
 	switch typ {
 	case 'A':
-		var n pgproto3.NotificationResponse
-		if err := n.Decode(data[wire.HeaderLen:]); err != nil {
-			return err
+		channel, ok := notificationChannel(data)
+		if !ok {
+			return errors.New("listener connection: malformed NotificationResponse")
 		}
-		frame := append([]byte(nil), data...) // shared by the recipients
+		// Queued for each listener, never written here: the hub's reader
+		// does not wait on any client.
+		var frame []byte // shared by the recipients
+		var over []*session
 		h.mu.Lock()
-		subs := make([]*session, 0, len(h.channels[n.Channel]))
-		for s := range h.channels[n.Channel] {
-			subs = append(subs, s)
+		for s := range h.channels[string(channel)] {
+			if frame == nil {
+				frame = append([]byte(nil), data...)
+			}
+			if s.deliver(frame) {
+				over = append(over, s)
+			}
 		}
 		h.mu.Unlock()
-		for _, s := range subs {
-			s.notify(frame)
+		for _, s := range over {
+			s.notifyOverflowed()
 		}
 	case 'E':
 		var er pgproto3.ErrorResponse
@@ -245,29 +351,26 @@ func (h *listenHub) ServerLost(srv *pool.Server, err error) {
 	h.log.Warn("listener connection lost: disconnecting its listening clients so they listen again",
 		zap.Int("clients", len(listeners)), zap.Error(err))
 	for s := range listeners {
-		s.terminate(fatalf(codeConnectionFailure, "pggovernor's listener connection to the server was lost; notifications may have been missed").
+		s.endAsync(fatalf(codeConnectionFailure, "pggovernor's listener connection to the server was lost; notifications may have been missed").
 			withHint("Reconnect and LISTEN again."))
 	}
 }
 
-// notify delivers a NotificationResponse to the client at a message
-// boundary.
-func (sess *session) notify(frame []byte) {
-	sess.wmu.Lock()
-	defer sess.wmu.Unlock()
-	if sess.clientDead {
-		return
+// notificationChannel returns the channel of a NotificationResponse frame
+// (process ID, channel, payload), checking its shape.
+func notificationChannel(frame []byte) ([]byte, bool) {
+	body := frame[wire.HeaderLen:]
+	if len(body) < 4 {
+		return nil, false
 	}
-	if sess.midFrame {
-		sess.pendingNotify = append(sess.pendingNotify, frame...)
-		return
+	channel, rest, ok := wire.CString(body[4:])
+	if !ok {
+		return nil, false
 	}
-	if _, err := sess.cw.Write(frame); err == nil {
-		err = sess.cw.Flush()
-		if err != nil {
-			sess.clientDead = true
-		}
+	if _, rest, ok = wire.CString(rest); !ok || len(rest) != 0 {
+		return nil, false
 	}
+	return channel, true
 }
 
 // listenLocally handles a LISTEN or UNLISTEN that is a client's whole
@@ -290,13 +393,14 @@ func (sess *session) listenLocally(text []byte) (bool, error) {
 	tag := "LISTEN"
 	switch cmd {
 	case "LISTEN":
+		sess.startNotifier()
 		err = h.listen(sess, channel)
 		if err == nil {
 			sess.listening = true
 		}
 	case "UNLISTEN":
 		tag = "UNLISTEN"
-		err = h.unlisten(sess, channel)
+		err = h.unlisten(sess, channel, true)
 	}
 	if err != nil {
 		ce := toClientError(err, false, sess.srv.cfg.Timeouts.QueryWait)
@@ -378,7 +482,7 @@ func (h *listenHub) close(reason string) {
 	conn.MarkBroken()
 	h.srv.pool.Release(conn)
 	for s := range listeners {
-		s.terminate(fatalf(codeAdminShutdown, "terminating connection: %s", reason).
+		s.endAsync(fatalf(codeAdminShutdown, "terminating connection: %s", reason).
 			withDetail("pggovernor closed its listener connection to this database."))
 	}
 }

@@ -54,15 +54,16 @@ const (
 	LoginFailureServer       = "server_refused"    // the server refused the login's settings or database
 	LoginFailureShutdown     = "shutdown"          // pggovernor is shutting down
 	LoginFailureConsoleUser  = "console_forbidden" // not in admin.users
+	LoginFailureHBA          = "hba_rejected"      // clients.hba_file: no line matched, or a reject line (28000)
 	LoginFailureOther        = "other"
-	loginFailureReasonsCount = 9
+	loginFailureReasonsCount = 10
 )
 
 // LoginFailureReasons lists every reason, so that a counter can start each
 // at zero.
 func LoginFailureReasons() [loginFailureReasonsCount]string {
 	return [...]string{LoginFailureAuth, LoginFailureTimeout, LoginFailureProtocol, LoginFailureTooMany,
-		LoginFailureNoServer, LoginFailureServer, LoginFailureShutdown, LoginFailureConsoleUser, LoginFailureOther}
+		LoginFailureNoServer, LoginFailureServer, LoginFailureShutdown, LoginFailureConsoleUser, LoginFailureHBA, LoginFailureOther}
 }
 
 func (m *Metrics) errorSent(code string) {

@@ -355,9 +355,11 @@ func (s *Server) Draining() bool {
 
 // serverStats are the proxy's counters, read by Stats.
 type serverStats struct {
-	pinned        atomic.Int64
-	prepareHits   atomic.Int64
-	prepareMisses atomic.Int64
+	pinned          atomic.Int64
+	prepareHits     atomic.Int64
+	prepareMisses   atomic.Int64
+	notifyQueued    atomic.Int64 // bytes in the sessions' notification backlogs
+	notifyOverflows atomic.Int64
 }
 
 // Stats are the proxy's figures for metrics.
@@ -371,6 +373,12 @@ type Stats struct {
 	// the serving connection; PrepareMisses counts statements the
 	// governor had to prepare there.
 	PrepareHits, PrepareMisses int64
+	// NotifyBacklog is the number of bytes of notifications waiting to be
+	// written to listening clients (transaction mode), summed over them.
+	NotifyBacklog int64
+	// NotifyOverflows counts clients disconnected because more than
+	// clients.notify_backlog_size of notifications waited for them.
+	NotifyOverflows int64
 }
 
 // notePrepared counts a statement found prepared (hit) or prepared anew
@@ -387,10 +395,12 @@ func (s *Server) notePrepared(hit bool) {
 // Stats returns the proxy's figures.
 func (s *Server) Stats() Stats {
 	return Stats{
-		Clients:       s.clients.Load(),
-		Pinned:        s.stats.pinned.Load(),
-		PrepareHits:   s.stats.prepareHits.Load(),
-		PrepareMisses: s.stats.prepareMisses.Load(),
+		Clients:         s.clients.Load(),
+		Pinned:          s.stats.pinned.Load(),
+		PrepareHits:     s.stats.prepareHits.Load(),
+		PrepareMisses:   s.stats.prepareMisses.Load(),
+		NotifyBacklog:   s.stats.notifyQueued.Load(),
+		NotifyOverflows: s.stats.notifyOverflows.Load(),
 	}
 }
 

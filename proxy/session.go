@@ -74,11 +74,13 @@ type session struct {
 
 	listening bool // subscribed through the route's listen hub
 
-	wmu           sync.Mutex
-	pendingNotify []byte       // notifications held while a frame is partly forwarded
-	cw            *wire.Writer // to the client
-	clientDead    bool         // writing to the client failed or it was terminated
-	midFrame      bool         // a frame is partly forwarded to the client
+	// nq is the backlog of notifications from the listen hub (notify.go).
+	nq notifyQueue
+
+	wmu        sync.Mutex
+	cw         *wire.Writer // to the client
+	clientDead bool         // writing to the client failed or it was terminated
+	midFrame   bool         // a frame is partly forwarded to the client
 
 	mu              sync.Mutex
 	server          *pool.Server // attached server connection
@@ -153,14 +155,18 @@ func (q *queue) pop() {
 // then leaves the server connection (if any) clean.
 func (sess *session) serve() {
 	err := sess.pump()
+	// Nothing more is written to the client: a write blocked on a client
+	// that stopped reading gives up, so that finish can take wmu.
+	_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	sess.finish(err)
 	if sess.listening {
-		if err := sess.srv.hub(sess.route).unlisten(sess, ""); err != nil {
+		if err := sess.srv.hub(sess.route).unlisten(sess, "", false); err != nil {
 			sess.log.Info("UNLISTEN for a departed client failed", zap.Error(err))
 		}
 	}
 	sess.srv.unregister(sess)
 	_ = sess.conn.Close()
+	sess.stopNotifier()
 	outcome := "closed"
 	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
 		outcome = err.Error()
@@ -425,16 +431,31 @@ func (sess *session) afterIdle(srv *pool.Server) {
 }
 
 // terminate sends a final error (at a message boundary only) and closes
-// the client connection; the pump then ends the session.
+// the client connection; the pump then ends the session. It gives up
+// writing after a second.
 func (sess *session) terminate(ce *clientError) {
+	sess.terminateBy(ce, time.Now().Add(time.Second))
+}
+
+// terminateBy is terminate with a deadline for the writes. The deadline is
+// set before taking wmu, so that a writer blocked on a client that does not
+// read gives up instead of holding terminate (and its caller) up. The
+// notifications already queued go first.
+func (sess *session) terminateBy(ce *clientError, by time.Time) {
 	sess.quitOnce.Do(func() { close(sess.quit) })
+	_ = sess.conn.SetWriteDeadline(by)
 	sess.wmu.Lock()
 	if !sess.clientDead {
 		if !sess.midFrame {
-			_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
-			buf := sess.srv.appendError(nil, ce, sess.user)
-			if _, err := sess.cw.Write(buf); err == nil {
-				_ = sess.cw.Flush()
+			var err error
+			if sess.nq.pending.Load() {
+				err = sess.writeNotificationsLocked()
+			}
+			if err == nil {
+				buf := sess.srv.appendError(nil, ce, sess.user)
+				if _, err = sess.cw.Write(buf); err == nil {
+					_ = sess.cw.Flush()
+				}
 			}
 		}
 		sess.clientDead = true
@@ -460,12 +481,20 @@ func (sess *session) sendError(ce *clientError) {
 	_ = sess.sendToClient(sess.srv.appendError(nil, ce, sess.user))
 }
 
-// sendToClient writes governor-made bytes to the client and flushes.
+// sendToClient writes governor-made bytes to the client and flushes. The
+// notifications queued before go first: an UNLISTEN is answered after
+// those received before it, as Postgres does.
 func (sess *session) sendToClient(b []byte) error {
 	sess.wmu.Lock()
 	defer sess.wmu.Unlock()
 	if sess.clientDead {
 		return net.ErrClosed
+	}
+	if !sess.midFrame && sess.nq.pending.Load() {
+		if err := sess.writeNotificationsLocked(); err != nil {
+			sess.clientDead = true
+			return err
+		}
 	}
 	if _, err := sess.cw.Write(b); err != nil {
 		sess.clientDead = true

@@ -223,7 +223,7 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 			return err
 		}
 	}
-	login := auth.Login{User: sess.user, Addr: clientIP(sess.conn)}
+	login := auth.Login{User: sess.user, Addr: clientIP(sess.conn), Database: sess.database}
 	if ct != nil {
 		login.TLS, login.ServerCert = &ct.state, ct.leaf
 	}
@@ -236,7 +236,7 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 	}
 	sess.settings = params
 
-	res, err := s.opts.Verifier.Authenticate(ctx, (*authConn)(sess), login)
+	res, err := sess.authenticate(ctx, login)
 	if err != nil {
 		return err
 	}
@@ -256,6 +256,16 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 		return err
 	}
 	return nil
+}
+
+// authenticate runs the verifier's exchange; the log of the session names
+// the hba line that decided, if any.
+func (sess *session) authenticate(ctx context.Context, login auth.Login) (auth.Result, error) {
+	res, err := sess.srv.opts.Verifier.Authenticate(ctx, (*authConn)(sess), login)
+	if res.Rule != "" {
+		sess.log = sess.log.With(zap.String("hba_rule", res.Rule))
+	}
+	return res, err
 }
 
 // startupSettings keeps the run-time parameters of a StartupMessage that go
@@ -482,8 +492,11 @@ const maxAuthMessage = 8192
 func loginFailureReason(err error, ce *clientError) string {
 	var waitErr *pool.WaitError
 	var pgErr *pgconn.PgError
+	var refused *auth.RefusedError
 	switch {
-	case errors.Is(err, auth.ErrAuthFailed):
+	case errors.As(err, &refused) && refused.Rules:
+		return LoginFailureHBA
+	case errors.Is(err, auth.ErrAuthFailed), errors.Is(err, auth.ErrCertAuthFailed), errors.As(err, &refused):
 		return LoginFailureAuth
 	case errors.Is(err, os.ErrDeadlineExceeded), ce.code == codeQueryCanceled:
 		return LoginFailureTimeout

@@ -83,6 +83,16 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 		d.problem("key clients.users_file: %v", err)
 		return
 	}
+	if f := cfg.Clients.HBAFile; f != "" {
+		if h, err := auth.NewHBA(f, hbaOptions(cfg, zap.NewNop())); err != nil {
+			d.problem("key clients.hba_file: %v", err)
+		} else {
+			d.row("config: clients.hba_file", fmt.Sprintf("%s (%d rules)", f, h.Current().Len()))
+		}
+		if cfg.AuthIgnored() {
+			d.problem("clients.auth is set but not used: clients.hba_file decides each login's method; remove clients.auth")
+		}
+	}
 	if cfg.Clients.TLS.Mode != tlsconf.ModeDisable {
 		st, err := tlsconf.NewServer(tlsconf.ServerOptions{Mode: cfg.Clients.TLS.Mode, CertFile: cfg.Clients.TLS.CertFile,
 			KeyFile: cfg.Clients.TLS.KeyFile, ClientCAFile: cfg.Clients.TLS.ClientCAFile})

@@ -142,6 +142,7 @@ type governor struct {
 	cfg       *config.Config
 	logger    *zap.Logger
 	users     *auth.Users
+	hba       *auth.HBA // nil without clients.hba_file
 	pool      *pool.Pool
 	proxy     *proxy.Server
 	control   *pgxpool.Pool
@@ -218,6 +219,15 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	if err != nil {
 		return nil, fmt.Errorf("key clients.users_file: %w", err)
 	}
+	var hba *auth.HBA
+	if cfg.Clients.HBAFile != "" {
+		if hba, err = auth.NewHBA(cfg.Clients.HBAFile, hbaOptions(cfg, logger.Named("hba"))); err != nil {
+			return nil, fmt.Errorf("key clients.hba_file: %w", err)
+		}
+		if cfg.AuthIgnored() {
+			logger.Warn("clients.auth is not used: clients.hba_file decides each login's method; remove clients.auth")
+		}
+	}
 	up, err := newUpstream(ctx, cfg, users, logger, deps)
 	if err != nil {
 		return nil, err
@@ -236,7 +246,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		}
 	}
 	bg, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	g := &governor{cfg: cfg, logger: logger, users: users, up: up, clientTLS: clientTLS, cancel: cancel,
+	g := &governor{cfg: cfg, logger: logger, users: users, hba: hba, up: up, clientTLS: clientTLS, cancel: cancel,
 		throttle: auth.NewThrottle(auth.ThrottleOptions{Clock: deps.clock}),
 		serveErr: make(chan error, 1), shutdownReq: make(chan struct{}, 1),
 		health: &upstreamHealth{logger: logger.Named("health")}, registry: metrics.NewRegistry(),
@@ -244,9 +254,16 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	// The metrics read the pool and the proxy at scrape time through
 	// these closures; both exist before the first scrape.
 	g.metrics = metrics.New(g.registry, metrics.Sources{
-		Pool:     poolSource{g},
-		Clients:  g.clientStates,
-		Traffic:  g.traffic,
+		Pool:    poolSource{g},
+		Clients: g.clientStates,
+		Traffic: g.traffic,
+		Notifications: func() (int64, int64) {
+			if g.proxy == nil {
+				return 0, 0
+			}
+			st := g.proxy.Stats()
+			return st.NotifyBacklog, st.NotifyOverflows
+		},
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
 		Cluster:  g.clusterStats,
 		Security: g.securityMetrics,
@@ -351,7 +368,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	g.proxy = proxy.NewServer(proxy.Options{
 		Config:           cfg,
 		Pool:             g.pool,
-		Verifier:         auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle)),
+		Verifier:         auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba)),
 		TLS:              clientTLS,
 		ReplayUnnamed:    deps.replayUnnamed,
 		UpstreamUser:     up.sidecarUser,
@@ -409,6 +426,19 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		}
 	}()
 	return g, nil
+}
+
+// hbaOptions are what clients.hba_file is checked against: the TLS, users
+// file and listen settings.
+func hbaOptions(cfg *config.Config, logger *zap.Logger) auth.HBAOptions {
+	tls := cfg.Clients.TLS.Mode != tlsconf.ModeDisable
+	return auth.HBAOptions{
+		TLS:         tls,
+		ClientCA:    tls && cfg.Clients.TLS.ClientCAFile != "",
+		UsersFile:   cfg.Clients.UsersFile != "",
+		TrustRemote: cfg.Clients.AllowTrustRemote || config.IsLoopback(cfg.Listen),
+		Logger:      logger,
+	}
 }
 
 // ready is /readyz: listening and not draining, not paused, the upstream
@@ -516,8 +546,8 @@ func (g *governor) model() string {
 }
 
 // reload applies what can change without a restart (SIGHUP, and RELOAD
-// from the admin console): the users file, the log level and admin.users.
-// The other keys keep their values until a restart.
+// from the admin console): the users file, the hba file, the log level and
+// admin.users. The other keys keep their values until a restart.
 func (g *governor) reload() error {
 	g.reloadMu.Lock()
 	defer g.reloadMu.Unlock()
@@ -527,6 +557,14 @@ func (g *governor) reload() error {
 		errs = append(errs, err)
 	} else {
 		g.logger.Info("users file reloaded", zap.String("file", g.users.Path()), zap.Int("users", g.users.Current().Len()))
+	}
+	if g.hba != nil {
+		if err := g.hba.Reload(); err != nil {
+			g.logger.Error("reloading the hba file failed; keeping the previous rules (fix clients.hba_file)", zap.String("file", g.hba.Path()), zap.Error(err))
+			errs = append(errs, err)
+		} else {
+			g.logger.Info("hba file reloaded", zap.String("file", g.hba.Path()), zap.Int("rules", g.hba.Current().Len()))
+		}
 	}
 	if g.load == nil {
 		return errors.Join(errs...)

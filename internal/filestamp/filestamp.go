@@ -44,58 +44,89 @@ func (s Stamp) Equal(o Stamp) bool {
 	return s.dev == o.dev && s.ino == o.ino && s.size == o.size && s.mtime.Equal(o.mtime) && s.ctime == o.ctime
 }
 
+// Read is one file a value was built from, with its stamp taken before it
+// was read: the zero Stamp when it could not be stamped (a missing file).
+type Read struct {
+	Path  string
+	Stamp Stamp
+}
+
+// StampRead stamps path for a loader that reports what it read
+// (NewReloaderOf); call it just before reading the file.
+func StampRead(path string) Read {
+	s, _ := Of(path)
+	return Read{Path: path, Stamp: s}
+}
+
 // Reloader holds a value built from files and builds it again, on use, when
 // any of the files has changed. It starts no goroutine. Its methods are safe
 // for concurrent use.
 type Reloader[T any] struct {
-	paths []string
-	load  func() (T, error)
+	load func() (T, []Read, error)
 
 	mu     sync.Mutex
 	val    T
-	stamps []Stamp // of the files the value was built from
-	failed []Stamp // of the files a reload last failed on; nil when none did
+	files  []Read // the files val was built from
+	failed []Read // the files a reload last failed on; nil when none did
 }
 
 // NewReloader builds the value once with load, which reads paths; its error
 // is returned as is. Paths that are "" are ignored.
 func NewReloader[T any](load func() (T, error), paths ...string) (*Reloader[T], error) {
-	r := &Reloader[T]{load: load}
+	var ps []string
 	for _, p := range paths {
 		if p != "" {
-			r.paths = append(r.paths, p)
+			ps = append(ps, p)
 		}
 	}
-	stamps, _ := r.stampAll()
-	v, err := load()
+	return NewReloaderOf(func() (T, []Read, error) {
+		// The stamps are taken before reading: a change during the read
+		// is seen at the next Get.
+		reads := make([]Read, len(ps))
+		for i, p := range ps {
+			reads[i] = StampRead(p)
+		}
+		v, err := load()
+		return v, reads, err
+	})
+}
+
+// NewReloaderOf builds the value once with load, which reports the files it
+// read, each stamped with StampRead before it was read, also when it fails.
+// It suits a value whose files are known only once it is read (a file that
+// includes others): the value is built again when any file of the last
+// build changed. Its error is returned as is.
+func NewReloaderOf[T any](load func() (T, []Read, error)) (*Reloader[T], error) {
+	r := &Reloader[T]{load: load}
+	v, files, err := load()
 	if err != nil {
 		return nil, err
 	}
-	r.val, r.stamps = v, stamps
+	r.val, r.files = v, files
 	return r, nil
 }
 
-// stampAll stamps every file; a file that cannot be stamped gets the zero
-// stamp, which differs from any real one.
-func (r *Reloader[T]) stampAll() ([]Stamp, error) {
-	out := make([]Stamp, len(r.paths))
+// restamp stamps the files of reads again; err is the first file that could
+// not be stamped, which gets the zero stamp (different from any real one).
+func restamp(reads []Read) ([]Read, error) {
+	out := make([]Read, len(reads))
 	var first error
-	for i, p := range r.paths {
-		s, err := Of(p)
+	for i, rd := range reads {
+		s, err := Of(rd.Path)
 		if err != nil && first == nil {
 			first = err
 		}
-		out[i] = s
+		out[i] = Read{Path: rd.Path, Stamp: s}
 	}
 	return out, first
 }
 
-func equalAll(a, b []Stamp) bool {
+func equalAll(a, b []Read) bool {
 	if len(a) != len(b) {
 		return false
 	}
 	for i := range a {
-		if !a[i].Equal(b[i]) {
+		if a[i].Path != b[i].Path || !a[i].Stamp.Equal(b[i].Stamp) {
 			return false
 		}
 	}
@@ -111,26 +142,39 @@ func equalAll(a, b []Stamp) bool {
 func (r *Reloader[T]) Get() (val T, reloaded bool, err error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if len(r.paths) == 0 {
+	if len(r.files) == 0 {
 		return r.val, false, nil
 	}
-	stamps, statErr := r.stampAll()
-	if equalAll(stamps, r.stamps) || (r.failed != nil && equalAll(stamps, r.failed)) {
+	now, statErr := restamp(r.files)
+	if equalAll(now, r.files) {
 		return r.val, false, nil
+	}
+	if r.failed != nil {
+		if again, _ := restamp(r.failed); equalAll(again, r.failed) {
+			return r.val, false, nil
+		}
 	}
 	if statErr != nil {
-		r.failed = stamps
+		r.failed = now
 		return r.val, false, statErr
 	}
-	// The stamps are taken before reading: a change during the read is
-	// seen at the next Get.
-	v, err := r.load()
+	v, files, err := r.load()
 	if err != nil {
-		r.failed = stamps
+		r.failed = orNow(files, now)
 		return r.val, false, err
 	}
-	r.val, r.stamps, r.failed = v, stamps, nil
+	r.val, r.files, r.failed = v, files, nil
 	return v, true, nil
+}
+
+// orNow is what a failed build read, or when it reported nothing, the
+// stamps of the previous files: never an empty list, which would make the
+// failed version look unchanged forever.
+func orNow(files, now []Read) []Read {
+	if len(files) == 0 {
+		return now
+	}
+	return files
 }
 
 // Current returns the value in force without checking the files.
@@ -145,12 +189,12 @@ func (r *Reloader[T]) Current() T {
 func (r *Reloader[T]) Reload() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	stamps, _ := r.stampAll()
-	v, err := r.load()
+	v, files, err := r.load()
 	if err != nil {
-		r.failed = stamps
+		now, _ := restamp(r.files)
+		r.failed = orNow(files, now)
 		return err
 	}
-	r.val, r.stamps, r.failed = v, stamps, nil
+	r.val, r.files, r.failed = v, files, nil
 	return nil
 }

@@ -79,3 +79,57 @@ func TestReloader(t *testing.T) {
 		t.Fatalf("after a failed forced reload: want = the previous value, got = %q", got)
 	}
 }
+
+// TestReloaderOf: a value whose files are named by a file it reads is
+// rebuilt when any of them changes, a file the last build did not read no
+// longer counts, and a failure is reported once per version.
+func TestReloaderOf(t *testing.T) {
+	dir := t.TempDir()
+	path := func(name string) string { return filepath.Join(dir, name) }
+	write := func(name, content string) {
+		t.Helper()
+		// A new inode each time: seen whatever the clock's resolution.
+		if err := os.WriteFile(path(name)+".tmp", []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(path(name)+".tmp", path(name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("main", "a")
+	write("a", "one")
+	write("b", "two")
+	load := func() (string, []Read, error) {
+		reads := []Read{StampRead(path("main"))}
+		inc, err := os.ReadFile(path("main"))
+		if err != nil {
+			return "", reads, err
+		}
+		reads = append(reads, StampRead(path(string(inc))))
+		b, err := os.ReadFile(path(string(inc)))
+		return string(b), reads, err
+	}
+	r, err := NewReloaderOf(load)
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := func(want string, wantReloaded, wantErr bool) {
+		t.Helper()
+		v, reloaded, err := r.Get()
+		if v != want || reloaded != wantReloaded || (err != nil) != wantErr {
+			t.Fatalf("want = %q (reloaded %v, error %v), got = %q (reloaded %v, %v)", want, wantReloaded, wantErr, v, reloaded, err)
+		}
+	}
+	get("one", false, false)
+	write("a", "uno")
+	get("uno", true, false) // the included file changed
+	write("main", "b")
+	get("two", true, false)
+	write("a", "ignored")
+	get("two", false, false) // a is no longer read
+	write("main", "missing")
+	get("two", false, true)
+	get("two", false, false) // reported once
+	write("missing", "three")
+	get("three", true, false) // the file the failed build lacked appeared
+}
