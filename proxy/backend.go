@@ -8,6 +8,7 @@ package proxy
 
 import (
 	"bytes"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
@@ -50,6 +51,23 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 			zap.Uint64("server_id", srv.ID()), zap.String("type", string(typ)), zap.Bool("holds_another", cur != nil))
 		return nil
 	}
+	if !sess.answered.Load() {
+		if typ == 'E' && more == 0 && sess.retryOnFatalLocked(srv, data) {
+			sess.mu.Unlock()
+			return nil // the request moves to another connection
+		}
+		sess.answered.Store(true)
+		sess.retries = 0
+	}
+	fatal := typ == 'E' && more == 0 && errorIsFatal(data)
+	if fatal && sess.idleOnLocked() {
+		// The client is between transactions: it never learns that
+		// this connection went away (it was only lingering).
+		sess.detachLocked()
+		sess.mu.Unlock()
+		sess.srv.pool.Release(srv)
+		return nil
+	}
 	suppress := false
 	var replaced string
 	if head := sess.q.peek(); head != nil {
@@ -62,6 +80,10 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				replaced = head.synth
 			}
 		}
+	}
+	if fatal {
+		// The server's last word is the client's, whatever it answers.
+		suppress, replaced = false, ""
 	}
 	release := false
 	sess.synthBefore, sess.synthAfter = sess.synthBefore[:0], sess.synthAfter[:0]
@@ -96,8 +118,11 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 			release = sess.q.empty() && srv.TxStatus == 'I'
 			if release && sess.linger && !suppress {
 				// The client's unnamed statement waits for its Bind on
-				// this connection, for a while (lingerExpired).
+				// this connection, for a while (lingerExpired). The Bind
+				// is a new request, retriable as one that attaches.
 				sess.armLinger()
+				sess.answered.Store(false)
+				sess.relinked = true
 			}
 			if sess.qEmpty != nil && sess.q.empty() {
 				close(sess.qEmpty)
@@ -387,23 +412,53 @@ func (sess *session) ServerFlush(*pool.Server) error {
 }
 
 // ServerLost implements pool.Handler: the attached server connection
-// failed, so the client's transaction is gone: tell it and end the session.
+// failed. A request the connection never read moves to another one
+// (retry.go); a client between transactions (transaction mode) is not
+// told; otherwise the client's session is gone as it would be with
+// Postgres: it has had the server's last message, if there was one (a
+// FATAL is always forwarded), and its connection is closed without a word
+// of the governor's, so that drivers see what they see when a server goes
+// away and reconnect (lib/pq returns driver.ErrBadConn on the next use).
 func (sess *session) ServerLost(srv *pool.Server, err error) {
 	sess.mu.Lock()
 	if sess.server != srv {
 		sess.mu.Unlock()
 		return
 	}
+	if sess.retryPending.Load() {
+		sess.mu.Unlock()
+		_ = sess.conn.SetReadDeadline(time.Now()) // the pump retries
+		return
+	}
+	idle := sess.idleOnLocked()
+	sess.detachLocked()
+	sess.verified(verifyResult{failed: true})
+	sess.mu.Unlock()
+	sess.srv.pool.Release(srv)
+	if idle {
+		return
+	}
+	sess.log.Info("client disconnected: its server connection was lost", zap.Error(err))
+	sess.closeClient()
+}
+
+// idleOnLocked reports whether the client is between transactions on its
+// attached connection (transaction mode, nothing in flight or being
+// written, no session state): losing the connection costs it nothing.
+// Called with mu held.
+func (sess *session) idleOnLocked() bool {
+	return sess.txMode && sess.q.empty() && sess.tx == 'I' && sess.pins == 0 && !sess.writing
+}
+
+// detachLocked forgets the attached connection and what was expected of
+// it. Called with mu held.
+func (sess *session) detachLocked() {
 	sess.server = nil
+	sess.answered.Store(false)
+	sess.linger = false
 	sess.q = queue{items: sess.q.items[:0]}
 	if sess.qEmpty != nil {
 		close(sess.qEmpty)
 		sess.qEmpty = nil
 	}
-	sess.verified(verifyResult{failed: true})
-	sess.mu.Unlock()
-	sess.srv.pool.Release(srv)
-	sess.terminate(fatalf(codeConnectionFailure, "server connection lost").
-		withDetail("The connection between pggovernor and the server failed; the current transaction, if any, is lost.").
-		withCause(err))
 }

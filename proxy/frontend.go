@@ -79,6 +79,10 @@ func (sess *session) needServer(typ byte) (srv *pool.Server, ok bool, err error)
 		// The pump is about to write to it: a release waits for the
 		// pump's next flush, so srv stays the client's meanwhile.
 		sess.writing = true
+		if sess.relinked {
+			sess.relinked = false
+			sess.beginAttemptLocked()
+		}
 	}
 	sess.mu.Unlock()
 	if srv != nil {
@@ -207,6 +211,9 @@ func (sess *session) parse(frame []byte) error {
 	}
 	sess.mu.Lock()
 	sess.stmts[cs.name] = cs
+	if !sess.answered.Load() {
+		sess.added = append(sess.added, cs.name)
+	}
 	ss := sess.stmtsOf(srv)
 	sess.inject = sess.inject[:0]
 	sess.closePending(ss)
@@ -617,7 +624,10 @@ func (sess *session) closeMsg(frame []byte) error {
 		sess.mu.Lock()
 		if len(name) == 0 {
 			sess.unnamedOK = false
-		} else {
+		} else if cs := sess.stmts[string(name)]; cs != nil {
+			if sess.server != nil && !sess.answered.Load() {
+				sess.removed = append(sess.removed, cs)
+			}
 			delete(sess.stmts, string(name))
 		}
 		sess.pushSynthetic(closeCompleteMsg)
@@ -749,6 +759,7 @@ func (sess *session) applyEffects(eff sqlEffects) {
 	if eff.pin == 0 && eff.unpin == 0 && eff.advisory == 0 {
 		return
 	}
+	sess.replayable = false // what it records is not undone by a retry
 	if eff.pin != 0 || eff.advisory != 0 {
 		sess.pins |= eff.pin
 		sess.advisory += eff.advisory

@@ -360,6 +360,7 @@ type serverStats struct {
 	prepareMisses   atomic.Int64
 	notifyQueued    atomic.Int64 // bytes in the sessions' notification backlogs
 	notifyOverflows atomic.Int64
+	retries         atomic.Int64
 }
 
 // Stats are the proxy's figures for metrics.
@@ -379,6 +380,10 @@ type Stats struct {
 	// NotifyOverflows counts clients disconnected because more than
 	// clients.notify_backlog_size of notifications waited for them.
 	NotifyOverflows int64
+	// Retries counts requests sent again on another server connection
+	// because the one they were sent on was terminated before it read them
+	// (retry.go).
+	Retries int64
 }
 
 // notePrepared counts a statement found prepared (hit) or prepared anew
@@ -401,6 +406,7 @@ func (s *Server) Stats() Stats {
 		PrepareMisses:   s.stats.prepareMisses.Load(),
 		NotifyBacklog:   s.stats.notifyQueued.Load(),
 		NotifyOverflows: s.stats.notifyOverflows.Load(),
+		Retries:         s.stats.retries.Load(),
 	}
 }
 

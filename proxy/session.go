@@ -65,9 +65,23 @@ type session struct {
 	// verifyCh carries the server's answer to a statement the pump
 	// prepared again and waits for (resolve); quit is closed when the
 	// session is terminated, so that such a wait ends.
-	verifyCh     chan verifyResult
-	quit         chan struct{}
-	quitOnce     sync.Once
+	verifyCh chan verifyResult
+	quit     chan struct{}
+	quitOnce sync.Once
+	// The request of the current attachment, kept for a retry on another
+	// connection (retry.go): replayBuf holds its messages; curStart and
+	// curCaptured say where the message being handled starts and whether
+	// it was kept; added and removed are the named statements the request
+	// added or removed (under mu).
+	replayBuf   []byte
+	curStart    int
+	curCaptured bool
+	added       []string
+	removed     []*clientStmt
+	// answered is false from an attachment until the server's first
+	// answer on it; retryPending asks the pump to retry the request.
+	answered     atomic.Bool
+	retryPending atomic.Bool
 	bytesIn      atomic.Int64
 	bytesOut     atomic.Int64
 	transactions atomic.Int64
@@ -94,6 +108,9 @@ type session struct {
 	pendingUnpin    pinKind // unpins taking effect at the next error-free ReadyForQuery
 	batchError      bool    // an error was seen since the last ReadyForQuery
 	linger          bool    // linkUnnamed: an unnamed statement awaits its Execute
+	replayable      bool    // the current request may be retried on another connection
+	relinked        bool    // the next request goes to the lingering connection: it begins an attempt
+	retries         int     // how often the current request moved on
 	lingerTimer     *time.Timer
 	unsynced        bool // extended-protocol messages were sent after the last Sync
 	copyIn          bool // the server is in COPY FROM STDIN mode
@@ -186,6 +203,9 @@ var errTerminate = errors.New("client sent Terminate")
 // for the server before every blocking read.
 func (sess *session) pump() error {
 	for {
+		if sess.retryPending.Load() {
+			sess.takeRetry()
+		}
 		typ, n, ok, err := sess.rd.PeekHeader()
 		if err != nil {
 			return sess.protocolError(err)
@@ -203,10 +223,16 @@ func (sess *session) pump() error {
 				sess.releaseBuffers()
 			}
 			if err := sess.rd.Fill(); err != nil {
+				if sess.retryPending.Load() {
+					continue // woken by a deadline to retry the request
+				}
 				return err
 			}
 			sess.bytesIn.Add(int64(sess.rd.Buffered()))
 			continue
+		}
+		if err := sess.capture(n); err != nil {
+			return err
 		}
 		if err := sess.clientMessage(typ, n); err != nil {
 			if errors.Is(err, errTerminate) {
@@ -237,6 +263,12 @@ func (sess *session) protocolError(err error) error {
 
 func (sess *session) serverWriteErr(err error) error {
 	if err == nil {
+		return nil
+	}
+	if sess.awaitingVerdict() {
+		// The connection may have been terminated before it read the
+		// request: its reader decides whether the request moves on
+		// (retry.go) or the client learns what the server said.
 		return nil
 	}
 	sess.sendError(fatalf(codeConnectionFailure, "server connection lost").withCause(err))
@@ -270,6 +302,7 @@ func (sess *session) attachServer(srv *pool.Server) error {
 	sess.mu.Lock()
 	sess.server = srv
 	sess.writing = true // the pump writes next (see needServer)
+	sess.beginAttemptLocked()
 	sess.tx = srv.TxStatus
 	sess.batchError = false
 	var stmts string
@@ -361,6 +394,7 @@ func (sess *session) tryRelease(srv *pool.Server) {
 		return
 	}
 	sess.server = nil
+	sess.answered.Store(false) // the next request starts an attachment
 	draining := sess.draining
 	sess.wmu.Lock() // ordering: nothing from the next server before this flush
 	sess.mu.Unlock()
@@ -457,6 +491,22 @@ func (sess *session) terminateBy(ce *clientError, by time.Time) {
 					_ = sess.cw.Flush()
 				}
 			}
+		}
+		sess.clientDead = true
+	}
+	sess.wmu.Unlock()
+	_ = sess.conn.Close()
+}
+
+// closeClient closes the client connection after what was already
+// forwarded to it (a server's FATAL), adding nothing of the governor's.
+func (sess *session) closeClient() {
+	sess.quitOnce.Do(func() { close(sess.quit) })
+	_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	sess.wmu.Lock()
+	if !sess.clientDead {
+		if !sess.midFrame {
+			_ = sess.cw.Flush()
 		}
 		sess.clientDead = true
 	}
