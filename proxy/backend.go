@@ -8,6 +8,7 @@ package proxy
 
 import (
 	"bytes"
+	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
@@ -18,19 +19,24 @@ import (
 
 // Entry flags.
 const (
-	entSuppress  uint8 = 1 << iota // the governor's own message: its responses are not forwarded
-	entSynthetic                   // no server response: the governor answers with synth
-	entUnnamed                     // a Parse of the unnamed statement
-	entOwnParse                    // the client's own Parse (its failure is the client's)
+	entSuppress     uint8 = 1 << iota // the governor's own message: its responses are not forwarded
+	entSynthetic                      // no server response: the governor answers with synth
+	entUnnamed                        // a Parse or statement Describe of the unnamed statement
+	entOwnParse                       // the client's own Parse (its failure is the client's)
+	entShape                          // a statement Describe whose answer gives the statement's shape
+	entVerify                         // the pump waits for this Describe's answer (verifyCh)
+	entForwardError                   // suppressed, but an error is the client's: it answers the client's next message
+	entReplaceError                   // the server's error is replaced by synth (the error Postgres would give)
 )
 
 // entry is one expected response, in the order the server sends them.
 type entry struct {
 	kind  byte // client message type P B D E C S Q F; 'q' the governor's query; 'y' synthetic
 	flags uint8
-	stmt  *clientStmt // a client's own named Parse: forgotten if it fails
+	stmt  *clientStmt // a client's own named Parse (and its Describe): forgotten if it fails
 	key   stmtKey     // the statement a Parse prepares
-	synth string      // what a synthetic entry sends
+	copy  *serverStmt // the statement on the connection a Parse, Describe or Bind is about
+	synth string      // what a synthetic entry sends, or the error replacing the server's
 	close []byte      // the statement a governor Close closes: closed again if skipped
 }
 
@@ -45,9 +51,39 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 			zap.Uint64("server_id", srv.ID()), zap.String("type", string(typ)), zap.Bool("holds_another", cur != nil))
 		return nil
 	}
+	if !sess.answered.Load() {
+		if typ == 'E' && more == 0 && sess.retryOnFatalLocked(srv, data) {
+			sess.mu.Unlock()
+			return nil // the request moves to another connection
+		}
+		sess.answered.Store(true)
+		sess.retries = 0
+	}
+	fatal := typ == 'E' && more == 0 && errorIsFatal(data)
+	if fatal && sess.idleOnLocked() {
+		// The client is between transactions: it never learns that
+		// this connection went away (it was only lingering).
+		sess.detachLocked()
+		sess.mu.Unlock()
+		sess.srv.pool.Release(srv)
+		return nil
+	}
 	suppress := false
+	var replaced string
 	if head := sess.q.peek(); head != nil {
 		suppress = head.flags&entSuppress != 0
+		if typ == 'E' {
+			if head.flags&entForwardError != 0 {
+				suppress = false // it answers the client's message that follows
+			}
+			if head.flags&entReplaceError != 0 {
+				replaced = head.synth
+			}
+		}
+	}
+	if fatal {
+		// The server's last word is the client's, whatever it answers.
+		suppress, replaced = false, ""
 	}
 	release := false
 	sess.synthBefore, sess.synthAfter = sess.synthBefore[:0], sess.synthAfter[:0]
@@ -80,6 +116,14 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				sess.batchError = false
 			}
 			release = sess.q.empty() && srv.TxStatus == 'I'
+			if release && sess.linger && !suppress {
+				// The client's unnamed statement waits for its Bind on
+				// this connection, for a while (lingerExpired). The Bind
+				// is a new request, retriable as one that attaches.
+				sess.armLinger()
+				sess.answered.Store(false)
+				sess.relinked = true
+			}
 			if sess.qEmpty != nil && sess.q.empty() {
 				close(sess.qEmpty)
 				sess.qEmpty = nil
@@ -87,15 +131,24 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 		case 'E':
 			sess.serverError(srv, data)
 		case '1':
-			if h := sess.q.peek(); h != nil && h.kind == 'P' && h.flags&entUnnamed == 0 {
-				sess.srv.known.add(sess.route, h.key)
-			}
 			sess.popIf('P')
 		case '2':
 			sess.popIf('B')
 		case '3':
 			sess.popIf('C')
+		case 't':
+			if h := sess.q.peek(); h != nil && h.kind == 'D' && h.flags&entShape != 0 {
+				sess.paramDesc = append(sess.paramDesc[:0], data[wire.HeaderLen:]...)
+			}
 		case 'n', 'T':
+			if h := sess.q.peek(); h != nil && h.kind == 'D' && h.flags&entShape != 0 {
+				var rows []byte
+				if typ == 'T' {
+					rows = data[wire.HeaderLen:]
+				}
+				sess.learnShape(srv, h, sess.srv.hasher.shape(sess.paramDesc, rows))
+				sess.paramDesc = sess.paramDesc[:0]
+			}
 			sess.popIf('D')
 		case 'C', 'I', 's':
 			sess.copyIn = false
@@ -136,7 +189,9 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				_, err = sess.cw.WriteString(s)
 			}
 		}
-		if !suppress && err == nil {
+		if replaced != "" && err == nil {
+			_, err = sess.cw.WriteString(replaced)
+		} else if !suppress && err == nil {
 			_, err = sess.cw.Write(data)
 			sess.midFrame = more > 0
 			if !sess.midFrame && err == nil && sess.nq.pending.Load() {
@@ -189,17 +244,26 @@ func (sess *session) serverError(srv *pool.Server, data []byte) {
 				sess.unnamedOK = false
 			}
 		case head.kind == 'P':
-			ss.drop(head.key, false)
-			sess.srv.known.forget(sess.route, head.key)
+			if head.copy != nil {
+				ss.dropCopy(head.copy, false)
+			} else {
+				ss.drop(head.key, false)
+			}
 			if head.stmt != nil && sess.stmts[head.stmt.name] == head.stmt {
 				delete(sess.stmts, head.stmt.name)
 			}
-		case head.kind == 'B' || head.kind == 'E':
+		case head.flags&entReplaceError != 0:
+			// The governor's own substitute for a stale statement.
+		case head.kind == 'B' || head.kind == 'D':
 			if code := errorCode(data); code == "0A000" || code == "26000" {
 				// "cached plan must not change result type" (the schema
-				// changed) or a statement the server lost: prepare afresh
-				// next time.
-				sess.dropStale(ss)
+				// changed) or a statement the server lost: that copy serves
+				// nobody any more; it is prepared afresh at its next use.
+				if head.copy != nil {
+					ss.dropCopy(head.copy, code == "0A000")
+				} else {
+					ss.unnamedOK = false
+				}
 			}
 		}
 	}
@@ -207,12 +271,51 @@ func (sess *session) serverError(srv *pool.Server, data []byte) {
 	// (synthetic responses in between are dropped, as the server would
 	// not have answered those messages either). A Parse skipped there
 	// created nothing: what recorded it as prepared is undone.
+	verify := head.flags&entVerify != 0
 	sess.q.pop() // the failed entry itself, handled above
 	for h := sess.q.peek(); h != nil && h.kind != 'S'; h = sess.q.peek() {
+		verify = verify || h.flags&entVerify != 0
 		if sess.virtual {
 			sess.skipped(srv, *h)
 		}
 		sess.q.pop()
+	}
+	if verify {
+		sess.verified(verifyResult{failed: true})
+	}
+}
+
+// learnShape records what a statement Describe said (the entry at the head
+// of the queue): on the client's statement and the connection's copy, and
+// for the pump when it waits for it. Called with mu held.
+func (sess *session) learnShape(srv *pool.Server, h *entry, shape stmtShape) {
+	if cs := h.stmt; cs != nil && !cs.shape.ok {
+		cs.shape = shape
+		cs.paramTypes = append([]byte(nil), sess.paramDesc...)
+	}
+	if h.copy != nil {
+		h.copy.shape = shape
+	}
+	if h.flags&entUnnamed != 0 {
+		ss := sess.stmtsOf(srv)
+		if ss.unnamedOwner == sess && ss.unnamedSeq == sess.unnamedSeq {
+			ss.unnamedShape = shape
+			if h.flags&entSuppress == 0 { // the client's own Describe
+				sess.unnamedShape = shape
+				sess.unnamedParamTypes = append(sess.unnamedParamTypes[:0], sess.paramDesc...)
+			}
+		}
+	}
+	if h.flags&entVerify != 0 {
+		sess.verified(verifyResult{shape: shape})
+	}
+}
+
+// verified hands the pump the answer it waits for; never blocks.
+func (sess *session) verified(r verifyResult) {
+	select {
+	case sess.verifyCh <- r:
+	default:
 	}
 }
 
@@ -225,27 +328,20 @@ func (sess *session) skipped(srv *pool.Server, e entry) {
 		ss.pendingClose = append(ss.pendingClose, e.close) // it still exists
 	}
 	if e.kind == 'P' {
-		if e.flags&entUnnamed != 0 {
+		switch {
+		case e.flags&entUnnamed != 0:
 			ss.unnamedOK = false
 			if e.flags&entOwnParse != 0 {
 				sess.unnamedOK = false
 			}
-		} else {
+		case e.copy != nil:
+			ss.dropCopy(e.copy, false)
+		default:
 			ss.drop(e.key, false)
 		}
 	}
 	if e.stmt != nil && sess.stmts[e.stmt.name] == e.stmt {
 		delete(sess.stmts, e.stmt.name)
-	}
-}
-
-// dropStale forgets the statements of the client's last Bind on this
-// connection after the server said their plan is unusable. Without knowing
-// which one, it drops all the client's statements from the connection:
-// they are re-prepared on their next use. Called with mu held.
-func (sess *session) dropStale(ss *serverState) {
-	for _, cs := range sess.stmts {
-		ss.drop(cs.key, true)
 	}
 }
 
@@ -316,22 +412,53 @@ func (sess *session) ServerFlush(*pool.Server) error {
 }
 
 // ServerLost implements pool.Handler: the attached server connection
-// failed, so the client's transaction is gone: tell it and end the session.
+// failed. A request the connection never read moves to another one
+// (retry.go); a client between transactions (transaction mode) is not
+// told; otherwise the client's session is gone as it would be with
+// Postgres: it has had the server's last message, if there was one (a
+// FATAL is always forwarded), and its connection is closed without a word
+// of the governor's, so that drivers see what they see when a server goes
+// away and reconnect (lib/pq returns driver.ErrBadConn on the next use).
 func (sess *session) ServerLost(srv *pool.Server, err error) {
 	sess.mu.Lock()
 	if sess.server != srv {
 		sess.mu.Unlock()
 		return
 	}
+	if sess.retryPending.Load() {
+		sess.mu.Unlock()
+		_ = sess.conn.SetReadDeadline(time.Now()) // the pump retries
+		return
+	}
+	idle := sess.idleOnLocked()
+	sess.detachLocked()
+	sess.verified(verifyResult{failed: true})
+	sess.mu.Unlock()
+	sess.srv.pool.Release(srv)
+	if idle {
+		return
+	}
+	sess.log.Info("client disconnected: its server connection was lost", zap.Error(err))
+	sess.closeClient()
+}
+
+// idleOnLocked reports whether the client is between transactions on its
+// attached connection (transaction mode, nothing in flight or being
+// written, no session state): losing the connection costs it nothing.
+// Called with mu held.
+func (sess *session) idleOnLocked() bool {
+	return sess.txMode && sess.q.empty() && sess.tx == 'I' && sess.pins == 0 && !sess.writing
+}
+
+// detachLocked forgets the attached connection and what was expected of
+// it. Called with mu held.
+func (sess *session) detachLocked() {
 	sess.server = nil
+	sess.answered.Store(false)
+	sess.linger = false
 	sess.q = queue{items: sess.q.items[:0]}
 	if sess.qEmpty != nil {
 		close(sess.qEmpty)
 		sess.qEmpty = nil
 	}
-	sess.mu.Unlock()
-	sess.srv.pool.Release(srv)
-	sess.terminate(fatalf(codeConnectionFailure, "server connection lost").
-		withDetail("The connection between pggovernor and the server failed; the current transaction, if any, is lost.").
-		withCause(err))
 }

@@ -6,6 +6,8 @@ package proxy
 // responses, and buffered for the attached server connection.
 
 import (
+	"net"
+
 	"go.uber.org/zap"
 
 	"github.com/pggovernor/pggovernor/pool"
@@ -73,6 +75,15 @@ func (sess *session) clientMessage(typ byte, n int) error {
 func (sess *session) needServer(typ byte) (srv *pool.Server, ok bool, err error) {
 	sess.mu.Lock()
 	srv = sess.server
+	if srv != nil {
+		// The pump is about to write to it: a release waits for the
+		// pump's next flush, so srv stays the client's meanwhile.
+		sess.writing = true
+		if sess.relinked {
+			sess.relinked = false
+			sess.beginAttemptLocked()
+		}
+	}
 	sess.mu.Unlock()
 	if srv != nil {
 		return srv, true, nil
@@ -162,7 +173,10 @@ func (sess *session) queryLocally(text []byte, eff sqlEffects) (bool, error) {
 
 // parse relays a Parse. In transaction mode a named statement is recorded
 // for the client and prepared under its governor-owned name on the server
-// connection, unless that connection has it already.
+// connection: always for real, so that ParseComplete (or the error) is
+// what the server says of the text now, whatever changed in the schema
+// since another connection prepared it. A Describe the governor adds after
+// it tells the statement's shape.
 func (sess *session) parse(frame []byte) error {
 	body := frame[wire.HeaderLen:]
 	name, rest, ok := wire.CString(body)
@@ -179,36 +193,46 @@ func (sess *session) parse(frame []byte) error {
 	}
 	sess.mu.Lock()
 	_, exists := sess.stmts[string(name)]
+	attached := sess.server != nil
 	sess.mu.Unlock()
 	if exists {
 		return sess.failExtended(&clientError{code: "42P05", message: "prepared statement \"" + string(name) + "\" already exists"})
 	}
 	key := sess.srv.hasher.key(rest)
 	cs := &clientStmt{name: string(name), key: key, server: serverName(key), parse: append([]byte(nil), rest...), eff: eff}
-	sess.mu.Lock()
-	attached := sess.server != nil
-	if !attached && sess.srv.known.has(sess.route, key) {
-		// Known to parse: answered now, prepared where it is first used.
-		sess.stmts[cs.name] = cs
-		sess.pushSynthetic(parseCompleteMsg)
-		sess.mu.Unlock()
-		return nil
+	if !attached {
+		if done, err := sess.prepareWithoutServer(cs); done || err != nil {
+			return err
+		}
 	}
-	sess.mu.Unlock()
 	srv, ok, err := sess.needServer('P')
 	if !ok {
 		return err
 	}
 	sess.mu.Lock()
 	sess.stmts[cs.name] = cs
+	if !sess.answered.Load() {
+		sess.added = append(sess.added, cs.name)
+	}
 	ss := sess.stmtsOf(srv)
 	sess.inject = sess.inject[:0]
 	sess.closePending(ss)
-	if ss.has(key) {
-		sess.pushSyntheticParse(cs)
-	} else {
-		sess.prepareOn(ss, cs, false)
+	if old := ss.lookup(key); old != nil {
+		// The connection has the text already, perhaps from before a
+		// schema change: closed and parsed again.
+		sess.inject = appendClose(sess.inject, 'S', old.name)
+		sess.push(entry{kind: 'C', flags: entSuppress, close: old.name})
 	}
+	copy, evict := ss.add(key, cs.server, cs)
+	if evict != nil {
+		sess.inject = appendClose(sess.inject, 'S', evict)
+		sess.push(entry{kind: 'C', flags: entSuppress, close: evict})
+	}
+	sess.inject = appendParse(sess.inject, cs.server, cs.parse)
+	sess.push(entry{kind: 'P', stmt: cs, key: key, copy: copy})
+	sess.inject = appendDescribe(sess.inject, cs.server)
+	sess.push(entry{kind: 'D', flags: entSuppress | entShape, stmt: cs, copy: copy})
+	sess.srv.notePrepared(false)
 	sess.unsynced = true
 	sess.sending()
 	sess.mu.Unlock()
@@ -229,8 +253,11 @@ func (sess *session) parseUnnamed(frame, rest []byte, eff sqlEffects) error {
 	sess.unnamedKey = sess.srv.hasher.key(rest)
 	sess.unnamedOK = true
 	sess.unnamedEff = eff
+	sess.unnamedSeq++
+	sess.unnamedShape = stmtShape{}
+	sess.unnamedParamTypes = sess.unnamedParamTypes[:0]
 	ss := sess.stmtsOf(srv)
-	ss.unnamed, ss.unnamedOK = sess.unnamedKey, true
+	sess.ownUnnamed(ss)
 	sess.push(entry{kind: 'P', flags: entUnnamed | entOwnParse})
 	sess.linger = sess.linkUnnamed
 	sess.unsynced = true
@@ -240,28 +267,31 @@ func (sess *session) parseUnnamed(frame, rest []byte, eff sqlEffects) error {
 	return sess.serverWriteErr(err)
 }
 
-// prepareOn appends to sess.inject a Parse of cs under its governor-owned
-// name (and the Close of an evicted statement), and records it. own says
-// whether this is the client's own Parse (its response goes to the client)
-// or one the governor adds before a Bind or Describe (suppressed).
-func (sess *session) prepareOn(ss *serverState, cs *clientStmt, suppress bool) {
-	if evict := ss.add(cs.key, cs.server); evict != nil {
-		sess.inject = appendClose(sess.inject, 'S', evict)
-		sess.push(entry{kind: 'C', flags: entSuppress, close: evict})
-	}
-	start := len(sess.inject)
-	sess.inject = append(sess.inject, 'P', 0, 0, 0, 0)
-	sess.inject = append(append(sess.inject, cs.server...), 0)
-	sess.inject = append(sess.inject, cs.parse...)
-	wire.SetLength(sess.inject, start)
-	e := entry{kind: 'P', stmt: cs, key: cs.key}
-	if suppress {
-		e.flags = entSuppress
-		e.stmt = nil
-	}
-	sess.push(e)
-	sess.srv.notePrepared(false)
+// ownUnnamed records that the connection's unnamed statement is the
+// client's latest. Called with mu held.
+func (sess *session) ownUnnamed(ss *serverState) {
+	ss.unnamed, ss.unnamedOK = sess.unnamedKey, true
+	ss.unnamedOwner, ss.unnamedSeq = sess, sess.unnamedSeq
+	ss.unnamedShape = sess.unnamedShape
 }
+
+func appendParse(dst, name, body []byte) []byte {
+	start := len(dst)
+	dst = append(dst, 'P', 0, 0, 0, 0)
+	dst = append(append(dst, name...), 0)
+	dst = append(dst, body...)
+	wire.SetLength(dst, start)
+	return dst
+}
+
+func appendDescribe(dst, name []byte) []byte {
+	dst = wire.AppendHeader(dst, 'D', 1+len(name)+1)
+	dst = append(dst, 'S')
+	return append(append(dst, name...), 0)
+}
+
+// flushMsg is a Flush: the server sends what it has buffered.
+var flushMsg = []byte{'H', 0, 0, 0, 4}
 
 // closePending appends Closes for statements the server may still hold
 // though the governor dropped them.
@@ -280,14 +310,43 @@ func appendClose(dst []byte, what byte, name []byte) []byte {
 	return append(append(dst, name...), 0)
 }
 
-// ensureStatement makes sure the statement a Bind or Describe names exists
-// on srv: for a named statement it returns the governor-owned name to use;
-// for the unnamed one it re-prepares the client's last unnamed statement if
-// the connection holds another (replay). Called with mu held; injected
-// messages go to sess.inject.
-func (sess *session) ensureStatement(srv *pool.Server, name []byte) (serverStmtName []byte, cs *clientStmt) {
+// target is where a client's Bind or Describe of a statement goes on the
+// server connection.
+type target struct {
+	name []byte      // the statement's name on the server (nil: unchanged)
+	cs   *clientStmt // the client's named statement, if it is one of ours
+	copy *serverStmt // its copy on the connection
+	// stale is an error the server would give instead of running the
+	// statement (its shape changed): the message is sent to a statement
+	// that does not exist and the server's error replaced by this one.
+	stale string
+	// failed: preparing the statement again failed; the server's error
+	// went to the client in the message's place, and the server skips to
+	// the next Sync, so the pump does too.
+	failed bool
+}
+
+// staleStmtName names no statement: a message sent to it fails, and its
+// error is replaced by the one Postgres gives for a stale statement.
+var staleStmtName = []byte("pgg_stale")
+
+// resolve makes sure the statement a Bind or Describe names exists on srv
+// as the client's statement, and says where the message goes. Where the
+// connection has no copy of the client's statement with its shape, the
+// statement is prepared again there (with the parameter types the server
+// resolved for the client) and described, and the pump waits for the
+// answer before sending the client's message: a copy whose shape differs
+// is a statement whose plan changed, which Postgres refuses; a Parse that
+// fails is what Postgres' revalidation reports. Called by the pump,
+// without mu.
+func (sess *session) resolve(srv *pool.Server, name []byte) (target, error) {
+	sess.mu.Lock()
 	ss := sess.stmtsOf(srv)
+	sess.inject = sess.inject[:0]
 	sess.closePending(ss)
+	var tg target
+	var want stmtShape
+	verify := false
 	if len(name) == 0 {
 		switch {
 		case !sess.unnamedOK:
@@ -299,29 +358,122 @@ func (sess *session) ensureStatement(srv *pool.Server, name []byte) (serverStmtN
 				sess.push(entry{kind: 'C', flags: entSuppress})
 				ss.unnamedOK = false
 			}
-		case !ss.unnamedOK || ss.unnamed != sess.unnamedKey:
-			start := len(sess.inject)
-			sess.inject = append(sess.inject, 'P', 0, 0, 0, 0, 0)
-			sess.inject = append(sess.inject, sess.unnamedParse...)
-			wire.SetLength(sess.inject, start)
-			sess.push(entry{kind: 'P', flags: entSuppress | entUnnamed})
-			ss.unnamed, ss.unnamedOK = sess.unnamedKey, true
-			sess.srv.notePrepared(false)
-		default:
+		case ss.unnamedOK && ss.unnamed == sess.unnamedKey &&
+			((ss.unnamedOwner == sess && ss.unnamedSeq == sess.unnamedSeq) ||
+				(ss.unnamedShape.ok && ss.unnamedShape == sess.unnamedShape)):
 			sess.srv.notePrepared(true)
+		default:
+			// Replayed: the client's last unnamed Parse, with the types
+			// the server resolved for it when it was described.
+			sess.inject = appendParse(sess.inject, nil, reparseBody(sess.unnamedParse, sess.unnamedParamTypes))
+			sess.ownUnnamed(ss)
+			sess.srv.notePrepared(false)
+			if sess.unnamedShape.ok {
+				want, verify = sess.unnamedShape, true
+				ss.unnamedShape = stmtShape{}
+				sess.push(entry{kind: 'P', flags: entSuppress | entUnnamed | entForwardError})
+				sess.inject = appendDescribe(sess.inject, nil)
+				sess.push(entry{kind: 'D', flags: entSuppress | entUnnamed | entShape | entVerify})
+			} else {
+				// Never described to the client: nothing to compare.
+				sess.push(entry{kind: 'P', flags: entSuppress | entUnnamed})
+			}
 		}
-		return nil, nil
+	} else if cs := sess.stmts[string(name)]; cs != nil {
+		tg.cs, tg.name = cs, cs.server
+		if copy := ss.lookup(cs.key); copy != nil && copy.servesClient(cs) {
+			tg.copy = copy
+			sess.srv.notePrepared(true)
+		} else {
+			if copy != nil {
+				sess.inject = appendClose(sess.inject, 'S', copy.name)
+				sess.push(entry{kind: 'C', flags: entSuppress, close: copy.name})
+			}
+			copy, evict := ss.add(cs.key, cs.server, cs)
+			if evict != nil {
+				sess.inject = appendClose(sess.inject, 'S', evict)
+				sess.push(entry{kind: 'C', flags: entSuppress, close: evict})
+			}
+			tg.copy = copy
+			sess.inject = appendParse(sess.inject, cs.server, cs.reparseBody())
+			sess.push(entry{kind: 'P', flags: entSuppress | entForwardError, key: cs.key, copy: copy})
+			sess.inject = appendDescribe(sess.inject, cs.server)
+			sess.push(entry{kind: 'D', flags: entSuppress | entShape | entVerify, copy: copy})
+			sess.srv.notePrepared(false)
+			want, verify = cs.shape, true
+		}
 	}
-	cs = sess.stmts[string(name)]
-	if cs == nil {
-		return nil, nil // not ours: an SQL-level statement, or an error the server reports
+	if len(sess.inject) > 0 {
+		sess.sending()
 	}
-	if ss.has(cs.key) {
-		sess.srv.notePrepared(true)
-	} else {
-		sess.prepareOn(ss, cs, true)
+	sess.mu.Unlock()
+	if len(sess.inject) == 0 {
+		return tg, nil
 	}
-	return cs.server, cs
+	if verify {
+		sess.inject = append(sess.inject, flushMsg...)
+	}
+	if _, err := sess.sw.Write(sess.inject); err != nil {
+		return tg, sess.serverWriteErr(err)
+	}
+	if !verify {
+		return tg, nil
+	}
+	if err := sess.sw.Flush(); err != nil {
+		return tg, sess.serverWriteErr(err)
+	}
+	r, err := sess.awaitVerify()
+	if err != nil {
+		return tg, err
+	}
+	switch {
+	case r.failed:
+		tg.failed = true
+	case !want.ok:
+		// Never described before: this is its shape from now on.
+		sess.mu.Lock()
+		if tg.cs != nil && !tg.cs.shape.ok {
+			tg.cs.shape = r.shape
+		}
+		sess.mu.Unlock()
+	case r.shape != want:
+		tg.name, tg.stale = staleStmtName, cachedPlanChanged
+	}
+	return tg, nil
+}
+
+// cachedPlanChanged is Postgres' error for a prepared statement whose
+// result type changed (plancache.c, RevalidateCachedQuery).
+var cachedPlanChanged = string(wire.AppendHeader(nil, 'E', 0)) // set in init
+
+func init() {
+	fields := "SERROR\x00VERROR\x00C0A000\x00Mcached plan must not change result type\x00Fplancache.c\x00RRevalidateCachedQuery\x00\x00"
+	b := wire.AppendHeader(nil, 'E', len(fields))
+	cachedPlanChanged = string(append(b, fields...))
+}
+
+// awaitVerify waits for the answer to a statement the pump prepared again.
+func (sess *session) awaitVerify() (verifyResult, error) {
+	select {
+	case r := <-sess.verifyCh:
+		return r, nil
+	case <-sess.quit:
+		return verifyResult{}, net.ErrClosed
+	}
+}
+
+// verifyResult is what the server said of a statement prepared again
+// before a client's Bind or Describe.
+type verifyResult struct {
+	shape  stmtShape
+	failed bool // refused (its error went to the client), or the connection was lost
+}
+
+// skipFailed drops the client's message after resolve failed: the server
+// skips to the next Sync, and so does the pump.
+func (sess *session) skipFailed(n int) error {
+	sess.skipToSync = true
+	return sess.rd.Stream(nil, n)
 }
 
 // bind relays a Bind, naming the governor-owned statement.
@@ -331,8 +483,8 @@ func (sess *session) bind(n int) error {
 		return err
 	}
 	buf := sess.rd.Bytes()[:head]
-	portal, rest, ok := wire.CString(buf[wire.HeaderLen:])
-	stmt, after, ok2 := wire.CString(rest)
+	_, rest, ok := wire.CString(buf[wire.HeaderLen:])
+	stmt, _, ok2 := wire.CString(rest)
 	if !ok || !ok2 {
 		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Bind message"))
 	}
@@ -341,37 +493,44 @@ func (sess *session) bind(n int) error {
 		_ = sess.rd.Stream(nil, n)
 		return err
 	}
-	// The reader's buffer is unchanged by needServer: re-slice it.
-	buf = sess.rd.Bytes()[:head]
-	sess.mu.Lock()
-	sess.inject = sess.inject[:0]
-	var newName []byte
+	var tg target
 	if sess.virtual {
-		var cs *clientStmt
-		newName, cs = sess.ensureStatement(srv, stmt)
-		switch {
-		case cs != nil:
-			sess.applyEffects(cs.eff)
-		case len(stmt) == 0 && sess.unnamedOK:
-			sess.applyEffects(sess.unnamedEff)
+		// The reader's buffer is unchanged by what follows: the pump reads
+		// no more of the client until this frame is sent.
+		if tg, err = sess.resolve(srv, stmt); err != nil {
+			return err
+		}
+		if tg.failed {
+			return sess.skipFailed(n)
 		}
 	}
-	sess.push(entry{kind: 'B'})
+	buf = sess.rd.Bytes()[:head]
+	portal, rest, _ := wire.CString(buf[wire.HeaderLen:])
+	stmt, after, _ := wire.CString(rest)
+	sess.mu.Lock()
+	switch {
+	case tg.cs != nil:
+		sess.applyEffects(tg.cs.eff)
+	case sess.virtual && len(stmt) == 0 && sess.unnamedOK:
+		sess.applyEffects(sess.unnamedEff)
+	}
+	e := entry{kind: 'B', copy: tg.copy}
+	if tg.stale != "" {
+		e.flags, e.synth = entReplaceError, tg.stale
+	}
+	sess.push(e)
 	sess.unsynced = true
 	sess.sending()
 	sess.mu.Unlock()
 	sess.logPin()
-	if _, err := sess.sw.Write(sess.inject); err != nil {
-		return sess.serverWriteErr(err)
-	}
 	afterOff := head - len(after) // where the parameters start in the frame
-	if newName != nil {
+	if tg.name != nil {
 		// Rewrite: header with the new length, portal, the new name.
-		newLen := n - len(stmt) + len(newName)
+		newLen := n - len(stmt) + len(tg.name)
 		hdr := sess.scratch[:0]
 		hdr = wire.AppendHeader(hdr, 'B', newLen-wire.HeaderLen)
 		hdr = append(append(hdr, portal...), 0)
-		hdr = append(append(hdr, newName...), 0)
+		hdr = append(append(hdr, tg.name...), 0)
 		sess.scratch = hdr
 		if _, err := sess.sw.Write(hdr); err != nil {
 			return sess.serverWriteErr(err)
@@ -401,7 +560,8 @@ func (sess *session) streamRest(srv *pool.Server, k int) error {
 }
 
 // describe relays a Describe; a statement Describe names the
-// governor-owned statement.
+// governor-owned statement. The client's Describe of its unnamed statement
+// also tells the governor the statement's shape.
 func (sess *session) describe(frame []byte) error {
 	body := frame[wire.HeaderLen:]
 	if len(body) < 2 {
@@ -415,24 +575,36 @@ func (sess *session) describe(frame []byte) error {
 	if !ok {
 		return err
 	}
-	sess.mu.Lock()
-	sess.inject = sess.inject[:0]
-	var newName []byte
+	var tg target
+	e := entry{kind: 'D'}
 	if sess.virtual && body[0] == 'S' {
-		newName, _ = sess.ensureStatement(srv, name)
+		// frame lies in the reader's buffer, which resolve leaves alone.
+		if tg, err = sess.resolve(srv, name); err != nil {
+			return err
+		}
+		if tg.failed {
+			sess.skipToSync = true
+			return nil
+		}
+		e.copy = tg.copy
+		if len(name) == 0 && sess.unnamedOK {
+			e.flags |= entShape | entUnnamed
+		}
+		if tg.stale != "" {
+			e.flags, e.synth = entReplaceError, tg.stale
+		}
 	}
-	sess.push(entry{kind: 'D'})
+	sess.mu.Lock()
+	sess.push(e)
 	sess.unsynced = true
 	sess.sending()
 	sess.mu.Unlock()
-	if newName != nil {
-		sess.inject = wire.AppendHeader(sess.inject, 'D', 1+len(newName)+1)
-		sess.inject = append(sess.inject, 'S')
-		sess.inject = append(append(sess.inject, newName...), 0)
+	if tg.name != nil {
+		sess.inject = appendDescribe(sess.inject[:0], tg.name)
+		_, err = sess.sw.Write(sess.inject)
 	} else {
-		sess.inject = append(sess.inject, frame...)
+		_, err = sess.sw.Write(frame)
 	}
-	_, err = sess.sw.Write(sess.inject)
 	return sess.serverWriteErr(err)
 }
 
@@ -452,7 +624,10 @@ func (sess *session) closeMsg(frame []byte) error {
 		sess.mu.Lock()
 		if len(name) == 0 {
 			sess.unnamedOK = false
-		} else {
+		} else if cs := sess.stmts[string(name)]; cs != nil {
+			if sess.server != nil && !sess.answered.Load() {
+				sess.removed = append(sess.removed, cs)
+			}
 			delete(sess.stmts, string(name))
 		}
 		sess.pushSynthetic(closeCompleteMsg)
@@ -578,23 +753,13 @@ func (sess *session) pushSynthetic(msg string) {
 	sess.q.push(entry{kind: 'y', flags: entSynthetic, synth: msg})
 }
 
-// pushSyntheticParse answers a client's Parse of a statement the
-// connection already has, keeping the statement with the entry so that a
-// skip after an earlier error forgets it. Called with mu held.
-func (sess *session) pushSyntheticParse(cs *clientStmt) {
-	if sess.q.empty() {
-		sess.synthOut = append(sess.synthOut, parseCompleteMsg...)
-		return
-	}
-	sess.q.push(entry{kind: 'y', flags: entSynthetic, synth: parseCompleteMsg, stmt: cs})
-}
-
 // applyEffects records the session state a statement creates or drops.
 // Called with mu held.
 func (sess *session) applyEffects(eff sqlEffects) {
 	if eff.pin == 0 && eff.unpin == 0 && eff.advisory == 0 {
 		return
 	}
+	sess.replayable = false // what it records is not undone by a retry
 	if eff.pin != 0 || eff.advisory != 0 {
 		sess.pins |= eff.pin
 		sess.advisory += eff.advisory

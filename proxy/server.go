@@ -47,11 +47,17 @@ type Options struct {
 	UpstreamUser string
 	// Logger receives the proxy's logs.
 	Logger *zap.Logger
-	// LinkUnnamed keeps a server connection linked to a client from its
-	// Parse of the unnamed statement until the Execute, instead of
-	// re-preparing the statement on the connection that serves the Bind.
+	// ReplayUnnamed releases a client's server connection at the
+	// ReadyForQuery after a Parse of the unnamed statement, and prepares
+	// the statement again (checked) on the connection that serves its
+	// Bind, instead of keeping the connection linked until the Execute.
 	// For measurements only; see docs/architecture.md.
-	LinkUnnamed bool
+	ReplayUnnamed bool
+	// PrepareOnControl, when set, answers a prepare-only batch of a client
+	// that holds no server connection while none is idle, on the
+	// governor's control connection (see prepare.go); nil waits for a
+	// pooled connection.
+	PrepareOnControl PrepareFunc
 	// Metrics are the handles the proxy reports to; the zero value
 	// reports nothing.
 	Metrics Metrics
@@ -74,7 +80,6 @@ type Server struct {
 	bufs    wire.Pool
 	welcome welcomeCache
 	hasher  stmtHasher
-	known   knownStatements
 	stats   serverStats
 
 	mu        sync.Mutex
@@ -355,6 +360,7 @@ type serverStats struct {
 	prepareMisses   atomic.Int64
 	notifyQueued    atomic.Int64 // bytes in the sessions' notification backlogs
 	notifyOverflows atomic.Int64
+	retries         atomic.Int64
 }
 
 // Stats are the proxy's figures for metrics.
@@ -374,6 +380,10 @@ type Stats struct {
 	// NotifyOverflows counts clients disconnected because more than
 	// clients.notify_backlog_size of notifications waited for them.
 	NotifyOverflows int64
+	// Retries counts requests sent again on another server connection
+	// because the one they were sent on was terminated before it read them
+	// (retry.go).
+	Retries int64
 }
 
 // notePrepared counts a statement found prepared (hit) or prepared anew
@@ -396,6 +406,7 @@ func (s *Server) Stats() Stats {
 		PrepareMisses:   s.stats.prepareMisses.Load(),
 		NotifyBacklog:   s.stats.notifyQueued.Load(),
 		NotifyOverflows: s.stats.notifyOverflows.Load(),
+		Retries:         s.stats.retries.Load(),
 	}
 }
 

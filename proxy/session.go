@@ -44,8 +44,9 @@ type session struct {
 	// governor's business, rewritten per server connection.
 	virtual bool
 	// linkUnnamed keeps a server linked from a Parse of the unnamed
-	// statement until its Execute, instead of re-preparing it on the
-	// connection that serves the Bind (see Options.LinkUnnamed).
+	// statement until its Execute (for at most unnamedLinger after a
+	// Sync), instead of preparing it again on the connection that serves
+	// the Bind (unless Options.ReplayUnnamed).
 	linkUnnamed bool
 	// stats are the session's figures for the admin console and metrics.
 	stats sessionStats
@@ -61,6 +62,26 @@ type session struct {
 	scratch      []byte // a rewritten header, reused
 	synthOut     []byte // governor responses due before the pump next blocks
 	unnamedParse []byte // the client's last unnamed Parse, after its name
+	// verifyCh carries the server's answer to a statement the pump
+	// prepared again and waits for (resolve); quit is closed when the
+	// session is terminated, so that such a wait ends.
+	verifyCh chan verifyResult
+	quit     chan struct{}
+	quitOnce sync.Once
+	// The request of the current attachment, kept for a retry on another
+	// connection (retry.go): replayBuf holds its messages; curStart and
+	// curCaptured say where the message being handled starts and whether
+	// it was kept; added and removed are the named statements the request
+	// added or removed (under mu).
+	replayBuf   []byte
+	curStart    int
+	curCaptured bool
+	added       []string
+	removed     []*clientStmt
+	// answered is false from an attachment until the server's first
+	// answer on it; retryPending asks the pump to retry the request.
+	answered     atomic.Bool
+	retryPending atomic.Bool
 	bytesIn      atomic.Int64
 	bytesOut     atomic.Int64
 	transactions atomic.Int64
@@ -87,20 +108,32 @@ type session struct {
 	pendingUnpin    pinKind // unpins taking effect at the next error-free ReadyForQuery
 	batchError      bool    // an error was seen since the last ReadyForQuery
 	linger          bool    // linkUnnamed: an unnamed statement awaits its Execute
-	unsynced        bool    // extended-protocol messages were sent after the last Sync
-	copyIn          bool    // the server is in COPY FROM STDIN mode
+	replayable      bool    // the current request may be retried on another connection
+	relinked        bool    // the next request goes to the lingering connection: it begins an attempt
+	retries         int     // how often the current request moved on
+	lingerTimer     *time.Timer
+	unsynced        bool // extended-protocol messages were sent after the last Sync
+	copyIn          bool // the server is in COPY FROM STDIN mode
 	view            map[string]string
 	// fit is the welcome entry whose view this session still shares (nil
 	// once it changed a parameter): a server fitted to it fits this client.
-	fit         *welcomeEntry
-	draining    bool
-	qEmpty      chan struct{} // closed when q empties, for cleanup; nil when nobody waits
-	stmts       map[string]*clientStmt
-	unnamedKey  stmtKey    // the client's unnamed statement
-	unnamedOK   bool       // the client has an unnamed statement
-	unnamedEff  sqlEffects // what executing it does to session state
-	synthBefore []string   // synthetic responses due before the current server message
-	synthAfter  []string   // and after it
+	fit        *welcomeEntry
+	draining   bool
+	qEmpty     chan struct{} // closed when q empties, for cleanup; nil when nobody waits
+	stmts      map[string]*clientStmt
+	unnamedKey stmtKey    // the client's unnamed statement
+	unnamedOK  bool       // the client has an unnamed statement
+	unnamedEff sqlEffects // what executing it does to session state
+	unnamedSeq uint64     // counts the client's unnamed Parses
+	// unnamedShape and unnamedParamTypes are what the server said of the
+	// client's unnamed statement when the client described it.
+	unnamedShape      stmtShape
+	unnamedParamTypes []byte
+	// paramDesc holds a ParameterDescription until the RowDescription or
+	// NoData of the same Describe (reader side, under mu).
+	paramDesc   []byte
+	synthBefore []string // synthetic responses due before the current server message
+	synthAfter  []string // and after it
 }
 
 // queue is a FIFO of entries that reuses its storage.
@@ -170,6 +203,9 @@ var errTerminate = errors.New("client sent Terminate")
 // for the server before every blocking read.
 func (sess *session) pump() error {
 	for {
+		if sess.retryPending.Load() {
+			sess.takeRetry()
+		}
 		typ, n, ok, err := sess.rd.PeekHeader()
 		if err != nil {
 			return sess.protocolError(err)
@@ -187,10 +223,16 @@ func (sess *session) pump() error {
 				sess.releaseBuffers()
 			}
 			if err := sess.rd.Fill(); err != nil {
+				if sess.retryPending.Load() {
+					continue // woken by a deadline to retry the request
+				}
 				return err
 			}
 			sess.bytesIn.Add(int64(sess.rd.Buffered()))
 			continue
+		}
+		if err := sess.capture(n); err != nil {
+			return err
 		}
 		if err := sess.clientMessage(typ, n); err != nil {
 			if errors.Is(err, errTerminate) {
@@ -223,6 +265,12 @@ func (sess *session) serverWriteErr(err error) error {
 	if err == nil {
 		return nil
 	}
+	if sess.awaitingVerdict() {
+		// The connection may have been terminated before it read the
+		// request: its reader decides whether the request moves on
+		// (retry.go) or the client learns what the server said.
+		return nil
+	}
 	sess.sendError(fatalf(codeConnectionFailure, "server connection lost").withCause(err))
 	return fmt.Errorf("writing to the server: %w", err)
 }
@@ -243,10 +291,18 @@ func (sess *session) attach() (*pool.Server, error) {
 			return nil, err
 		}
 	}
+	return srv, sess.attachServer(srv)
+}
+
+// attachServer makes srv the client's server connection and brings it to
+// the client's settings.
+func (sess *session) attachServer(srv *pool.Server) error {
 	srv.SetHandler(sess.slot)
 	sess.sw.Reset(srv.Conn())
 	sess.mu.Lock()
 	sess.server = srv
+	sess.writing = true // the pump writes next (see needServer)
+	sess.beginAttemptLocked()
 	sess.tx = srv.TxStatus
 	sess.batchError = false
 	var stmts string
@@ -260,7 +316,6 @@ func (sess *session) attach() (*pool.Server, error) {
 	if stmts != "" {
 		sess.q.push(entry{kind: 'q', flags: entSuppress})
 		sess.recordSettings(srv)
-		sess.writing = true
 	}
 	sess.mu.Unlock()
 	sess.transactions.Add(1)
@@ -268,10 +323,10 @@ func (sess *session) attach() (*pool.Server, error) {
 		buf := wire.AppendHeader(nil, 'Q', len(stmts)+1)
 		buf = append(append(buf, stmts...), 0)
 		if _, err := sess.sw.Write(buf); err != nil {
-			return srv, sess.serverWriteErr(err)
+			return sess.serverWriteErr(err)
 		}
 	}
-	return srv, nil
+	return nil
 }
 
 // attachFailed reports that no server connection could be had for the
@@ -339,6 +394,7 @@ func (sess *session) tryRelease(srv *pool.Server) {
 		return
 	}
 	sess.server = nil
+	sess.answered.Store(false) // the next request starts an attachment
 	draining := sess.draining
 	sess.wmu.Lock() // ordering: nothing from the next server before this flush
 	sess.mu.Unlock()
@@ -352,6 +408,36 @@ func (sess *session) tryRelease(srv *pool.Server) {
 	if draining {
 		sess.terminate(fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down"))
 	}
+}
+
+// unnamedLinger is how long a connection stays linked to a client whose
+// unnamed statement awaits its Bind after a Sync (lib/pq sends it as soon
+// as it has read the ReadyForQuery). After that the connection is
+// released; the Bind then prepares the statement again where it lands,
+// checked against the shape the client was told (resolve).
+const unnamedLinger = 50 * time.Millisecond
+
+// armLinger starts the linger timer. Called with mu held.
+func (sess *session) armLinger() {
+	if sess.lingerTimer == nil {
+		sess.lingerTimer = time.AfterFunc(unnamedLinger, sess.lingerExpired)
+		return
+	}
+	sess.lingerTimer.Reset(unnamedLinger)
+}
+
+// lingerExpired releases a connection linked for an unnamed statement
+// whose Bind did not come in time. Runs on the timer's goroutine.
+func (sess *session) lingerExpired() {
+	sess.mu.Lock()
+	srv := sess.server
+	if !sess.linger || srv == nil || !sess.q.empty() {
+		sess.mu.Unlock()
+		return
+	}
+	sess.linger = false
+	sess.mu.Unlock()
+	sess.afterIdle(srv)
 }
 
 func (sess *session) releasableLocked() bool {
@@ -390,6 +476,7 @@ func (sess *session) terminate(ce *clientError) {
 // read gives up instead of holding terminate (and its caller) up. The
 // notifications already queued go first.
 func (sess *session) terminateBy(ce *clientError, by time.Time) {
+	sess.quitOnce.Do(func() { close(sess.quit) })
 	_ = sess.conn.SetWriteDeadline(by)
 	sess.wmu.Lock()
 	if !sess.clientDead {
@@ -404,6 +491,22 @@ func (sess *session) terminateBy(ce *clientError, by time.Time) {
 					_ = sess.cw.Flush()
 				}
 			}
+		}
+		sess.clientDead = true
+	}
+	sess.wmu.Unlock()
+	_ = sess.conn.Close()
+}
+
+// closeClient closes the client connection after what was already
+// forwarded to it (a server's FATAL), adding nothing of the governor's.
+func (sess *session) closeClient() {
+	sess.quitOnce.Do(func() { close(sess.quit) })
+	_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	sess.wmu.Lock()
+	if !sess.clientDead {
+		if !sess.midFrame {
+			_ = sess.cw.Flush()
 		}
 		sess.clientDead = true
 	}

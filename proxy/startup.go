@@ -55,9 +55,12 @@ func (s *Server) serveConn(c net.Conn) {
 		txMode:  s.cfg.PoolMode == config.PoolModeTransaction,
 		tx:      'I',
 		stmts:   map[string]*clientStmt{},
+		// verifyCh holds one answer: the pump waits for at most one.
+		verifyCh: make(chan verifyResult, 1),
+		quit:     make(chan struct{}),
 	}
 	sess.virtual = sess.txMode
-	sess.linkUnnamed = s.opts.LinkUnnamed
+	sess.linkUnnamed = !s.opts.ReplayUnnamed
 	sess.slot = pool.NewHandlerSlot(sess)
 	// Buffers are lent while the session is active: an idle client holds
 	// none (see pump).

@@ -13,7 +13,6 @@ import (
 	"container/list"
 	"encoding/hex"
 	"hash/maphash"
-	"sync"
 
 	"github.com/pggovernor/pggovernor/pool"
 )
@@ -50,6 +49,18 @@ func serverName(k stmtKey) []byte {
 	return out
 }
 
+// stmtShape is what a statement looks like to a client: the parameter
+// types and the result columns (names, types, type modifiers) the server
+// described for it. Two parses of one text are the same statement only if
+// their shapes are equal: after a schema change they may not be, and
+// Postgres then refuses the older one ("cached plan must not change result
+// type", or a lookup of a type that is gone). The source table of a column
+// is not part of it, as it is not part of Postgres' own check.
+type stmtShape struct {
+	sum uint64
+	ok  bool // known: the server described it
+}
+
 // clientStmt is a named statement as one client prepared it.
 type clientStmt struct {
 	name   string // the client's name
@@ -57,6 +68,47 @@ type clientStmt struct {
 	server []byte     // the governor-owned name on server connections
 	parse  []byte     // the Parse body after the name: query, NUL, parameter types
 	eff    sqlEffects // what executing it does to session state
+	// shape is the statement as the server described it when the client
+	// prepared it; a copy on another connection serves the client only if
+	// its shape is the same.
+	shape stmtShape
+	// paramTypes is the ParameterDescription body of that description:
+	// the parameter types as the server resolved them, with which a copy
+	// is prepared again (as Postgres re-analyses a cached statement with
+	// its fixed parameter types).
+	paramTypes []byte
+}
+
+// reparseBody returns the Parse body (after the name) that prepares cs
+// again with its resolved parameter types, or its own Parse body while
+// those are not known.
+func (cs *clientStmt) reparseBody() []byte {
+	return reparseBody(cs.parse, cs.paramTypes)
+}
+
+// reparseBody replaces the parameter types of a Parse body (query, NUL,
+// int16 count, OIDs) with those of a ParameterDescription body (int16
+// count, OIDs); without those it returns parse unchanged.
+func reparseBody(parse, paramTypes []byte) []byte {
+	if len(paramTypes) < 2 {
+		return parse
+	}
+	end := indexNUL(parse)
+	if end < 0 {
+		return parse
+	}
+	out := make([]byte, 0, end+1+len(paramTypes))
+	out = append(out, parse[:end+1]...)
+	return append(out, paramTypes...)
+}
+
+func indexNUL(b []byte) int {
+	for i, c := range b {
+		if c == 0 {
+			return i
+		}
+	}
+	return -1
 }
 
 // serverState is what the proxy keeps with one server connection, in
@@ -71,6 +123,14 @@ type serverState struct {
 	// unnamedOK says whether unnamed is known to be what the server's
 	// unnamed statement holds.
 	unnamedOK bool
+	// unnamedOwner and unnamedSeq say whose Parse put the statement in
+	// the unnamed slot (the session and its count of unnamed Parses):
+	// until a Describe says its shape, it serves that Parse only.
+	unnamedOwner *session
+	unnamedSeq   uint64
+	// unnamedShape is the shape of the statement in the unnamed slot, when
+	// a Describe said it.
+	unnamedShape stmtShape
 	// pendingClose are names to Close before anything else is prepared:
 	// statements the server may still hold though the governor dropped
 	// them (stale plans, a DISCARD ALL that may have failed).
@@ -87,9 +147,25 @@ type serverState struct {
 // paramsChanged records that the connection's parameters changed.
 func (ss *serverState) paramsChanged() { ss.gen++ }
 
+// serverStmt is a statement prepared on one server connection.
 type serverStmt struct {
 	key  stmtKey
 	name []byte
+	// shape is how the server described it when it was prepared (unknown
+	// until the Describe that follows every governor Parse is answered).
+	shape stmtShape
+	// origin is the client statement whose Parse prepared it: until its
+	// shape is known, it serves that client statement only.
+	origin *clientStmt
+}
+
+// servesClient reports whether the copy is the client's statement: the
+// same shape, or (shape not known yet) prepared by the client's own Parse.
+func (st *serverStmt) servesClient(cs *clientStmt) bool {
+	if st.shape.ok && cs.shape.ok {
+		return st.shape == cs.shape
+	}
+	return st.origin == cs
 }
 
 func stmtsOf(srv *pool.Server, max int) *serverState {
@@ -101,18 +177,26 @@ func stmtsOf(srv *pool.Server, max int) *serverState {
 	return ss
 }
 
-// has reports whether k is prepared, marking it recently used.
-func (ss *serverState) has(k stmtKey) bool {
+// lookup returns the copy of k on the connection, marking it recently
+// used; nil if there is none.
+func (ss *serverState) lookup(k stmtKey) *serverStmt {
 	el, ok := ss.byKey[k]
-	if ok {
-		ss.lru.MoveToFront(el)
+	if !ok {
+		return nil
 	}
-	return ok
+	ss.lru.MoveToFront(el)
+	return el.Value.(*serverStmt)
 }
 
-// add records k as prepared under name and returns the name of a statement
-// to close first when the LRU is full (nil otherwise).
-func (ss *serverState) add(k stmtKey, name []byte) (evict []byte) {
+// add records k as prepared under name by origin's Parse and returns the
+// copy, and the name of a statement to close first when the LRU is full
+// (nil otherwise). A copy of k already recorded is replaced (the caller
+// closes it on the server first).
+func (ss *serverState) add(k stmtKey, name []byte, origin *clientStmt) (st *serverStmt, evict []byte) {
+	if el, ok := ss.byKey[k]; ok {
+		ss.lru.Remove(el)
+		delete(ss.byKey, k)
+	}
 	if len(ss.byKey) >= ss.max {
 		if back := ss.lru.Back(); back != nil {
 			old := back.Value.(*serverStmt)
@@ -121,8 +205,9 @@ func (ss *serverState) add(k stmtKey, name []byte) (evict []byte) {
 			evict = old.name
 		}
 	}
-	ss.byKey[k] = ss.lru.PushFront(&serverStmt{key: k, name: name})
-	return evict
+	st = &serverStmt{key: k, name: name, origin: origin}
+	ss.byKey[k] = ss.lru.PushFront(st)
+	return st, evict
 }
 
 // drop forgets k; when the server may still hold it, its name is queued
@@ -137,6 +222,13 @@ func (ss *serverState) drop(k stmtKey, mayExist bool) {
 	delete(ss.byKey, k)
 	if mayExist {
 		ss.pendingClose = append(ss.pendingClose, st.name)
+	}
+}
+
+// dropCopy forgets st if it is still the connection's copy of its key.
+func (ss *serverState) dropCopy(st *serverStmt, mayExist bool) {
+	if el, ok := ss.byKey[st.key]; ok && el.Value.(*serverStmt) == st {
+		ss.drop(st.key, mayExist)
 	}
 }
 
@@ -163,53 +255,3 @@ func (ss *serverState) reset() {
 
 // len is the number of prepared statements.
 func (ss *serverState) len() int { return len(ss.byKey) }
-
-// knownStatements remembers, per route, statements that parsed
-// successfully, so that a client's Parse of one of them needs no server
-// connection: it is answered at once and the statement is prepared on the
-// connection that serves the client's first Bind or Describe. This keeps a
-// client that prepares outside a transaction (pgbench -M prepared,
-// libpq's PQprepare) from waiting for a connection its own other
-// sessions hold. Bounded; safe for concurrent use.
-type knownStatements struct {
-	mu     sync.Mutex
-	routes map[pool.Route]map[stmtKey]struct{}
-}
-
-// maxKnownPerRoute bounds the keys remembered per route (16 bytes each).
-const maxKnownPerRoute = 50000
-
-func (k *knownStatements) has(r pool.Route, key stmtKey) bool {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	_, ok := k.routes[r][key]
-	return ok
-}
-
-func (k *knownStatements) add(r pool.Route, key stmtKey) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	m := k.routes[r]
-	if m == nil {
-		if k.routes == nil {
-			k.routes = map[pool.Route]map[stmtKey]struct{}{}
-		}
-		m = map[stmtKey]struct{}{}
-		k.routes[r] = m
-	}
-	if len(m) >= maxKnownPerRoute {
-		for old := range m { // forget an arbitrary one
-			delete(m, old)
-			break
-		}
-	}
-	m[key] = struct{}{}
-}
-
-// forget drops a key that failed to prepare after all (a setting of the
-// session it was tried in differs).
-func (k *knownStatements) forget(r pool.Route, key stmtKey) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	delete(k.routes[r], key)
-}

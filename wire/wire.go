@@ -262,6 +262,25 @@ func (r *Reader) Ensure(n int) error {
 	return nil
 }
 
+// Prepend puts b back in front of the unread bytes, as if it had not been
+// read yet (a request replayed on another server connection).
+func (r *Reader) Prepend(b []byte) {
+	if len(b) == 0 {
+		return
+	}
+	r.borrow()
+	unread := r.Buffered()
+	if len(b)+unread > len(r.buf) {
+		grown := make([]byte, len(b)+unread)
+		copy(grown[len(b):], r.buf[r.r:r.w])
+		r.buf = grown
+	} else {
+		copy(r.buf[len(b):], r.buf[r.r:r.w])
+	}
+	copy(r.buf, b)
+	r.r, r.w = 0, len(b)+unread
+}
+
 // Shrink returns a buffer grown by Frame to its original size once it holds
 // nothing unread, so one large message does not pin memory.
 func (r *Reader) Shrink() {

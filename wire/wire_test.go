@@ -956,3 +956,29 @@ func TestPooledReaderWriterRelease(t *testing.T) {
 		t.Fatalf("want = %q, got = %q", string(frame)+"x", out.String())
 	}
 }
+
+// TestReaderPrepend: bytes put back come out first, then what was still
+// buffered, then the rest of the stream — in a buffer that fits them and in
+// one that must grow.
+func TestReaderPrepend(t *testing.T) {
+	for _, size := range []int{64, 8} {
+		a, b, c := frame('Q', []byte("first\x00")), frame('Q', []byte("second\x00")), frame('S', nil)
+		rd := wire.NewReader(bytes.NewReader(append(append([]byte{}, b...), c...)), make([]byte, max(size, len(b))), 1<<20)
+		if err := rd.Ensure(len(b)); err != nil {
+			t.Fatal(err)
+		}
+		got, _ := rd.Frame(len(b)) // read b, then put a and b back
+		back := append(append([]byte{}, a...), got...)
+		rd.Prepend(back)
+		for i, w := range [][]byte{a, b, c} {
+			_, n, err := rd.Header()
+			if err != nil {
+				t.Fatalf("size %d, frame %d: %v", size, i, err)
+			}
+			f, err := rd.Frame(n)
+			if err != nil || !bytes.Equal(f, w) {
+				t.Fatalf("size %d, frame %d: want = %q, got = %q (%v)", size, i, w, f, err)
+			}
+		}
+	}
+}

@@ -36,7 +36,19 @@ func TestPgbenchModesThroughGovernor(t *testing.T) {
 	if out, err := init.CombinedOutput(); err != nil {
 		t.Fatalf("pgbench -i: %v\n%s", err, out)
 	}
-	g := txGov(t, func(c *config.Config) { c.Budget.Max = 5 })
+	// The budget derived from the server (max_connections 60, 3 reserved
+	// for superusers, the control connection) less a reserve of 51: 5.
+	// pgbench's threads prepare synchronously while their other clients
+	// hold every server connection inside transactions; the control
+	// connection (in the database of upstream.url) answers those prepares.
+	g := txGov(t, func(c *config.Config) {
+		c.Upstream.URL = shared.URL("app", "", "benchdb")
+		c.Budget.Max = 0
+		c.Budget.Reserve = 51
+	})
+	if limit, _ := g.g.pool.Limit(); limit != 5 {
+		t.Fatalf("budget: want = 5, got = %d", limit)
+	}
 	host, port, _ := strings.Cut(g.addr, ":")
 	for _, mode := range []string{"simple", "extended", "prepared"} {
 		for _, script := range []string{"-S", "-b tpcb-like"} {

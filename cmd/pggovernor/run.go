@@ -19,6 +19,7 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -188,14 +189,15 @@ type startDeps struct {
 	// level and load: see withReload.
 	level zap.AtomicLevel
 	load  func() (config.Config, error)
-	// linkUnnamed: see withLinkUnnamed.
-	linkUnnamed bool
+	// replayUnnamed: see withReplayUnnamed.
+	replayUnnamed bool
 }
 
-// withLinkUnnamed keeps a server connection linked from a client's Parse
-// of the unnamed statement to its Execute instead of replaying the Parse
-// (proxy.Options.LinkUnnamed): for the benchmark that chose replay.
-func withLinkUnnamed() option { return func(d *startDeps) { d.linkUnnamed = true } }
+// withReplayUnnamed releases a client's server connection between a Parse
+// of the unnamed statement and its Bind, and prepares it again where the
+// Bind lands (proxy.Options.ReplayUnnamed): for the benchmark that chose
+// linking.
+func withReplayUnnamed() option { return func(d *startDeps) { d.replayUnnamed = true } }
 
 // withAWSCredentials signs RDS IAM tokens with p instead of the default
 // chain.
@@ -364,13 +366,14 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		peers = g.cluster
 	}
 	g.proxy = proxy.NewServer(proxy.Options{
-		Config:       cfg,
-		Pool:         g.pool,
-		Verifier:     auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba)),
-		TLS:          clientTLS,
-		LinkUnnamed:  deps.linkUnnamed,
-		UpstreamUser: up.sidecarUser,
-		Logger:       logger.Named("proxy"),
+		Config:           cfg,
+		Pool:             g.pool,
+		Verifier:         auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba)),
+		TLS:              clientTLS,
+		ReplayUnnamed:    deps.replayUnnamed,
+		UpstreamUser:     up.sidecarUser,
+		PrepareOnControl: g.prepareOnControl(cfg),
+		Logger:           logger.Named("proxy"),
 		Metrics: proxy.Metrics{
 			QueryDuration:         g.metrics.QuerySeconds,
 			TransactionDuration:   g.metrics.TransactionSeconds,
@@ -649,6 +652,29 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 		_ = g.admin.Shutdown(ctx)
 	}
 	logger.Info("pggovernor stopped")
+}
+
+// prepareOnControl is proxy.Options.PrepareOnControl: a prepare-only batch
+// of a client holding no server connection, parsed on the control
+// connection when the client's route is the control connection's own. Not
+// in cluster mode, where the control connection holds the leases and must
+// never wait on a client's statement.
+func (g *governor) prepareOnControl(cfg *config.Config) proxy.PrepareFunc {
+	if g.control == nil || cfg.Budget.Cluster.Enabled {
+		return nil
+	}
+	own := pool.Route{Database: g.up.base.Database, User: g.up.base.User}
+	return func(ctx context.Context, route pool.Route, query string, oids []uint32) (*pgconn.StatementDescription, error) {
+		if route != own {
+			return nil, proxy.ErrNoControlPrepare
+		}
+		c, err := g.control.Acquire(ctx)
+		if err != nil {
+			return nil, err
+		}
+		defer c.Release()
+		return c.Conn().PgConn().Prepare(ctx, "", query, oids)
+	}
 }
 
 // newControlPool is the control plane's pool of one connection (counted in

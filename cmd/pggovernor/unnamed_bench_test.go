@@ -12,9 +12,10 @@ import (
 // BenchmarkUnnamedAcrossSync measures the two ways to carry lib/pq's
 // unnamed statement across its Sync (Parse+Describe+Sync, then
 // Bind+Execute+Sync) on a pool much smaller than the clients: "replay"
-// (the default) releases the server at the first ReadyForQuery and, when
-// the Bind lands on a connection holding another statement, re-prepares
-// it there; "link" keeps the server until the Execute. Each op is one
+// releases the server at the first ReadyForQuery and, when the Bind lands
+// on a connection holding another statement, prepares it again there and
+// waits for its description to check it; "link" (the default) keeps the
+// server until the Execute (at most unnamedLinger after the Sync). Each op is one
 // parameterised query from one of `clients` concurrent database/sql
 // connections, through a budget of 2, against real Postgres. replays/op is
 // how often the Parse had to be sent again.
@@ -23,8 +24,8 @@ func BenchmarkUnnamedAcrossSync(b *testing.B) {
 		for _, clients := range []int{2, 8, 32} {
 			b.Run(fmt.Sprintf("%s/clients=%d", mode, clients), func(b *testing.B) {
 				var opts []option
-				if mode == "link" {
-					opts = append(opts, withLinkUnnamed())
+				if mode == "replay" {
+					opts = append(opts, withReplayUnnamed())
 				}
 				g := startGov(b, nil, func(c *config.Config) {
 					c.Budget.Max = 2
