@@ -25,6 +25,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -73,8 +75,14 @@ type Options struct {
 	MaxID int
 	// Name says which process this is (host and PID), for people.
 	Name string
-	// Addr returns the address peers forward cancel requests to.
+	// Addr returns the address peers forward cancel requests to. One
+	// that CheckAddr refuses is published as "" (no forwarded cancel
+	// requests), with a warning.
 	Addr func() string
+	// PeerAllowed reports whether an IP address may receive forwarded
+	// cancel requests (budget.cluster.peer_cidrs): a row whose cancel
+	// address is outside is ignored. Nil allows all.
+	PeerAllowed func(netip.Addr) bool
 	// Logger receives the manager's logs.
 	Logger *zap.Logger
 	// Now is the clock (time.Now when nil).
@@ -118,6 +126,16 @@ type Stats struct {
 	Rebalances uint64
 	// Losses counts the times the control connection was lost.
 	Losses uint64
+	// Ignored counts the rows of the membership table ignored, by reason
+	// (the Ignored* constants): each time a row is read and fails
+	// Rules.Check, and once when the heartbeat deletes a row that can
+	// never count.
+	Ignored map[string]uint64
+	// LockHolders are the sessions, seen at two heartbeats in a row, that
+	// hold advisory locks of the namespace without being a live member's
+	// control connection (nil when none or not looked for: see
+	// Manager's probe).
+	LockHolders []LockHolder
 }
 
 // Manager holds this replica's leases and steers its pool. Run drives it;
@@ -147,6 +165,16 @@ type Manager struct {
 	failed    map[int]bool // slots that failed to lock since the last heartbeat
 	// waitLogged is true once waiting for a first lease was logged.
 	waitLogged bool
+	// addrWarned is true once an address refused by CheckAddr was
+	// logged.
+	addrWarned bool
+	// probe asks the next heartbeat who holds advisory locks of the
+	// namespace without being a member: set when a lock this replica tried
+	// was taken, and while the last look found someone (pg_locks is not
+	// read at every heartbeat: it is costly on a busy server).
+	probe bool
+	// holders are the PIDs the last look found.
+	holders map[int]bool
 
 	mu    sync.Mutex
 	stats Stats
@@ -164,7 +192,12 @@ func New(o Options) *Manager {
 	if o.Addr == nil {
 		o.Addr = func() string { return "" }
 	}
-	return &Manager{o: o, kick: make(chan struct{}, 1), joined: o.Now(), failed: map[int]bool{}}
+	m := &Manager{o: o, kick: make(chan struct{}, 1), joined: o.Now(), failed: map[int]bool{}}
+	m.stats.Ignored = map[string]uint64{}
+	for _, r := range IgnoredReasons() {
+		m.stats.Ignored[r] = 0
+	}
+	return m
 }
 
 // Queued is the pool's Events.Queued hook: a client is waiting, so the
@@ -198,6 +231,8 @@ func (m *Manager) Stats() Stats {
 	st := m.stats
 	st.Members = slices.Clone(st.Members)
 	st.Targets = slices.Clone(st.Targets)
+	st.Ignored = maps.Clone(st.Ignored)
+	st.LockHolders = slices.Clone(st.LockHolders)
 	return st
 }
 
@@ -312,7 +347,9 @@ func (m *Manager) Step(ctx context.Context) {
 // was lost.
 func (m *Manager) heartbeat(ctx context.Context) bool {
 	sent := m.o.Now()
-	v, err := m.sess.Heartbeat(ctx, m.beat())
+	b := m.beat()
+	b.ProbeLocks = m.probe
+	v, err := m.sess.Heartbeat(ctx, b)
 	if f := m.o.Events.RoundTrip; f != nil && !errors.Is(ctx.Err(), context.Canceled) {
 		f(m.o.Now().Sub(sent), err)
 	}
@@ -321,8 +358,75 @@ func (m *Manager) heartbeat(ctx context.Context) bool {
 		return false
 	}
 	m.renewed(sent)
+	for reason, n := range v.Purged {
+		m.ignored(reason, 0, "deleted by the heartbeat: it could never count", n)
+	}
+	v.Members = m.admit(v.Members, m.id)
+	if v.LockHolders != nil {
+		m.lockHolders(v.LockHolders)
+	}
 	m.view = v
 	return true
+}
+
+// admit checks the rows read (Rules.Check) and returns the members'; the
+// others are counted and logged. The row of self, written in the same
+// exchange, is ours.
+func (m *Manager) admit(rows []Member, self int) []Member {
+	rules := Rules{MaxID: m.o.MaxID, Timeout: m.o.MemberTimeout, PeerAllowed: m.o.PeerAllowed}
+	out := make([]Member, 0, len(rows))
+	for _, r := range rows {
+		if self != 0 && r.ID == self {
+			out = append(out, r)
+			continue
+		}
+		if reason, detail := rules.Check(&r); reason != "" {
+			m.ignored(reason, r.ID, detail, 1)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// ignored counts n rows ignored for reason and logs it (repeats are
+// limited by log.repeat_interval).
+func (m *Manager) ignored(reason string, id int, detail string, n int) {
+	m.mu.Lock()
+	m.stats.Ignored[reason] += uint64(n)
+	m.mu.Unlock()
+	m.o.Logger.Warn("ignoring a row of the membership table that no replica wrote as it is (budget.cluster.table; see README, Cluster mode, for who may write it)",
+		zap.String("reason", reason), zap.Int("replica_id", id), zap.String("detail", detail), zap.Int("rows", n))
+}
+
+// lockHolders records the sessions found holding advisory locks of the
+// namespace without being members; one seen at two looks in a row (not a
+// replica between taking its number and writing its row) is reported.
+func (m *Manager) lockHolders(hs []LockHolder) {
+	seen := make(map[int]bool, len(hs))
+	var confirmed []LockHolder
+	for _, h := range hs {
+		seen[h.PID] = true
+		if m.holders[h.PID] {
+			confirmed = append(confirmed, h)
+		}
+	}
+	m.holders = seen
+	m.probe = len(hs) > 0
+	m.mu.Lock()
+	m.stats.LockHolders = confirmed
+	m.mu.Unlock()
+	if len(confirmed) > 0 {
+		pids := make([]int, len(confirmed))
+		leases, members := 0, 0
+		for i, h := range confirmed {
+			pids[i] = h.PID
+			leases += h.Leases
+			members += h.Members
+		}
+		m.o.Logger.Warn("sessions that are not replicas hold advisory locks of the cluster namespace (budget.cluster.namespace): the replicas share the leases left; find them in pg_stat_activity by PID",
+			zap.Ints("pids", pids), zap.Int("lease_locks", leases), zap.Int("member_locks", members))
+	}
 }
 
 // Quick looks for leases with the view of the last heartbeat, when a
@@ -400,6 +504,7 @@ func (m *Manager) connect(ctx context.Context) bool {
 		m.o.Logger.Warn("cannot read the cluster members; retrying at the next heartbeat", zap.Error(err))
 		return false
 	}
+	members = m.admit(members, 0)
 	// Numbers of live members are theirs. A member reconnecting within the
 	// member timeout of its last write gets its own number back (nobody
 	// may have taken it: its row was live all along); one whose row lapsed
@@ -431,6 +536,9 @@ func (m *Manager) connect(ctx context.Context) bool {
 		m.o.Logger.Error("cannot join the cluster; retrying at the next heartbeat", zap.Error(err))
 		return false
 	}
+	if id != ids[0] {
+		m.probe = true // a number was taken: by whom?
+	}
 	rejoin := m.known
 	if id != m.id || lapsed {
 		m.claimed = nil // no longer reserved for us
@@ -441,6 +549,9 @@ func (m *Manager) connect(ctx context.Context) bool {
 		sess.Close()
 		m.o.Logger.Warn("cannot take back the leases; retrying at the next heartbeat", zap.Error(err))
 		return false
+	}
+	if len(held) < len(m.claimed) {
+		m.probe = true
 	}
 	slices.Sort(held)
 	reserved := len(m.claimed)
@@ -463,6 +574,9 @@ func (m *Manager) connect(ctx context.Context) bool {
 			if err != nil {
 				m.lose(ctx, err)
 				return false
+			}
+			if len(got) < len(try) {
+				m.probe = true
 			}
 			m.held = got
 		}
@@ -527,7 +641,16 @@ func (m *Manager) demand() int {
 
 func (m *Manager) beat() Beat {
 	st := m.o.Pool.Stats()
-	b := Beat{ID: m.id, Name: m.o.Name, Addr: m.o.Addr(), Slots: m.held, Demand: m.demand(),
+	addr := m.o.Addr()
+	if err := CheckAddr(addr, m.o.PeerAllowed); err != nil {
+		if !m.addrWarned {
+			m.addrWarned = true
+			m.o.Logger.Warn("this replica publishes no address for forwarded cancel requests: cancel requests for its clients that reach another replica are dropped; set budget.cluster.advertise_address or budget.cluster.peer_cidrs",
+				zap.Error(err))
+		}
+		addr = ""
+	}
+	b := Beat{ID: m.id, Name: m.o.Name, Addr: addr, Slots: m.held, Demand: m.demand(),
 		Waiting: st.Waiting, Joined: m.joined, Timeout: m.o.MemberTimeout, CountForeign: m.o.CountForeign}
 	if m.o.CountForeign {
 		for _, s := range m.o.Pool.Servers() {
@@ -652,6 +775,7 @@ func (m *Manager) rebalance(ctx context.Context, heartbeat bool) {
 			for _, s := range try {
 				if !slices.Contains(g, s) {
 					m.failed[s] = true
+					m.probe = true
 				}
 			}
 			got = append(got, g...)

@@ -185,7 +185,7 @@ func TestStoreAgainstPostgres(t *testing.T) {
 	if got := locksOf(t, ns); got != 0 {
 		t.Fatalf("advisory locks after leaving: want = 0, got = %d", got)
 	}
-	members, err := ReadMembers(ctx, conn, ns, "store_test_members")
+	members, err := ReadMembers(ctx, conn, ns, "store_test_members", 1023)
 	if err != nil || len(members) != 0 {
 		t.Fatalf("members after leaving: want none, got = %+v (%v)", members, err)
 	}
