@@ -153,7 +153,12 @@ type Manager struct {
 	sess      Session
 	id        int
 	held      []int // slots locked on sess, ascending
-	claimed   []int // slots our row lists (held at the last publish)
+	claimed   []int // slots our row lists (as of the last publish)
+	// kept are slots our row lists that we could not lock back when we
+	// reconnected (a session that is no replica's took their locks while
+	// our row reserved them): listed while our connections need them, so
+	// that no replica takes them when that session lets go.
+	kept []int
 	keep      int   // leases to keep; held beyond it go back as connections close
 	joined    time.Time
 	demands   [3]int // demand at the last heartbeats (ring)
@@ -357,7 +362,7 @@ func (m *Manager) heartbeat(ctx context.Context) bool {
 		m.lose(ctx, err)
 		return false
 	}
-	m.renewed(sent)
+	m.renewed(sent, b.Slots)
 	for reason, n := range v.Purged {
 		m.ignored(reason, 0, "deleted by the heartbeat: it could never count", n)
 	}
@@ -539,6 +544,17 @@ func (m *Manager) connect(ctx context.Context) bool {
 	if id != ids[0] {
 		m.probe = true // a number was taken: by whom?
 	}
+	if m.id > 0 && !lapsed && id != m.id {
+		// Our number's lock is held by a session that is no replica's (no
+		// replica takes the number of a live row). Our row still reserves
+		// the leases of the connections we hold: joining under another
+		// number would renew our fence while that row lapses under them.
+		// Wait until it lapses (the fence closes them first).
+		sess.Close()
+		m.o.Logger.Warn("this replica's number is locked by a session that is not a replica; it joins under another once its row is budget.cluster.member_timeout old",
+			zap.Int("replica", m.id))
+		return false
+	}
 	rejoin := m.known
 	if id != m.id || lapsed {
 		m.claimed = nil // no longer reserved for us
@@ -550,8 +566,12 @@ func (m *Manager) connect(ctx context.Context) bool {
 		m.o.Logger.Warn("cannot take back the leases; retrying at the next heartbeat", zap.Error(err))
 		return false
 	}
-	if len(held) < len(m.claimed) {
-		m.probe = true
+	m.kept = nil
+	for _, s := range m.claimed {
+		if !slices.Contains(held, s) {
+			m.kept = append(m.kept, s)
+			m.probe = true
+		}
 	}
 	slices.Sort(held)
 	reserved := len(m.claimed)
@@ -593,11 +613,12 @@ func (m *Manager) connect(ctx context.Context) bool {
 			return false
 		}
 		sent := m.o.Now()
-		if err := m.sess.Publish(ctx, m.beat()); err != nil {
+		b := m.beat()
+		if err := m.sess.Publish(ctx, b); err != nil {
 			m.lose(ctx, err)
 			return false
 		}
-		m.renewed(sent)
+		m.renewed(sent, b.Slots)
 	}
 	m.waitLogged = false
 	m.o.Logger.Info("joined the cluster", zap.Int("replica", id), zap.Bool("rejoined", rejoin),
@@ -623,10 +644,28 @@ func (m *Manager) lose(ctx context.Context, err error) {
 		zap.Error(err), zap.Int("replica", m.id), zap.Int("open", m.o.Pool.Stats().Open))
 }
 
-// renewed records a successful write of our row, sent at sent.
-func (m *Manager) renewed(sent time.Time) {
+// renewed records a successful write of our row listing slots, sent at
+// sent.
+func (m *Manager) renewed(sent time.Time, slots []int) {
 	m.lastOK.Store(sent.UnixNano())
-	m.claimed = slices.Clone(m.held)
+	m.claimed = slices.Clone(slots)
+}
+
+// rowSlots is what our row lists when we hold held: those, and as many of
+// the kept slots as our open connections (and the control connection)
+// need beyond them.
+func (m *Manager) rowSlots(held []int) []int {
+	// A kept slot we have since locked (its squatter let go) is held.
+	m.kept = slices.DeleteFunc(m.kept, func(s int) bool { return slices.Contains(held, s) })
+	need := m.o.Pool.Stats().Open + 1 - len(held)
+	if need <= 0 || len(m.kept) == 0 {
+		m.kept = nil
+		return held
+	}
+	m.kept = m.kept[:min(need, len(m.kept))]
+	out := append(slices.Clone(held), m.kept...)
+	slices.Sort(out)
+	return out
 }
 
 // demand is the server connections wanted at the last heartbeats.
@@ -650,7 +689,7 @@ func (m *Manager) beat() Beat {
 		}
 		addr = ""
 	}
-	b := Beat{ID: m.id, Name: m.o.Name, Addr: addr, Slots: m.held, Demand: m.demand(),
+	b := Beat{ID: m.id, Name: m.o.Name, Addr: addr, Slots: m.rowSlots(m.held), Demand: m.demand(),
 		Waiting: st.Waiting, Joined: m.joined, Timeout: m.o.MemberTimeout, CountForeign: m.o.CountForeign}
 	if m.o.CountForeign {
 		for _, s := range m.o.Pool.Servers() {
@@ -784,13 +823,14 @@ func (m *Manager) rebalance(ctx context.Context, heartbeat bool) {
 			m.held = append(m.held, got...)
 			slices.Sort(m.held)
 			sent := m.o.Now()
-			if err := m.sess.Publish(ctx, m.beat()); err != nil {
+			b := m.beat()
+			if err := m.sess.Publish(ctx, b); err != nil {
 				// Not published, so not ours to use: the session is
 				// suspect; start again.
 				m.lose(ctx, err)
 				return
 			}
-			m.renewed(sent)
+			m.renewed(sent, b.Slots)
 			inRange += len(got)
 			if !m.needSince.IsZero() {
 				if f := m.o.Events.Acquired; f != nil {
@@ -843,14 +883,14 @@ func (m *Manager) release(ctx context.Context) {
 		}
 	}
 	b := m.beat()
-	b.Slots = rest
+	b.Slots = m.rowSlots(rest)
 	sent := m.o.Now()
 	if err := m.sess.Release(ctx, drop, b); err != nil {
 		m.lose(ctx, err)
 		return
 	}
 	m.held = rest
-	m.renewed(sent)
+	m.renewed(sent, b.Slots)
 }
 
 // leave ends membership when Run returns.

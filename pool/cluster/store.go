@@ -234,7 +234,7 @@ func (s *pgSession) ensureTable(ctx context.Context) error {
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("creating the membership table %s (key budget.cluster.table; the upstream user needs CREATE on its schema, or create it once as docs/architecture.md shows): %w", s.name, err)
+		return fmt.Errorf("creating the membership table %s (key budget.cluster.table; the control connection's role, budget.cluster.control_user or else the upstream user, needs CREATE on its schema, or create it once as docs/architecture.md shows): %w", s.name, err)
 	}
 	return nil
 }
@@ -336,7 +336,7 @@ func (s *pgSession) Members(ctx context.Context) ([]Member, error) {
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "42501" {
-		return nil, fmt.Errorf("reading the cluster members from %s (key budget.cluster.table: the upstream user of every replica needs SELECT, INSERT, UPDATE and DELETE on it): %w", s.name, err)
+		return nil, fmt.Errorf("reading the cluster members from %s (key budget.cluster.table: the control connection's role of every replica, budget.cluster.control_user or else the upstream user, needs SELECT, INSERT, UPDATE and DELETE on it): %w", s.name, err)
 	}
 	return nil, fmt.Errorf("reading the cluster members: %w", err)
 }
