@@ -204,30 +204,46 @@ func (s *pgSession) ensureTable(ctx context.Context) error {
 	if exists {
 		return nil
 	}
-	err := pgx.BeginFunc(ctx, s.c, func(tx pgx.Tx) error {
-		// The lock only spares replicas starting together the error of a
-		// concurrent CREATE; it is tried, not waited for, so that a session
-		// squatting it cannot stop replicas from starting.
-		if _, err := tx.Exec(ctx, "SELECT pg_try_advisory_xact_lock($1, $2)", s.ns, int32(createLockKey)); err != nil {
+	// The lock spares replicas starting together the error of concurrent
+	// CREATEs. It is waited for only briefly, so that a session squatting
+	// it cannot stop replicas from starting: then the table is created
+	// without it.
+	wait := time.Second
+	if dl, ok := ctx.Deadline(); ok {
+		wait = max(time.Until(dl)/2, 10*time.Millisecond)
+	}
+	create := func(lock bool) error {
+		return pgx.BeginFunc(ctx, s.c, func(tx pgx.Tx) error {
+			if lock {
+				if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", wait.Milliseconds())); err != nil {
+					return err
+				}
+				if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1, $2)", s.ns, int32(createLockKey)); err != nil {
+					return err
+				}
+			}
+			_, err := tx.Exec(ctx, `CREATE UNLOGGED TABLE IF NOT EXISTS `+s.table+` (
+				namespace   int         NOT NULL,
+				replica_id  int         NOT NULL,
+				name        text        NOT NULL,
+				cancel_addr text        NOT NULL,
+				slots       int[]       NOT NULL,
+				demand      int         NOT NULL,
+				waiting     int         NOT NULL,
+				control_pid int         NOT NULL,
+				server_pids int[]       NOT NULL,
+				joined      timestamptz NOT NULL,
+				heartbeat   timestamptz NOT NULL,
+				PRIMARY KEY (namespace, replica_id))`)
 			return err
-		}
-		_, err := tx.Exec(ctx, `CREATE UNLOGGED TABLE IF NOT EXISTS `+s.table+` (
-			namespace   int         NOT NULL,
-			replica_id  int         NOT NULL,
-			name        text        NOT NULL,
-			cancel_addr text        NOT NULL,
-			slots       int[]       NOT NULL,
-			demand      int         NOT NULL,
-			waiting     int         NOT NULL,
-			control_pid int         NOT NULL,
-			server_pids int[]       NOT NULL,
-			joined      timestamptz NOT NULL,
-			heartbeat   timestamptz NOT NULL,
-			PRIMARY KEY (namespace, replica_id))`)
-		return err
-	})
+		})
+	}
+	err := create(true)
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && (pgErr.Code == "23505" || pgErr.Code == "42P07") {
+	if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+		err = create(false) // the lock is held by someone who does not let go
+	}
+	if errors.As(err, &pgErr) && (pgErr.Code == "23505" || pgErr.Code == "42P07" || pgErr.Code == "42710") {
 		// Created by another replica at the same moment.
 		if qerr := s.c.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", s.name).Scan(&exists); qerr == nil && exists {
 			return nil
