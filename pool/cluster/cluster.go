@@ -150,16 +150,16 @@ type Manager struct {
 	fenceMu sync.Mutex
 
 	// Owned by the goroutine running Run (or the test driving Step).
-	sess      Session
-	id        int
-	held      []int // slots locked on sess, ascending
-	claimed   []int // slots our row lists (as of the last publish)
+	sess    Session
+	id      int
+	held    []int // slots locked on sess, ascending
+	claimed []int // slots our row lists (as of the last publish)
 	// kept are slots our row lists that we could not lock back when we
 	// reconnected (a session that is no replica's took their locks while
 	// our row reserved them): listed while our connections need them, so
 	// that no replica takes them when that session lets go.
-	kept []int
-	keep      int   // leases to keep; held beyond it go back as connections close
+	kept      []int
+	keep      int // leases to keep; held beyond it go back as connections close
 	joined    time.Time
 	demands   [3]int // demand at the last heartbeats (ring)
 	di        int

@@ -465,11 +465,12 @@ func (s *pgSession) purgeSQL() string {
 // (two int4 keys: classid, objid, objsubid 2, in this database) that are
 // not the control connection of a row live for $2 (skew $3, replica numbers
 // to $4), with their locks on lease keys (0 and up) and on membership keys
-// (negative); at most 100.
+// (-2 down to -1-$4); at most 100.
 func (s *pgSession) lockHoldersSQL() string {
 	return `SELECT l.pid, (count(*) FILTER (WHERE l.objid::int4 >= 0))::int, (count(*) FILTER (WHERE l.objid::int4 < 0))::int
 		FROM pg_locks l
 		WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $1::int4::oid
+			AND (l.objid::int4 >= 0 OR l.objid::int4 BETWEEN -1 - $4::int AND -2)
 			AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 			AND NOT EXISTS (SELECT 1 FROM ` + s.table + ` m WHERE m.namespace = $1 AND m.control_pid = l.pid
 				AND ` + liveSQL("m", "$2", "$3", "$4") + `)
