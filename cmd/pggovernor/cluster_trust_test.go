@@ -136,8 +136,14 @@ func TestClusterIgnoresBadRows(t *testing.T) {
 		{"a negative control PID", 910, map[string]string{"control_pid": "-1"}, "malformed"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			waitFor(t, 10*time.Second, "two members", func() bool { return twoMembers() == nil })
 			counted := func() float64 { return rs[0].ignored(t, tc.reason) + rs[1].ignored(t, tc.reason) }
 			before := counted()
+			t.Cleanup(func() {
+				if _, err := pg.ExecIn(context.Background(), "clusterdb", fmt.Sprintf("DELETE FROM pggovernor_members WHERE namespace = %d AND replica_id = %d", ns, tc.id)); err != nil {
+					t.Error(err)
+				}
+			})
 			execThrough(t, rs[0], insertRow(ns, tc.id, tc.over))
 			// Until it is counted (by both replicas at each heartbeat, or
 			// once by the one whose heartbeat deletes a row that can never
@@ -158,14 +164,9 @@ func TestClusterIgnoresBadRows(t *testing.T) {
 					t.Fatalf("a client of %s with the row: %v", r.user, err)
 				}
 			}
-			if _, err := pg.ExecIn(context.Background(), "clusterdb", fmt.Sprintf("DELETE FROM pggovernor_members WHERE namespace = %d AND replica_id = %d", ns, tc.id)); err != nil {
-				t.Fatal(err)
-			}
 		})
 	}
-	if err := twoMembers(); err != nil {
-		t.Fatal(err)
-	}
+	waitFor(t, 10*time.Second, "two members", func() bool { return twoMembers() == nil })
 }
 
 // cancelSink is a TCP listener standing for whatever address a tampered
@@ -269,7 +270,8 @@ func TestClusterCancelForwardingToTamperedRows(t *testing.T) {
 				flags = append(flags, "--budget.cluster.secret-file="+clusterSecretFile(t))
 			}
 			r := startReplica(t, pg, "rep1", ns, users, flags...)
-			waitMembers(t, pg, ns, r)
+			// (Outside peer_cidrs, it publishes no address of its own.)
+			waitFor(t, 20*time.Second, "the replica to join", func() bool { return r.metric(t, "pggovernor_cluster_replicas") == 1 })
 			sink := newCancelSink(t)
 			execThrough(t, r, insertRow(ns, bogusID, map[string]string{"cancel_addr": fmt.Sprintf("'%s:%d'", tc.host, sink.port())}))
 			waitFor(t, 10*time.Second, "the replica to read the row", func() bool {
