@@ -34,19 +34,45 @@ func (p StaticPassword) Password(context.Context) (string, error) { return strin
 // file that becomes unreadable or empty after the start is logged once and
 // the last password read is kept.
 type PasswordFile struct {
+	SecretFileNames
 	path   string
 	logger *zap.Logger
 	warn   sync.Once
 	r      *filestamp.Reloader[string]
 }
 
+// SecretFileNames name a secret file in errors and logs.
+type SecretFileNames struct {
+	// Key is its configuration key, e.g. upstream.password_file.
+	Key string
+	// Noun names it in logs, e.g. "upstream password file".
+	Noun string
+	// Use says who uses a new version, e.g. "new server connections use
+	// the new password".
+	Use string
+	// Keep says what happens when it cannot be used, e.g. "new server
+	// connections keep the last password read".
+	Keep string
+}
+
+// UpstreamPasswordFile names upstream.password_file.
+var UpstreamPasswordFile = SecretFileNames{Key: "upstream.password_file", Noun: "upstream password file",
+	Use: "new server connections use the new password", Keep: "new server connections keep the last password read"}
+
 // NewPasswordFile returns a source reading path. A missing, unreadable or
 // empty file is an error naming upstream.password_file.
 func NewPasswordFile(path string, logger *zap.Logger) (*PasswordFile, error) {
+	return NewSecretFile(UpstreamPasswordFile, path, logger)
+}
+
+// NewSecretFile returns a source reading the secret file path, named in
+// errors and logs by names. A missing, unreadable or empty file is an error
+// naming its key.
+func NewSecretFile(names SecretFileNames, path string, logger *zap.Logger) (*PasswordFile, error) {
 	if logger == nil {
 		logger = zap.NewNop()
 	}
-	pf := &PasswordFile{path: path, logger: logger}
+	pf := &PasswordFile{SecretFileNames: names, path: path, logger: logger}
 	r, err := filestamp.NewReloader(pf.load, path)
 	if err != nil {
 		return nil, err
@@ -56,13 +82,13 @@ func NewPasswordFile(path string, logger *zap.Logger) (*PasswordFile, error) {
 }
 
 func (p *PasswordFile) load() (string, error) {
-	pw, trimmed, err := ReadPasswordFile(p.path)
+	pw, trimmed, err := ReadSecretFile(p.Key, p.path)
 	if err != nil {
 		return "", err
 	}
 	if trimmed {
 		p.warn.Do(func() {
-			p.logger.Warn("upstream password file has surrounding whitespace or a trailing newline; it was trimmed (write the file without it, e.g. printf '%s' \"$PASSWORD\" > file)",
+			p.logger.Warn(p.Noun+" has surrounding whitespace or a trailing newline; it was trimmed (write the file without it, e.g. printf '%s' \"$PASSWORD\" > file)",
 				zap.String("file", p.path))
 		})
 	}
@@ -74,27 +100,32 @@ func (p *PasswordFile) Password(context.Context) (string, error) {
 	pw, reloaded, err := p.r.Get()
 	switch {
 	case err != nil:
-		p.logger.Error("the upstream password file cannot be used; new server connections keep the last password read", zap.Error(err))
+		p.logger.Error("the "+p.Noun+" cannot be used; "+p.Keep, zap.Error(err))
 	case reloaded:
-		p.logger.Info("upstream password file changed; new server connections use the new password", zap.String("file", p.path))
+		p.logger.Info(p.Noun+" changed; "+p.Use, zap.String("file", p.path))
 	}
 	return pw, nil
 }
 
-// ReadPasswordFile reads a password file and trims surrounding whitespace;
-// trimmed says whether there was any. A missing, unreadable or empty file is
-// an error naming the key upstream.password_file.
+// ReadPasswordFile reads upstream.password_file: see ReadSecretFile.
 func ReadPasswordFile(path string) (pw string, trimmed bool, err error) {
+	return ReadSecretFile(UpstreamPasswordFile.Key, path)
+}
+
+// ReadSecretFile reads a password or key file and trims surrounding
+// whitespace; trimmed says whether there was any. A missing, unreadable or
+// empty file is an error naming key.
+func ReadSecretFile(key, path string) (pw string, trimmed bool, err error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
-			return "", false, fmt.Errorf("upstream.password_file %s does not exist", path)
+			return "", false, fmt.Errorf("%s %s does not exist", key, path)
 		}
-		return "", false, fmt.Errorf("upstream.password_file %s cannot be read: %w", path, errors.Unwrap(err))
+		return "", false, fmt.Errorf("%s %s cannot be read: %w", key, path, errors.Unwrap(err))
 	}
 	pw = strings.TrimSpace(string(data))
 	if pw == "" {
-		return "", false, fmt.Errorf("upstream.password_file %s is empty", path)
+		return "", false, fmt.Errorf("%s %s is empty", key, path)
 	}
 	return pw, pw != string(data), nil
 }

@@ -186,8 +186,39 @@ type Cluster struct {
 	// AdvertiseAddress is the host:port other replicas use to forward a
 	// cancel request for one of this replica's clients. Empty: the host of
 	// listen, or when listen is a wildcard (0.0.0.0), the address this
-	// replica connects to the server from, with listen's port.
+	// replica connects to the server from, with listen's port. An address
+	// outside PeerCIDRs is not published (no cancel request is forwarded
+	// to this replica).
 	AdvertiseAddress string `yaml:"advertise_address"`
+	// PeerCIDRs are the networks forwarded cancel requests may go to: a
+	// row of the membership table whose cancel address is an IP address
+	// outside them is ignored, and a replica dials a peer only at an
+	// address inside them (a DNS name is checked once resolved). The
+	// default is the private ranges pod networks use (RFC 1918, CGNAT
+	// 100.64.0.0/10, IPv6 ULA fc00::/7) and loopback; set the pod network's
+	// CIDRs where it uses public addresses. Every replica of a fleet must
+	// use the same value.
+	PeerCIDRs []string `yaml:"peer_cidrs"`
+	// SecretFile is a file holding the key (at least 16 bytes; surrounding
+	// whitespace trimmed) that authenticates cancel requests forwarded
+	// between replicas, the same on every replica, e.g. a Kubernetes Secret
+	// made with `openssl rand -base64 32`. It is read again when it
+	// changes. Empty: cancel requests are not forwarded between replicas
+	// (a cancel request reaching a replica that did not issue the key is
+	// dropped), and forwarded ones are refused.
+	SecretFile string `yaml:"secret_file"`
+	// ControlUser is the role of the control connection in cluster mode:
+	// it takes the leases (advisory locks) and owns and writes the
+	// membership table. Empty: the upstream user. Make it a role that
+	// application clients cannot log in as, and give the application role
+	// no privilege on the table (README, Cluster mode): whoever may write
+	// the table can stop forwarded cancel requests and skew the shares.
+	ControlUser string `yaml:"control_user"`
+	// ControlPasswordFile is a file holding ControlUser's password, read
+	// again when it changes. Empty with upstream.connector awsiamrds: an
+	// RDS IAM token for ControlUser; otherwise no password (the server may
+	// authenticate the role otherwise, e.g. by certificate).
+	ControlPasswordFile string `yaml:"control_password_file"`
 }
 
 // Pool tunes the per-route server connection pools.
@@ -322,6 +353,13 @@ type Admin struct {
 	ProbeInterval time.Duration `yaml:"probe_interval" min:"100ms"`
 }
 
+// DefaultPeerCIDRs are budget.cluster.peer_cidrs' default: the private
+// ranges (RFC 1918, CGNAT used by some pod networks, IPv6 unique local)
+// and loopback.
+func DefaultPeerCIDRs() []string {
+	return []string{"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7", "127.0.0.0/8", "::1/128"}
+}
+
 // Default returns the configuration used where nothing else is said.
 func Default() Config {
 	return Config{
@@ -338,6 +376,7 @@ func Default() Config {
 				Table:             "pggovernor_members",
 				HeartbeatInterval: time.Second,
 				MemberTimeout:     10 * time.Second,
+				PeerCIDRs:         DefaultPeerCIDRs(),
 			},
 		},
 		Pool: Pool{MaxPreparedStatements: 200},

@@ -200,7 +200,9 @@ func fullWant() config.Config {
 			Reserve:         3,
 			RefreshInterval: 2 * time.Minute,
 			Cluster: config.Cluster{Enabled: true, Namespace: 42, CountForeign: true, Table: "fleet.members",
-				HeartbeatInterval: 500 * time.Millisecond, MemberTimeout: 5 * time.Second, AdvertiseAddress: "10.0.0.7:7432"},
+				HeartbeatInterval: 500 * time.Millisecond, MemberTimeout: 5 * time.Second, AdvertiseAddress: "10.0.0.7:7432",
+				PeerCIDRs: []string{"10.0.0.0/8", "fd00::/8"}, SecretFile: "/run/secrets/pggovernor-cluster",
+				ControlUser: "pggovernor_control", ControlPasswordFile: "/run/secrets/pggovernor-control-password"},
 		},
 		Pool: config.Pool{MaxPreparedStatements: 50},
 		Clients: config.Clients{
@@ -917,6 +919,26 @@ func TestLoadErrors(t *testing.T) {
 			name:    "cluster advertise address without a port",
 			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_ENABLED=true", "PGGOVERNOR_BUDGET_CLUSTER_ADVERTISE_ADDRESS=10.0.0.7"},
 			wantErr: []string{`key budget.cluster.advertise_address: "10.0.0.7" is not host:port`},
+		},
+		{
+			name:    "cluster peer CIDR that does not parse",
+			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_ENABLED=true", "PGGOVERNOR_BUDGET_CLUSTER_PEER_CIDRS=10.0.0.0/8,10.1.2.3"},
+			wantErr: []string{`key budget.cluster.peer_cidrs: "10.1.2.3" is not a CIDR`},
+		},
+		{
+			name: "cluster advertise address outside the peer CIDRs",
+			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_ENABLED=true", "PGGOVERNOR_BUDGET_CLUSTER_ADVERTISE_ADDRESS=203.0.113.7:6432",
+				"PGGOVERNOR_BUDGET_CLUSTER_PEER_CIDRS=10.0.0.0/8"},
+			wantErr: []string{"key budget.cluster.advertise_address: 203.0.113.7:6432 is outside budget.cluster.peer_cidrs (10.0.0.0/8)"},
+		},
+		{
+			name:    "cluster advertise address by name: checked when dialled",
+			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_ENABLED=true", "PGGOVERNOR_BUDGET_CLUSTER_ADVERTISE_ADDRESS=coder-0.coder:6432"},
+		},
+		{
+			name:    "cluster control password file without a control user",
+			environ: []string{usersEnv, "PGGOVERNOR_BUDGET_CLUSTER_ENABLED=true", "PGGOVERNOR_BUDGET_CLUSTER_CONTROL_PASSWORD_FILE=/run/secrets/x"},
+			wantErr: []string{"key budget.cluster.control_password_file: set budget.cluster.control_user too"},
 		},
 		{
 			name: "cluster settings are not checked while it is off",

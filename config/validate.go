@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"net/netip"
 	"net/url"
 	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -77,10 +79,25 @@ func (c *Config) Validate() error {
 		if !validTableName(cl.Table) {
 			errs = append(errs, fmt.Errorf("key budget.cluster.table: %q is not a table name (letters, digits and _, optionally schema.table)", cl.Table))
 		}
-		if a := cl.AdvertiseAddress; a != "" {
-			if _, port, err := net.SplitHostPort(a); err != nil || port == "" || port == "0" {
-				errs = append(errs, fmt.Errorf("key budget.cluster.advertise_address: %q is not host:port", a))
+		var prefixes []netip.Prefix
+		for _, c := range cl.PeerCIDRs {
+			p, err := netip.ParsePrefix(c)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("key budget.cluster.peer_cidrs: %q is not a CIDR (such as 10.0.0.0/8 or fc00::/7)", c))
+				continue
 			}
+			prefixes = append(prefixes, p.Masked())
+		}
+		if a := cl.AdvertiseAddress; a != "" {
+			host, port, err := net.SplitHostPort(a)
+			if err != nil || port == "" || port == "0" {
+				errs = append(errs, fmt.Errorf("key budget.cluster.advertise_address: %q is not host:port", a))
+			} else if ip, err := netip.ParseAddr(host); err == nil && !slices.ContainsFunc(prefixes, func(p netip.Prefix) bool { return p.Contains(ip.WithZone("").Unmap()) }) {
+				errs = append(errs, fmt.Errorf("key budget.cluster.advertise_address: %s is outside budget.cluster.peer_cidrs (%s): the other replicas would not forward cancel requests to it; add its network to budget.cluster.peer_cidrs", a, strings.Join(cl.PeerCIDRs, ", ")))
+			}
+		}
+		if cl.ControlPasswordFile != "" && cl.ControlUser == "" {
+			errs = append(errs, errors.New("key budget.cluster.control_password_file: set budget.cluster.control_user too (the role whose password it holds)"))
 		}
 	}
 	if c.Budget.Max > 0 && c.Budget.Reserve > 0 {

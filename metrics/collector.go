@@ -38,6 +38,12 @@ type ClusterStats struct {
 	// replicas with waiting clients; Losses the times it lost its control
 	// connection, and with it its leases.
 	Rebalances, Losses uint64
+	// RowsIgnored counts the rows of the membership table ignored, by
+	// reason (every reason present, zero included).
+	RowsIgnored map[string]uint64
+	// ForeignLocks counts the advisory locks of the namespace held by
+	// sessions that are not replicas.
+	ForeignLocks int
 }
 
 // Security are the TLS and RDS IAM figures.
@@ -74,6 +80,10 @@ type Sources struct {
 	// LoginFailureReasons are started at zero in
 	// pggovernor_login_failures_total.
 	LoginFailureReasons []string
+	// CancelForwardResults and CancelReceivedResults are started at zero
+	// in pggovernor_cluster_cancels_forwarded_total and
+	// pggovernor_cluster_cancels_received_total.
+	CancelForwardResults, CancelReceivedResults []string
 }
 
 // collector reads the pool's and the proxy's state at scrape time, as
@@ -91,7 +101,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.maxOpen, c.open, c.inUse, c.idle, c.waitCount, c.waitDuration,
 		c.maxIdleClosed, c.maxIdleTimeClosed, c.maxLifetimeClosed, c.clients, c.servers, c.budget, c.budgetShare,
 		c.budgetUsed, c.waitTimeouts, c.connects, c.connectErrors, c.received, c.sent, c.upstreamUp, c.paused,
-		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.certExpiry, c.iamMints,
+		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.rowsIgnored, c.foreignLocks, c.certExpiry, c.iamMints,
 		c.notifyBacklog, c.notifyOverflows} {
 		ch <- d
 	}
@@ -175,6 +185,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(c.borrowed, float64(cs.Borrowed))
 			counter(c.rebalances, float64(cs.Rebalances))
 			counter(c.leaseLosses, float64(cs.Losses))
+			for reason, n := range cs.RowsIgnored {
+				counter(c.rowsIgnored, float64(n), reason)
+			}
+			gauge(c.foreignLocks, float64(cs.ForeignLocks))
 		}
 	}
 	var sec Security

@@ -38,8 +38,10 @@ type Metrics struct {
 	// prepared again there (transaction mode).
 	PreparedHits, PreparedMisses prometheus.Counter
 
-	errorsSent    *prometheus.CounterVec
-	loginFailures *prometheus.CounterVec
+	errorsSent       *prometheus.CounterVec
+	loginFailures    *prometheus.CounterVec
+	cancelsForwarded *prometheus.CounterVec
+	cancelsReceived  *prometheus.CounterVec
 }
 
 // namespace prefixes pggovernor's own metric names.
@@ -82,6 +84,10 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 			Help: "Errors pggovernor itself sent to clients, by SQLSTATE (errors from the server pass through uncounted)."}, []string{"sqlstate"}),
 		loginFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "login_failures_total",
 			Help: "Client logins that failed, by reason."}, []string{"reason"}),
+		cancelsForwarded: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cluster_cancels_forwarded_total",
+			Help: "Cancel requests for another replica's client (budget.cluster), by result: forwarded, not_member, no_secret (budget.cluster.secret_file unset), address_refused (outside budget.cluster.peer_cidrs), failed."}, []string{"result"}),
+		cancelsReceived: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cluster_cancels_received_total",
+			Help: "Cancel requests forwarded by another replica (budget.cluster), by result: accepted, refused (the authentication matched no client's key), no_secret (budget.cluster.secret_file unset here)."}, []string{"result"}),
 	}
 	prepared := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "prepared_statements_total",
 		Help: "Client prepared statements at the start of a transaction (transaction mode): hit, already prepared on the server connection; miss, prepared again."}, []string{"result"})
@@ -92,8 +98,14 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 	for _, reason := range src.LoginFailureReasons {
 		m.loginFailures.WithLabelValues(reason)
 	}
+	for _, r := range src.CancelForwardResults {
+		m.cancelsForwarded.WithLabelValues(r)
+	}
+	for _, r := range src.CancelReceivedResults {
+		m.cancelsReceived.WithLabelValues(r)
+	}
 	reg.MustRegister(m.WaitSeconds, m.ServerConnectSeconds, m.TransactionSeconds, m.QuerySeconds, m.UpstreamRoundTripSeconds, m.ClusterLeaseAcquireSeconds,
-		m.errorsSent, m.loginFailures, prepared, newCollector(src))
+		m.errorsSent, m.loginFailures, m.cancelsForwarded, m.cancelsReceived, prepared, newCollector(src))
 	return m
 }
 
@@ -110,6 +122,7 @@ type scrapeDescs struct {
 	waitTimeouts, connects, connectErrors                *prometheus.Desc
 	received, sent, upstreamUp, paused, leases, replicas *prometheus.Desc
 	borrowed, rebalances, leaseLosses                    *prometheus.Desc
+	rowsIgnored, foreignLocks                            *prometheus.Desc
 	certExpiry, iamMints                                 *prometheus.Desc
 	notifyBacklog, notifyOverflows                       *prometheus.Desc
 }
@@ -153,6 +166,10 @@ func newScrapeDescs() scrapeDescs {
 		borrowed:      own("cluster_borrowed_leases", "Leases this replica holds beyond its fair share, borrowed while other replicas do not need them (budget.cluster)."),
 		rebalances:    own("cluster_rebalances_total", "Times this replica gave leases back because another replica had waiting clients (budget.cluster)."),
 		leaseLosses:   own("cluster_lease_losses_total", "Times this replica lost its control connection, and with it its leases (budget.cluster)."),
+		rowsIgnored: own("cluster_rows_ignored_total",
+			"Rows of the membership table ignored (budget.cluster), by reason: heartbeat (not finite or in the future), replica_id, slots, address (not host:port or outside budget.cluster.peer_cidrs), malformed; counted at every heartbeat that reads one, once for one the heartbeat deletes.", "reason"),
+		foreignLocks: own("cluster_foreign_locks",
+			"Advisory locks of the cluster namespace held by sessions that are not replicas (budget.cluster), as last looked for: the replicas share the leases left."),
 		certExpiry: own("tls_certificate_expiry_timestamp_seconds",
 			"When a TLS certificate pggovernor presents expires (Unix time), by the configuration key of its file.", "certificate"),
 		iamMints: own("iam_token_mints_total", "RDS IAM authentication tokens minted, by result (success or failure).", "result"),
@@ -165,6 +182,14 @@ func newScrapeDescs() scrapeDescs {
 
 // ErrorSent counts an error the governor sent to a client.
 func (m *Metrics) ErrorSent(sqlstate string) { m.errorsSent.WithLabelValues(sqlstate).Inc() }
+
+// CancelForwarded counts a cancel request for another replica's client,
+// by result.
+func (m *Metrics) CancelForwarded(result string) { m.cancelsForwarded.WithLabelValues(result).Inc() }
+
+// CancelReceived counts a cancel request forwarded by another replica, by
+// result.
+func (m *Metrics) CancelReceived(result string) { m.cancelsReceived.WithLabelValues(result).Inc() }
 
 // LoginFailed counts a failed login.
 func (m *Metrics) LoginFailed(reason string) { m.loginFailures.WithLabelValues(reason).Inc() }

@@ -42,6 +42,12 @@ type Metrics struct {
 	// TODO: fed by the prepared-statement tracking of transaction mode,
 	// which is not in this version.
 	PreparedStatementHit, PreparedStatementMiss Counter
+	// CancelForwarded is called with the result (a Forward* constant) of
+	// every cancel request for another replica's client (budget.cluster).
+	CancelForwarded func(result string)
+	// CancelReceived is called with the result (a Received* constant) of
+	// every cancel request forwarded by another replica.
+	CancelReceived func(result string)
 }
 
 // Reasons passed to Metrics.LoginFailed.
@@ -69,6 +75,18 @@ func LoginFailureReasons() [loginFailureReasonsCount]string {
 func (m *Metrics) errorSent(code string) {
 	if m.ErrorSent != nil {
 		m.ErrorSent(code)
+	}
+}
+
+func (m *Metrics) cancelForwarded(result string) {
+	if m.CancelForwarded != nil {
+		m.CancelForwarded(result)
+	}
+}
+
+func (m *Metrics) cancelReceived(result string) {
+	if m.CancelReceived != nil {
+		m.CancelReceived(result)
 	}
 }
 

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -66,6 +67,15 @@ type Options struct {
 	// Peers, with budget.cluster, locates the other replicas for cancel
 	// requests that reach the wrong one; nil otherwise.
 	Peers Peers
+	// PeerSecret returns the key the replicas share to authenticate
+	// forwarded cancel requests (budget.cluster.secret_file), nil when
+	// there is none: then cancel requests are neither forwarded to peers
+	// nor accepted from them.
+	PeerSecret func() []byte
+	// PeerAllowed reports whether a peer's IP address may be dialled
+	// (budget.cluster.peer_cidrs), checked on the address connected to,
+	// after name resolution. Nil allows every one.
+	PeerAllowed func(netip.Addr) bool
 }
 
 // Server accepts clients and serves them until Shutdown.

@@ -130,10 +130,10 @@ func (sess *session) startup(ctx context.Context, clients int64) error {
 				return err
 			}
 		case code == cancelRequestCode && len(body) == 12:
-			s.handleCancel(binary.BigEndian.Uint32(body[4:]), binary.BigEndian.Uint32(body[8:]), false)
+			s.handleCancel(binary.BigEndian.Uint32(body[4:]), binary.BigEndian.Uint32(body[8:]))
 			return errCancelRequest
-		case code == peerCancelRequestCode && len(body) == 12 && s.opts.Peers != nil:
-			s.handleCancel(binary.BigEndian.Uint32(body[4:]), binary.BigEndian.Uint32(body[8:]), true)
+		case code == peerCancelRequestCode && len(body) == 8 && s.opts.Peers != nil:
+			sess.servePeerCancel(binary.BigEndian.Uint32(body[4:]))
 			return errCancelRequest
 		case code>>16 == protocolMajor3:
 			return sess.login(ctx, body, clients, ct)
@@ -143,19 +143,25 @@ func (sess *session) startup(ctx context.Context, clients int64) error {
 	}
 }
 
-// handleCancel forwards a CancelRequest to the server connection that the
-// client with this key holds right now, and drops it otherwise. A key this
-// replica does not know that another replica issued goes to that replica
-// (budget.cluster), unless it came from a peer already.
-func (s *Server) handleCancel(pid, secret uint32, fromPeer bool) {
+// handleCancel forwards a client's CancelRequest to the server connection
+// that the client with this key holds right now, and drops it otherwise. A
+// key this replica does not know that another replica issued goes to that
+// replica (budget.cluster).
+func (s *Server) handleCancel(pid, secret uint32) {
 	sess := s.sessionByKey(pid)
-	if sess == nil && !fromPeer && s.forwardCancel(pid, secret) {
+	if sess == nil && s.forwardCancel(pid, secret) {
 		return
 	}
 	if sess == nil || subtle.ConstantTimeEq(int32(sess.key.secret), int32(secret)) != 1 {
 		s.logger.Debug("cancel request for an unknown key dropped")
 		return
 	}
+	sess.cancelQuery()
+}
+
+// cancelQuery cancels what the session runs now, if anything: its query
+// on the server, or its console command.
+func (sess *session) cancelQuery() {
 	if sess.console != nil {
 		sess.console.cancelCommand()
 		return

@@ -372,15 +372,17 @@ func cancelRequest(t *testing.T, addr string, pid, secret uint32) {
 
 // TestClusterCancelAcrossReplicas: a query runs through replica A; a
 // CancelRequest with its key sent to replica B (as behind a Service) is
-// forwarded to A, which cancels it: 57014. The key carries A's replica
+// forwarded to A, authenticated with budget.cluster.secret_file's key,
+// and A cancels it: 57014. The key carries A's replica
 // number; one with a wrong secret, forwarded the same way, is dropped by A
 // and the query runs on.
 func TestClusterCancelAcrossReplicas(t *testing.T) {
 	pg := clusterServer(t)
 	ns := newNamespace()
 	users := usersFile(t)
-	a := startReplica(t, pg, "rep1", ns, users, "--log.level=debug")
-	b := startReplica(t, pg, "rep2", ns, users)
+	secretFlag := "--budget.cluster.secret-file=" + clusterSecretFile(t)
+	a := startReplica(t, pg, "rep1", ns, users, "--log.level=debug", secretFlag)
+	b := startReplica(t, pg, "rep2", ns, users, secretFlag)
 	waitMembers(t, pg, ns, a, b)
 	ctx := context.Background()
 	conn, err := pgx.Connect(ctx, a.url("alice", userPass, "clusterdb"))

@@ -311,7 +311,7 @@ func TestDashboardAndAlertsUseExportedMetrics(t *testing.T) {
 	}
 	sort.Strings(alerts)
 	want := []string{"PggovernorBudgetSaturated", "PggovernorCertificateExpired", "PggovernorCertificateExpiresSoon",
-		"PggovernorClientsWaiting", "PggovernorClusterLeasesLost", "PggovernorIAMTokenFailures", "PggovernorIAMTokensFailing", "PggovernorPausedLong",
+		"PggovernorClientsWaiting", "PggovernorClusterLeasesLost", "PggovernorClusterLocksSquatted", "PggovernorClusterTableTampered", "PggovernorIAMTokenFailures", "PggovernorIAMTokensFailing", "PggovernorPausedLong",
 		"PggovernorUpstreamDown", "PggovernorWaitTimeouts"}
 	if !reflect.DeepEqual(alerts, want) {
 		t.Fatalf("alerts: want = %v, got = %v", want, alerts)

@@ -20,6 +20,7 @@ import (
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/pool/budget"
 	"github.com/pggovernor/pggovernor/pool/cluster"
+	"github.com/pggovernor/pggovernor/proxy"
 	"github.com/pggovernor/pggovernor/tlsconf"
 )
 
@@ -36,6 +37,10 @@ func doctorCommand(ctx context.Context, args, environ []string, stdout, stderr i
 	if d.problems > 0 {
 		return &exitError{Code: 1, Err: fmt.Errorf("%d problem(s) found", d.problems)}
 	}
+	if d.warnings > 0 {
+		fmt.Fprintf(stdout, "no problems found; %d warning(s)\n", d.warnings)
+		return nil
+	}
 	fmt.Fprintln(stdout, "no problems found")
 	return nil
 }
@@ -43,6 +48,13 @@ func doctorCommand(ctx context.Context, args, environ []string, stdout, stderr i
 type doctor struct {
 	out      io.Writer
 	problems int
+	// warnings are risks that do not stop pggovernor from working.
+	warnings int
+}
+
+func (d *doctor) warn(format string, args ...any) {
+	d.warnings++
+	fmt.Fprintf(d.out, "WARNING: "+format+"\n", args...)
 }
 
 func (d *doctor) row(name string, value any) { fmt.Fprintf(d.out, "%-32s %v\n", name, value) }
@@ -168,7 +180,19 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 	d.row("server: reserved_connections", l.Reserved)
 	n := budget.Compute(l, cfg.Budget.Reserve)
 	if cfg.Budget.Cluster.Enabled {
-		d.cluster(ctx, cfg, conn, l)
+		cconn := conn
+		id, err := newControlIdentity(cfg, up, zap.NewNop(), startDeps{clock: auth.SystemClock{}})
+		if err != nil {
+			d.problem("%v", err)
+			return
+		}
+		if id.own {
+			if cconn, err = d.connectControl(ctx, cfg, connCfg, id); err != nil {
+				return
+			}
+			defer cconn.Close(context.WithoutCancel(ctx))
+		}
+		d.cluster(ctx, cfg, cconn, l, up, users, id)
 	} else if cfg.Budget.Max > 0 {
 		d.row("budget (budget.max)", cfg.Budget.Max)
 		if room := l.MaxConnections - l.SuperuserReserved - l.Reserved; cfg.Budget.Max > room {
@@ -189,12 +213,46 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 	d.row("round trip (median of 10)", medianRTT(ctx, conn).Round(time.Microsecond))
 }
 
+// connectControl opens a connection as budget.cluster.control_user, as
+// the replicas' control connections log in.
+func (d *doctor) connectControl(ctx context.Context, cfg *config.Config, base *pgx.ConnConfig, id *controlIdentity) (*pgx.Conn, error) {
+	cc := base.Copy()
+	cc.User, cc.Password = id.user, ""
+	if id.password != nil {
+		pw, err := id.password(ctx, pool.Route{Database: cc.Database, User: id.user})
+		if err != nil {
+			d.problem("%v", err)
+			return nil, err
+		}
+		cc.Password = pw
+	}
+	cctx, cancel := context.WithTimeout(ctx, cfg.Timeouts.ServerConnect)
+	defer cancel()
+	conn, err := pgx.ConnectConfig(cctx, cc)
+	if err != nil {
+		d.problem("connecting as budget.cluster.control_user %s: %v; check budget.cluster.control_password_file and the server's pg_hba.conf for that role", id.user, err)
+		return nil, err
+	}
+	d.row("cluster: control connection as", id.user+" (budget.cluster.control_user)")
+	return conn, nil
+}
+
 // cluster prints the cluster budget and its members with their shares
-// (budget.cluster), as the replicas compute them.
-func (d *doctor) cluster(ctx context.Context, cfg *config.Config, conn *pgx.Conn, l budget.Limits) {
+// (budget.cluster), as the replicas compute them, and flags what lets
+// others interfere: a control role the application shares, a table the
+// application may write, rows no replica wrote as they are, advisory locks
+// of the namespace held by sessions that are not replicas. conn is logged
+// in as the control connection's role.
+func (d *doctor) cluster(ctx context.Context, cfg *config.Config, conn *pgx.Conn, l budget.Limits, up *upstream, users *auth.Users, id *controlIdentity) {
 	c := cfg.Budget.Cluster
 	ns := int32(c.Namespace)
 	d.row("cluster: namespace", c.Namespace)
+	switch {
+	case up.sidecarUser != "" && id.user == up.sidecarUser:
+		d.warn("the control connection logs in as %s, the role every client is served as: any client can write the membership table and take the namespace's advisory locks; set budget.cluster.control_user to a role of its own (README, Cluster mode)", id.user)
+	case users != nil && func() bool { _, ok := users.Current().Lookup(id.user); return ok }():
+		d.warn("the control connection's role %s is in clients.users_file: clients can log in as it and write the membership table; set budget.cluster.control_user to a role no client logs in as (README, Cluster mode)", id.user)
+	}
 	var exists, canCreate bool
 	var schema string
 	if err := conn.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL, coalesce(current_schema(), ''),
@@ -205,29 +263,56 @@ func (d *doctor) cluster(ctx context.Context, cfg *config.Config, conn *pgx.Conn
 	if !exists {
 		d.row("cluster: table", c.Table+" (not there yet: the first replica creates it)")
 		if !canCreate {
-			d.problem("key budget.cluster.table: %s does not exist and this user may not create tables in the schema %q: grant CREATE on it, or create the table once as docs/architecture.md shows", c.Table, schema)
+			d.problem("key budget.cluster.table: %s does not exist and %s may not create tables in the schema %q: grant CREATE on it, or create the table once as docs/architecture.md shows", c.Table, id.user, schema)
 		}
 	} else {
-		d.row("cluster: table", c.Table)
-		var ok bool
-		if err := conn.QueryRow(ctx, `SELECT has_table_privilege($1, 'SELECT, INSERT, UPDATE, DELETE')`, c.Table).Scan(&ok); err != nil || !ok {
-			d.problem("key budget.cluster.table: this user may not read and write %s: grant SELECT, INSERT, UPDATE and DELETE on it to the upstream user of every replica", c.Table)
+		var owner string
+		var ok, public bool
+		if err := conn.QueryRow(ctx, `SELECT pg_get_userbyid(c.relowner), has_table_privilege($1::text, 'SELECT, INSERT, UPDATE, DELETE'),
+			EXISTS (SELECT 1 FROM aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a WHERE a.grantee = 0)
+			FROM pg_class c WHERE c.oid = $1::regclass`, c.Table).Scan(&owner, &ok, &public); err != nil {
+			d.problem("key budget.cluster.table: %v", err)
+			return
+		}
+		d.row("cluster: table", c.Table+" (owner "+owner+")")
+		if !ok {
+			d.problem("key budget.cluster.table: %s may not read and write %s: grant SELECT, INSERT, UPDATE and DELETE on it to the control connection's role of every replica", id.user, c.Table)
+		}
+		if public {
+			d.warn("every role may use %s (PUBLIC has privileges on it): REVOKE ALL ON %s FROM PUBLIC", c.Table, c.Table)
+		}
+		if app := up.sidecarUser; app != "" && app != id.user {
+			var appWrites bool
+			if err := conn.QueryRow(ctx, `SELECT has_table_privilege($1::name, $2::text, 'INSERT, UPDATE, DELETE, TRUNCATE') OR pg_has_role($1::name, $3::name, 'USAGE')`,
+				app, c.Table, owner).Scan(&appWrites); err == nil && appWrites {
+				d.warn("the application role %s may write %s: REVOKE ALL ON %s FROM %s", app, c.Table, c.Table, app)
+			}
 		}
 	}
-	members, err := cluster.ReadMembers(ctx, conn, ns, c.Table)
+	rules := cluster.Rules{MaxID: proxy.MaxReplicaID, Timeout: c.MemberTimeout}
+	if p, err := cluster.ParsePrefixes(c.PeerCIDRs); err == nil {
+		rules.PeerAllowed = p.Allows
+	}
+	rows, err := cluster.ReadMembers(ctx, conn, ns, c.Table, proxy.MaxReplicaID)
 	if err != nil {
 		d.problem("key budget.cluster.table: reading the members: %v", err)
 		return
 	}
-	var live []cluster.Member
-	for _, m := range members {
+	var live, gone []cluster.Member
+	for _, m := range rows {
+		if reason, detail := rules.Check(&m); reason != "" {
+			d.warn("row of replica %d in %s ignored by the replicas (%s: %s): no replica wrote it as it is; delete it, and see who may write the table", m.ID, c.Table, reason, detail)
+			continue
+		}
 		if m.Age < c.MemberTimeout {
 			live = append(live, m)
+		} else {
+			gone = append(gone, m)
 		}
 	}
 	foreign := 0
 	if c.CountForeign && exists {
-		if foreign, err = cluster.CountForeign(ctx, conn, ns, c.Table, c.MemberTimeout); err != nil {
+		if foreign, err = cluster.CountForeign(ctx, conn, ns, c.Table, c.MemberTimeout, proxy.MaxReplicaID); err != nil {
 			d.problem("counting the other applications' connections: %v", err)
 			return
 		}
@@ -250,10 +335,31 @@ func (d *doctor) cluster(ctx context.Context, cfg *config.Config, conn *pgx.Conn
 		d.row(fmt.Sprintf("  replica %d", m.ID), fmt.Sprintf("%s, cancel address %s: %d leases (fair share %d, target %d, borrowed %d), %d clients waiting, heartbeat %s ago",
 			m.Name, m.Addr, len(m.Slots), share, targets[i], max(len(m.Slots)-share, 0), m.Waiting, m.Age.Round(time.Millisecond)))
 	}
-	for _, m := range members {
-		if m.Age >= c.MemberTimeout {
-			d.row(fmt.Sprintf("  replica %d", m.ID), fmt.Sprintf("%s: gone (heartbeat %s ago; its leases are free once others see it)", m.Name, m.Age.Round(time.Second)))
+	for _, m := range gone {
+		d.row(fmt.Sprintf("  replica %d", m.ID), fmt.Sprintf("%s: gone (heartbeat %s ago; its leases are free once others see it)", m.Name, m.Age.Round(time.Second)))
+	}
+	if c.SecretFile == "" {
+		d.warn("budget.cluster.secret_file is not set: cancel requests that reach a replica other than the client's are dropped")
+	} else if k, _, err := auth.ReadSecretFile("budget.cluster.secret_file", c.SecretFile); err != nil {
+		d.problem("%v", err)
+	} else if len(k) < minPeerSecret {
+		d.problem("key budget.cluster.secret_file: %s holds %d bytes; the key must have at least %d (make one with: openssl rand -base64 32)", c.SecretFile, len(k), minPeerSecret)
+	}
+	if !exists {
+		return
+	}
+	holders, err := cluster.LockHolders(ctx, conn, ns, c.Table, c.MemberTimeout, proxy.MaxReplicaID)
+	if err != nil {
+		d.problem("reading pg_locks: %v", err)
+		return
+	}
+	if len(holders) > 0 {
+		var parts []string
+		for _, h := range holders {
+			parts = append(parts, fmt.Sprintf("%d (%d lease and %d member locks)", h.PID, h.Leases, h.Members))
 		}
+		d.warn("locks in namespace %d are held by sessions that are not members: pids %s; the replicas share the leases left (a replica joining at this moment shows here briefly; see pg_stat_activity for who they are)",
+			c.Namespace, strings.Join(parts, ", "))
 	}
 }
 

@@ -203,7 +203,7 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 func testSecrets() []string {
 	return []string{appPass, userPass, "old-pass", "new-pass", "pw-a", "pw-b", "carolpass", "bobpass", "davepass", "coder-env-secret", "erinpass", "lifer-pw", "victim-pw", "loader-pw",
 		hbaSCRAMPass, hbaMD5Pass, hbaClearPass, hbaTLSPass, hbaPlainPass, hbaRejectPass,
-		k8sOldPass, k8sNewPass, newbiePass, clusterPass, awsTestCreds.SecretAccessKey, "X-Amz-Signature", "PRIVATE KEY"}
+		k8sOldPass, k8sNewPass, newbiePass, clusterPass, clusterSecret, "control-pw-Vb81", awsTestCreds.SecretAccessKey, "X-Amz-Signature", "PRIVATE KEY"}
 }
 
 var (

@@ -271,6 +271,14 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			r := proxy.LoginFailureReasons()
 			return r[:]
 		}(),
+		CancelForwardResults: func() []string {
+			r := proxy.CancelForwardResults()
+			return r[:]
+		}(),
+		CancelReceivedResults: func() []string {
+			r := proxy.CancelReceivedResults()
+			return r[:]
+		}(),
 	})
 	events := g.metrics.PoolEvents()
 	observeConnect := events.Connected
@@ -300,8 +308,20 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		ServerCheckDelay: cfg.Timeouts.ServerCheckDelay,
 		Events:           events,
 	})
+	var peers clusterPeers
+	if clustered {
+		if peers, err = newClusterPeers(cfg, logger); err != nil {
+			cancel()
+			g.pool.Close(ctx)
+			return nil, err
+		}
+	}
 	if clustered || cfg.Budget.Max == 0 {
-		g.control, err = newControlPool(bg, cfg, up)
+		var id *controlIdentity
+		id, err = newControlIdentity(cfg, up, logger, deps)
+		if err == nil {
+			g.control, err = newControlPool(bg, cfg, up, id)
+		}
 		if err != nil {
 			cancel()
 			g.pool.Close(ctx)
@@ -311,7 +331,8 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	var store *cluster.PgStore
 	switch {
 	case clustered:
-		store = &cluster.PgStore{Pool: g.control, Namespace: int32(cfg.Budget.Cluster.Namespace), Table: cfg.Budget.Cluster.Table}
+		store = &cluster.PgStore{Pool: g.control, Namespace: int32(cfg.Budget.Cluster.Namespace), Table: cfg.Budget.Cluster.Table,
+			MaxID: proxy.MaxReplicaID}
 		host, _ := os.Hostname()
 		g.cluster = cluster.New(cluster.Options{
 			Store:         store,
@@ -324,6 +345,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			MaxID:         proxy.MaxReplicaID,
 			Name:          fmt.Sprintf("%s pid %d", host, os.Getpid()),
 			Addr:          func() string { return g.advertiseAddr(store) },
+			PeerAllowed:   peers.allowed.Allows,
 			Logger:        logger.Named("cluster"),
 			Events: cluster.Events{
 				RoundTrip: func(d time.Duration, err error) {
@@ -361,9 +383,9 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 				func(d time.Duration) { g.metrics.UpstreamRoundTripSeconds.Observe(d.Seconds()) })
 		}()
 	}
-	var peers proxy.Peers
+	var proxyPeers proxy.Peers
 	if g.cluster != nil {
-		peers = g.cluster
+		proxyPeers = g.cluster
 	}
 	g.proxy = proxy.NewServer(proxy.Options{
 		Config:           cfg,
@@ -381,6 +403,8 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			LoginFailed:           g.metrics.LoginFailed,
 			PreparedStatementHit:  g.metrics.PreparedHits,
 			PreparedStatementMiss: g.metrics.PreparedMisses,
+			CancelForwarded:       g.metrics.CancelForwarded,
+			CancelReceived:        g.metrics.CancelReceived,
 		},
 		Console: proxy.ConsoleOptions{
 			Version:      version,
@@ -394,7 +418,9 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 				}
 			},
 		},
-		Peers: peers,
+		Peers:       proxyPeers,
+		PeerSecret:  peers.secret,
+		PeerAllowed: peers.allowed.Allows,
 	})
 	if err := g.proxy.Listen(); err != nil {
 		g.stop(logger, 0)
@@ -479,8 +505,54 @@ func (g *governor) clusterStats() (metrics.ClusterStats, bool) {
 	if !st.Known {
 		return metrics.ClusterStats{}, false
 	}
+	locks := 0
+	for _, h := range st.LockHolders {
+		locks += h.Leases + h.Members
+	}
 	return metrics.ClusterStats{Total: st.Budget.Servers(), Share: max(st.Share-1, 0), Leases: st.Leases, Replicas: len(st.Members),
-		Borrowed: st.Borrowed, Rebalances: st.Rebalances, Losses: st.Losses}, true
+		Borrowed: st.Borrowed, Rebalances: st.Rebalances, Losses: st.Losses, RowsIgnored: st.Ignored, ForeignLocks: locks}, true
+}
+
+// clusterPeers are what cancel forwarding between replicas needs
+// (budget.cluster): where peers may be, and the shared key.
+type clusterPeers struct {
+	allowed cluster.Prefixes
+	// secret returns the key, nil without budget.cluster.secret_file.
+	secret func() []byte
+}
+
+// minPeerSecret is the shortest key budget.cluster.secret_file may hold.
+const minPeerSecret = 16
+
+// newClusterPeers parses budget.cluster.peer_cidrs and reads
+// budget.cluster.secret_file (read again when it changes).
+func newClusterPeers(cfg *config.Config, logger *zap.Logger) (clusterPeers, error) {
+	c := cfg.Budget.Cluster
+	var p clusterPeers
+	var err error
+	if p.allowed, err = cluster.ParsePrefixes(c.PeerCIDRs); err != nil {
+		return p, fmt.Errorf("key budget.cluster.peer_cidrs: %w", err)
+	}
+	if c.SecretFile == "" {
+		logger.Warn("budget.cluster.secret_file is not set: cancel requests are not forwarded between replicas (a cancel request that reaches a replica other than the client's is dropped)")
+		return p, nil
+	}
+	sf, err := auth.NewSecretFile(auth.SecretFileNames{Key: "budget.cluster.secret_file", Noun: "cluster secret file",
+		Use: "forwarded cancel requests use the new key", Keep: "forwarded cancel requests use the last key read"}, c.SecretFile, logger.Named("cluster"))
+	if err != nil {
+		return p, err
+	}
+	if k, _ := sf.Password(context.Background()); len(k) < minPeerSecret {
+		return p, fmt.Errorf("key budget.cluster.secret_file: %s holds %d bytes; the key must have at least %d (make one with: openssl rand -base64 32)", c.SecretFile, len(k), minPeerSecret)
+	}
+	p.secret = func() []byte {
+		k, _ := sf.Password(context.Background())
+		if len(k) < minPeerSecret {
+			return nil
+		}
+		return []byte(k)
+	}
+	return p, nil
 }
 
 // advertiseAddr is where peers forward cancel requests for this replica's
@@ -682,7 +754,7 @@ func (g *governor) prepareOnControl(cfg *config.Config) proxy.PrepareFunc {
 // budget.cluster the leases, whose connection also carries keepalives and
 // tcp_user_timeout on both ends so that a vanished peer is noticed within
 // the cluster's bounds.
-func newControlPool(ctx context.Context, cfg *config.Config, up *upstream) (*pgxpool.Pool, error) {
+func newControlPool(ctx context.Context, cfg *config.Config, up *upstream, id *controlIdentity) (*pgxpool.Pool, error) {
 	pcfg, err := pgxpool.ParseConfig(up.connString)
 	if err != nil {
 		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, cfg.Upstream.URL))
@@ -690,13 +762,17 @@ func newControlPool(ctx context.Context, cfg *config.Config, up *upstream) (*pgx
 	pcfg.MaxConns = budget.ControlConnections
 	pcfg.MinConns = 0
 	pcfg.ConnConfig.Config = *up.base.Copy()
+	pcfg.ConnConfig.User = id.user
+	if id.own {
+		pcfg.ConnConfig.Password = "" // the upstream user's
+	}
 	pcfg.ConnConfig.RuntimeParams["application_name"] = "pggovernor-control"
 	if c := cfg.Budget.Cluster; c.Enabled {
 		maps.Copy(pcfg.ConnConfig.RuntimeParams, cluster.ServerParams(c.MemberTimeout))
 		pcfg.ConnConfig.DialFunc = cluster.Dialer(c.MemberTimeout).DialContext
 	}
-	pw := up.password
-	user := up.base.User
+	pw := id.password
+	user := id.user
 	pcfg.BeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) error {
 		if err := up.tls.Apply(&cc.Config); err != nil {
 			return err

@@ -37,6 +37,50 @@ type upstream struct {
 	tls *tlsconf.Upstream
 	// iam mints RDS IAM tokens (upstream.connector awsiamrds), else nil.
 	iam *auth.IAMTokenSource
+	// awsRegion and awsCreds are what iam signs with.
+	awsRegion string
+	awsCreds  aws.CredentialsProvider
+}
+
+// controlIdentity is the role the control connection logs in as and its
+// password: budget.cluster.control_user in cluster mode, with
+// budget.cluster.control_password_file or, with upstream.connector
+// awsiamrds, an RDS IAM token of its own; else the upstream user's.
+type controlIdentity struct {
+	user     string
+	password pool.PasswordFunc // nil: none
+	// own is true when it is budget.cluster.control_user.
+	own bool
+}
+
+// newControlIdentity resolves the control connection's role.
+func newControlIdentity(c *config.Config, up *upstream, logger *zap.Logger, deps startDeps) (*controlIdentity, error) {
+	cl := c.Budget.Cluster
+	if !cl.Enabled || cl.ControlUser == "" {
+		return &controlIdentity{user: up.base.User, password: up.password}, nil
+	}
+	id := &controlIdentity{user: cl.ControlUser, own: true}
+	switch {
+	case cl.ControlPasswordFile != "":
+		pf, err := auth.NewSecretFile(auth.SecretFileNames{Key: "budget.cluster.control_password_file", Noun: "control password file",
+			Use: "the next control connection uses the new password", Keep: "the next control connection uses the last password read"},
+			cl.ControlPasswordFile, logger)
+		if err != nil {
+			return nil, err
+		}
+		id.password = func(ctx context.Context, _ pool.Route) (string, error) { return pf.Password(ctx) }
+	case up.iam != nil:
+		src := auth.NewIAMTokenSource(auth.IAMOptions{
+			Endpoint:    net.JoinHostPort(up.base.Host, strconv.Itoa(int(up.base.Port))),
+			Region:      up.awsRegion,
+			User:        cl.ControlUser,
+			Credentials: up.awsCreds,
+			Clock:       deps.clock,
+			Logger:      logger.Named("iam-control"),
+		})
+		id.password = func(ctx context.Context, _ pool.Route) (string, error) { return src.Password(ctx) }
+	}
+	return id, nil
 }
 
 // prepare is pool.UpstreamConnector.Prepare: the current TLS files.
@@ -126,6 +170,7 @@ func newUpstream(ctx context.Context, c *config.Config, users *auth.Users, logge
 		if err != nil {
 			return nil, err
 		}
+		u.awsRegion, u.awsCreds = region, creds
 		u.iam = auth.NewIAMTokenSource(auth.IAMOptions{
 			Endpoint:    net.JoinHostPort(base.Host, strconv.Itoa(int(base.Port))),
 			Region:      region,

@@ -25,6 +25,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -73,8 +75,14 @@ type Options struct {
 	MaxID int
 	// Name says which process this is (host and PID), for people.
 	Name string
-	// Addr returns the address peers forward cancel requests to.
+	// Addr returns the address peers forward cancel requests to. One
+	// that CheckAddr refuses is published as "" (no forwarded cancel
+	// requests), with a warning.
 	Addr func() string
+	// PeerAllowed reports whether an IP address may receive forwarded
+	// cancel requests (budget.cluster.peer_cidrs): a row whose cancel
+	// address is outside is ignored. Nil allows all.
+	PeerAllowed func(netip.Addr) bool
 	// Logger receives the manager's logs.
 	Logger *zap.Logger
 	// Now is the clock (time.Now when nil).
@@ -118,6 +126,16 @@ type Stats struct {
 	Rebalances uint64
 	// Losses counts the times the control connection was lost.
 	Losses uint64
+	// Ignored counts the rows of the membership table ignored, by reason
+	// (the Ignored* constants): each time a row is read and fails
+	// Rules.Check, and once when the heartbeat deletes a row that can
+	// never count.
+	Ignored map[string]uint64
+	// LockHolders are the sessions, seen at two heartbeats in a row, that
+	// hold advisory locks of the namespace without being a live member's
+	// control connection (nil when none or not looked for: see
+	// Manager's probe).
+	LockHolders []LockHolder
 }
 
 // Manager holds this replica's leases and steers its pool. Run drives it;
@@ -132,11 +150,16 @@ type Manager struct {
 	fenceMu sync.Mutex
 
 	// Owned by the goroutine running Run (or the test driving Step).
-	sess      Session
-	id        int
-	held      []int // slots locked on sess, ascending
-	claimed   []int // slots our row lists (held at the last publish)
-	keep      int   // leases to keep; held beyond it go back as connections close
+	sess    Session
+	id      int
+	held    []int // slots locked on sess, ascending
+	claimed []int // slots our row lists (as of the last publish)
+	// kept are slots our row lists that we could not lock back when we
+	// reconnected (a session that is no replica's took their locks while
+	// our row reserved them): listed while our connections need them, so
+	// that no replica takes them when that session lets go.
+	kept      []int
+	keep      int // leases to keep; held beyond it go back as connections close
 	joined    time.Time
 	demands   [3]int // demand at the last heartbeats (ring)
 	di        int
@@ -147,6 +170,16 @@ type Manager struct {
 	failed    map[int]bool // slots that failed to lock since the last heartbeat
 	// waitLogged is true once waiting for a first lease was logged.
 	waitLogged bool
+	// addrWarned is true once an address refused by CheckAddr was
+	// logged.
+	addrWarned bool
+	// probe asks the next heartbeat who holds advisory locks of the
+	// namespace without being a member: set when a lock this replica tried
+	// was taken, and while the last look found someone (pg_locks is not
+	// read at every heartbeat: it is costly on a busy server).
+	probe bool
+	// holders are the PIDs the last look found.
+	holders map[int]bool
 
 	mu    sync.Mutex
 	stats Stats
@@ -164,7 +197,12 @@ func New(o Options) *Manager {
 	if o.Addr == nil {
 		o.Addr = func() string { return "" }
 	}
-	return &Manager{o: o, kick: make(chan struct{}, 1), joined: o.Now(), failed: map[int]bool{}}
+	m := &Manager{o: o, kick: make(chan struct{}, 1), joined: o.Now(), failed: map[int]bool{}}
+	m.stats.Ignored = map[string]uint64{}
+	for _, r := range IgnoredReasons() {
+		m.stats.Ignored[r] = 0
+	}
+	return m
 }
 
 // Queued is the pool's Events.Queued hook: a client is waiting, so the
@@ -198,6 +236,8 @@ func (m *Manager) Stats() Stats {
 	st := m.stats
 	st.Members = slices.Clone(st.Members)
 	st.Targets = slices.Clone(st.Targets)
+	st.Ignored = maps.Clone(st.Ignored)
+	st.LockHolders = slices.Clone(st.LockHolders)
 	return st
 }
 
@@ -312,7 +352,9 @@ func (m *Manager) Step(ctx context.Context) {
 // was lost.
 func (m *Manager) heartbeat(ctx context.Context) bool {
 	sent := m.o.Now()
-	v, err := m.sess.Heartbeat(ctx, m.beat())
+	b := m.beat()
+	b.ProbeLocks = m.probe
+	v, err := m.sess.Heartbeat(ctx, b)
 	if f := m.o.Events.RoundTrip; f != nil && !errors.Is(ctx.Err(), context.Canceled) {
 		f(m.o.Now().Sub(sent), err)
 	}
@@ -320,9 +362,76 @@ func (m *Manager) heartbeat(ctx context.Context) bool {
 		m.lose(ctx, err)
 		return false
 	}
-	m.renewed(sent)
+	m.renewed(sent, b.Slots)
+	for reason, n := range v.Purged {
+		m.ignored(reason, 0, "deleted by the heartbeat: it could never count", n)
+	}
+	v.Members = m.admit(v.Members, m.id)
+	if v.LockHolders != nil {
+		m.lockHolders(v.LockHolders)
+	}
 	m.view = v
 	return true
+}
+
+// admit checks the rows read (Rules.Check) and returns the members'; the
+// others are counted and logged. The row of self, written in the same
+// exchange, is ours.
+func (m *Manager) admit(rows []Member, self int) []Member {
+	rules := Rules{MaxID: m.o.MaxID, Timeout: m.o.MemberTimeout, PeerAllowed: m.o.PeerAllowed}
+	out := make([]Member, 0, len(rows))
+	for _, r := range rows {
+		if self != 0 && r.ID == self {
+			out = append(out, r)
+			continue
+		}
+		if reason, detail := rules.Check(&r); reason != "" {
+			m.ignored(reason, r.ID, detail, 1)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// ignored counts n rows ignored for reason and logs it (repeats are
+// limited by log.repeat_interval).
+func (m *Manager) ignored(reason string, id int, detail string, n int) {
+	m.mu.Lock()
+	m.stats.Ignored[reason] += uint64(n)
+	m.mu.Unlock()
+	m.o.Logger.Warn("ignoring a row of the membership table that no replica wrote as it is (budget.cluster.table; see README, Cluster mode, for who may write it)",
+		zap.String("reason", reason), zap.Int("replica_id", id), zap.String("detail", detail), zap.Int("rows", n))
+}
+
+// lockHolders records the sessions found holding advisory locks of the
+// namespace without being members; one seen at two looks in a row (not a
+// replica between taking its number and writing its row) is reported.
+func (m *Manager) lockHolders(hs []LockHolder) {
+	seen := make(map[int]bool, len(hs))
+	var confirmed []LockHolder
+	for _, h := range hs {
+		seen[h.PID] = true
+		if m.holders[h.PID] {
+			confirmed = append(confirmed, h)
+		}
+	}
+	m.holders = seen
+	m.probe = len(hs) > 0
+	m.mu.Lock()
+	m.stats.LockHolders = confirmed
+	m.mu.Unlock()
+	if len(confirmed) > 0 {
+		pids := make([]int, len(confirmed))
+		leases, members := 0, 0
+		for i, h := range confirmed {
+			pids[i] = h.PID
+			leases += h.Leases
+			members += h.Members
+		}
+		m.o.Logger.Warn("sessions that are not replicas hold advisory locks of the cluster namespace (budget.cluster.namespace): the replicas share the leases left; find them in pg_stat_activity by PID",
+			zap.Ints("pids", pids), zap.Int("lease_locks", leases), zap.Int("member_locks", members))
+	}
 }
 
 // Quick looks for leases with the view of the last heartbeat, when a
@@ -400,6 +509,7 @@ func (m *Manager) connect(ctx context.Context) bool {
 		m.o.Logger.Warn("cannot read the cluster members; retrying at the next heartbeat", zap.Error(err))
 		return false
 	}
+	members = m.admit(members, 0)
 	// Numbers of live members are theirs. A member reconnecting within the
 	// member timeout of its last write gets its own number back (nobody
 	// may have taken it: its row was live all along); one whose row lapsed
@@ -431,6 +541,20 @@ func (m *Manager) connect(ctx context.Context) bool {
 		m.o.Logger.Error("cannot join the cluster; retrying at the next heartbeat", zap.Error(err))
 		return false
 	}
+	if id != ids[0] {
+		m.probe = true // a number was taken: by whom?
+	}
+	if m.id > 0 && !lapsed && id != m.id {
+		// Our number's lock is held by a session that is no replica's (no
+		// replica takes the number of a live row). Our row still reserves
+		// the leases of the connections we hold: joining under another
+		// number would renew our fence while that row lapses under them.
+		// Wait until it lapses (the fence closes them first).
+		sess.Close()
+		m.o.Logger.Warn("this replica's number is locked by a session that is not a replica; it joins under another once its row is budget.cluster.member_timeout old",
+			zap.Int("replica", m.id))
+		return false
+	}
 	rejoin := m.known
 	if id != m.id || lapsed {
 		m.claimed = nil // no longer reserved for us
@@ -441,6 +565,13 @@ func (m *Manager) connect(ctx context.Context) bool {
 		sess.Close()
 		m.o.Logger.Warn("cannot take back the leases; retrying at the next heartbeat", zap.Error(err))
 		return false
+	}
+	m.kept = nil
+	for _, s := range m.claimed {
+		if !slices.Contains(held, s) {
+			m.kept = append(m.kept, s)
+			m.probe = true
+		}
 	}
 	slices.Sort(held)
 	reserved := len(m.claimed)
@@ -464,6 +595,9 @@ func (m *Manager) connect(ctx context.Context) bool {
 				m.lose(ctx, err)
 				return false
 			}
+			if len(got) < len(try) {
+				m.probe = true
+			}
 			m.held = got
 		}
 		if len(m.held) == 0 {
@@ -479,11 +613,12 @@ func (m *Manager) connect(ctx context.Context) bool {
 			return false
 		}
 		sent := m.o.Now()
-		if err := m.sess.Publish(ctx, m.beat()); err != nil {
+		b := m.beat()
+		if err := m.sess.Publish(ctx, b); err != nil {
 			m.lose(ctx, err)
 			return false
 		}
-		m.renewed(sent)
+		m.renewed(sent, b.Slots)
 	}
 	m.waitLogged = false
 	m.o.Logger.Info("joined the cluster", zap.Int("replica", id), zap.Bool("rejoined", rejoin),
@@ -509,10 +644,28 @@ func (m *Manager) lose(ctx context.Context, err error) {
 		zap.Error(err), zap.Int("replica", m.id), zap.Int("open", m.o.Pool.Stats().Open))
 }
 
-// renewed records a successful write of our row, sent at sent.
-func (m *Manager) renewed(sent time.Time) {
+// renewed records a successful write of our row listing slots, sent at
+// sent.
+func (m *Manager) renewed(sent time.Time, slots []int) {
 	m.lastOK.Store(sent.UnixNano())
-	m.claimed = slices.Clone(m.held)
+	m.claimed = slices.Clone(slots)
+}
+
+// rowSlots is what our row lists when we hold held: those, and as many of
+// the kept slots as our open connections (and the control connection)
+// need beyond them.
+func (m *Manager) rowSlots(held []int) []int {
+	// A kept slot we have since locked (its squatter let go) is held.
+	m.kept = slices.DeleteFunc(m.kept, func(s int) bool { return slices.Contains(held, s) })
+	need := m.o.Pool.Stats().Open + 1 - len(held)
+	if need <= 0 || len(m.kept) == 0 {
+		m.kept = nil
+		return held
+	}
+	m.kept = m.kept[:min(need, len(m.kept))]
+	out := append(slices.Clone(held), m.kept...)
+	slices.Sort(out)
+	return out
 }
 
 // demand is the server connections wanted at the last heartbeats.
@@ -527,7 +680,16 @@ func (m *Manager) demand() int {
 
 func (m *Manager) beat() Beat {
 	st := m.o.Pool.Stats()
-	b := Beat{ID: m.id, Name: m.o.Name, Addr: m.o.Addr(), Slots: m.held, Demand: m.demand(),
+	addr := m.o.Addr()
+	if err := CheckAddr(addr, m.o.PeerAllowed); err != nil {
+		if !m.addrWarned {
+			m.addrWarned = true
+			m.o.Logger.Warn("this replica publishes no address for forwarded cancel requests: cancel requests for its clients that reach another replica are dropped; set budget.cluster.advertise_address or budget.cluster.peer_cidrs",
+				zap.Error(err))
+		}
+		addr = ""
+	}
+	b := Beat{ID: m.id, Name: m.o.Name, Addr: addr, Slots: m.rowSlots(m.held), Demand: m.demand(),
 		Waiting: st.Waiting, Joined: m.joined, Timeout: m.o.MemberTimeout, CountForeign: m.o.CountForeign}
 	if m.o.CountForeign {
 		for _, s := range m.o.Pool.Servers() {
@@ -652,6 +814,7 @@ func (m *Manager) rebalance(ctx context.Context, heartbeat bool) {
 			for _, s := range try {
 				if !slices.Contains(g, s) {
 					m.failed[s] = true
+					m.probe = true
 				}
 			}
 			got = append(got, g...)
@@ -660,13 +823,14 @@ func (m *Manager) rebalance(ctx context.Context, heartbeat bool) {
 			m.held = append(m.held, got...)
 			slices.Sort(m.held)
 			sent := m.o.Now()
-			if err := m.sess.Publish(ctx, m.beat()); err != nil {
+			b := m.beat()
+			if err := m.sess.Publish(ctx, b); err != nil {
 				// Not published, so not ours to use: the session is
 				// suspect; start again.
 				m.lose(ctx, err)
 				return
 			}
-			m.renewed(sent)
+			m.renewed(sent, b.Slots)
 			inRange += len(got)
 			if !m.needSince.IsZero() {
 				if f := m.o.Events.Acquired; f != nil {
@@ -719,14 +883,14 @@ func (m *Manager) release(ctx context.Context) {
 		}
 	}
 	b := m.beat()
-	b.Slots = rest
+	b.Slots = m.rowSlots(rest)
 	sent := m.o.Now()
 	if err := m.sess.Release(ctx, drop, b); err != nil {
 		m.lose(ctx, err)
 		return
 	}
 	m.held = rest
-	m.renewed(sent)
+	m.renewed(sent, b.Slots)
 }
 
 // leave ends membership when Run returns.

@@ -20,9 +20,13 @@ import (
 // server's clock, and a hard limit on connections — and in front of pools
 // that open connections for their clients up to the limit they are given.
 // Rapid draws joins, crashes, terminated control connections, stalls,
-// loads, releases and the passing of time; after every step, the server's
-// connections (control connections, the replicas' server connections, and
-// those of crashed replicas not gone yet) stay within the capacity the
+// loads, releases and the passing of time, and what others who may write
+// the table or take advisory locks do: rows no replica wrote (replica
+// numbers out of range, heartbeats not finite or in the future, leases out
+// of range or listed twice, bad addresses), and a session squatting lease
+// and membership locks. After every step, the server's connections
+// (control connections, the replicas' server connections, the squatter's
+// and those of crashed replicas not gone yet) stay within the capacity the
 // budget is derived from, and no replica ever opens a server connection
 // without a lease for it.
 
@@ -46,11 +50,31 @@ type world struct {
 	linger   []time.Time // crashed replicas' backends, until when
 	replicas []*replica
 	names    int
+	pids     int
+	// squatter is a session that is no replica's, holding advisory locks
+	// of the namespace (nil when none).
+	squatter *modelSession
 }
+
+// modelMaxID is the largest replica number of the model's managers.
+const modelMaxID = 31
 
 type modelRow struct {
 	m         Member
 	heartbeat time.Time
+	// infinite is a heartbeat of ±infinity (the store reads it as
+	// Invalid).
+	infinite bool
+	// bogus is a row no replica wrote.
+	bogus bool
+}
+
+// live reports whether the real store counts the row for reservations
+// (Lock's statement): a replica number in range, a finite heartbeat
+// younger than timeout and not beyond FutureSkew in the future.
+func (w *world) live(id int, r modelRow, timeout time.Duration) bool {
+	age := w.now.Sub(r.heartbeat)
+	return id >= 1 && id <= modelMaxID && !r.infinite && age < timeout && age >= -FutureSkew(timeout)
 }
 
 type replica struct {
@@ -78,13 +102,17 @@ func (s *modelStore) Open(context.Context) (Session, error) {
 	if s.w.used() >= s.w.capacity {
 		return nil, errors.New("FATAL: sorry, too many clients already (SQLSTATE 53300)")
 	}
-	sess := &modelSession{w: s.w}
+	s.w.pids++
+	sess := &modelSession{w: s.w, pid: s.w.pids}
 	s.w.sessions[sess] = true
 	s.sess = sess
 	return sess, nil
 }
 
-type modelSession struct{ w *world }
+type modelSession struct {
+	w   *world
+	pid int
+}
 
 func (s *modelSession) alive() error {
 	if !s.w.sessions[s] {
@@ -100,12 +128,20 @@ func (s *modelSession) Members(context.Context) ([]Member, error) {
 	return s.w.members(), nil
 }
 
+// members reads the rows as the real store does: replica numbers 1 to
+// modelMaxID, a heartbeat that is not finite marked Invalid.
 func (w *world) members() []Member {
 	var out []Member
-	for _, r := range w.rows {
+	for id, r := range w.rows {
+		if id < 1 || id > modelMaxID {
+			continue
+		}
 		m := r.m
 		m.Slots = slices.Clone(m.Slots)
 		m.Age = w.now.Sub(r.heartbeat)
+		if r.infinite {
+			m.Age, m.Invalid = 0, IgnoredHeartbeat
+		}
 		out = append(out, m)
 	}
 	slices.SortFunc(out, func(a, b Member) int { return a.ID - b.ID })
@@ -147,7 +183,7 @@ func (s *modelSession) Publish(_ context.Context, b Beat) error {
 		return err
 	}
 	s.w.rows[b.ID] = modelRow{m: Member{ID: b.ID, Name: b.Name, Addr: b.Addr, Slots: slices.Clone(b.Slots), Demand: b.Demand,
-		Waiting: b.Waiting, Joined: b.Joined}, heartbeat: s.w.now}
+		Waiting: b.Waiting, Joined: b.Joined, ControlPID: s.pid}, heartbeat: s.w.now}
 	return nil
 }
 
@@ -167,12 +203,59 @@ func (s *modelSession) Heartbeat(ctx context.Context, b Beat) (View, error) {
 	if err := s.Publish(ctx, b); err != nil {
 		return View{}, err
 	}
+	v := View{Limits: budget.Limits{MaxConnections: s.w.capacity + 3, SuperuserReserved: 3}}
 	for id, r := range s.w.rows {
-		if id != b.ID && s.w.now.Sub(r.heartbeat) > b.Timeout {
-			delete(s.w.rows, id)
+		if id == b.ID {
+			continue
+		}
+		var purged string
+		switch {
+		case id < 1 || id > modelMaxID:
+			purged = IgnoredReplicaID
+		case r.infinite || s.w.now.Sub(r.heartbeat) < -FutureSkew(b.Timeout):
+			purged = IgnoredHeartbeat
+		case s.w.now.Sub(r.heartbeat) <= b.Timeout:
+			continue
+		}
+		delete(s.w.rows, id)
+		if purged != "" {
+			if v.Purged == nil {
+				v.Purged = map[string]int{}
+			}
+			v.Purged[purged]++
 		}
 	}
-	return View{Members: s.w.members(), Limits: budget.Limits{MaxConnections: s.w.capacity + 3, SuperuserReserved: 3}}, nil
+	v.Members = s.w.members()
+	if b.ProbeLocks {
+		v.LockHolders = []LockHolder{}
+		holders := map[*modelSession]*LockHolder{}
+		for k, h := range s.w.locks {
+			member := false
+			for id, r := range s.w.rows {
+				if r.m.ControlPID == h.pid && s.w.live(id, r, b.Timeout) {
+					member = true
+				}
+			}
+			if member {
+				continue
+			}
+			lh := holders[h]
+			if lh == nil {
+				lh = &LockHolder{PID: h.pid}
+				holders[h] = lh
+			}
+			if k >= 0 {
+				lh.Leases++
+			} else {
+				lh.Members++
+			}
+		}
+		for _, lh := range holders {
+			v.LockHolders = append(v.LockHolders, *lh)
+		}
+		slices.SortFunc(v.LockHolders, func(a, b LockHolder) int { return a.PID - b.PID })
+	}
+	return v, nil
 }
 
 func (s *modelSession) Leave(_ context.Context, id int) error {
@@ -190,11 +273,11 @@ func (s *modelSession) Leave(_ context.Context, id int) error {
 
 func (s *modelSession) Close() { s.w.kill(s) }
 
-// reservedFor returns the member whose row, younger than timeout, lists
-// slot k (0: none).
+// reservedFor returns the replica number of a live row (see live)
+// listing slot k (0: none).
 func (w *world) reservedFor(k int, timeout time.Duration) int {
 	for id, r := range w.rows {
-		if w.now.Sub(r.heartbeat) < timeout && slices.Contains(r.m.Slots, k) {
+		if w.live(id, r, timeout) && slices.Contains(r.m.Slots, k) {
 			return id
 		}
 	}
@@ -251,7 +334,7 @@ func (p *modelPool) Sever(error) int {
 // leases counts the leases that cover the replica's connections: the
 // lease locks its live session holds, and the slots its row lists while the
 // row is younger than the member timeout (nobody else may take them then)
-// unless another session holds their lock.
+// unless another replica's session holds their lock.
 func (p *modelPool) leases() int {
 	own := p.r.store.sess
 	if own != nil && !p.w.sessions[own] {
@@ -263,9 +346,11 @@ func (p *modelPool) leases() int {
 			covered[k] = true
 		}
 	}
-	if r, ok := p.w.rows[p.r.m.id]; ok && p.w.now.Sub(r.heartbeat) < modelTimeout {
+	if r, ok := p.w.rows[p.r.m.id]; ok && !r.bogus && p.w.now.Sub(r.heartbeat) < modelTimeout {
 		for _, k := range r.m.Slots {
-			if h := p.w.locks[k]; h == nil || h == own {
+			// A lock the squatter took is not a replica's: no other
+			// replica opens a connection under that lease.
+			if h := p.w.locks[k]; h == nil || h == own || h == p.w.squatter {
 				covered[k] = true
 			}
 		}
@@ -314,9 +399,54 @@ func (w *world) join() {
 	r := &replica{name: fmt.Sprintf("r%d", w.names)}
 	r.p = &modelPool{w: w, r: r, changed: make(chan struct{})}
 	r.store = &modelStore{w: w}
-	r.m = New(Options{Store: r.store, Pool: r.p, Heartbeat: modelHeartbeat, MemberTimeout: modelTimeout, MaxID: 31,
-		Name: r.name, Addr: func() string { return r.name }, Now: func() time.Time { return w.now }})
+	r.m = New(Options{Store: r.store, Pool: r.p, Heartbeat: modelHeartbeat, MemberTimeout: modelTimeout, MaxID: modelMaxID,
+		Name: r.name, Addr: func() string { return r.name + ":6432" }, Now: func() time.Time { return w.now }})
 	w.replicas = append(w.replicas, r)
+}
+
+// bogusRow inserts a row no replica wrote, under a replica number that has
+// none (an INSERT: a writer of the table who UPDATEs a replica's row can
+// always defeat it).
+func (w *world) bogusRow(t *rapid.T) {
+	id := rapid.IntRange(-3, modelMaxID+5).Draw(t, "bogus id")
+	if _, ok := w.rows[id]; ok {
+		t.Skip("the number has a row")
+	}
+	r := modelRow{bogus: true, heartbeat: w.now, m: Member{ID: id, Name: "bogus", Addr: "127.0.0.1:1", ControlPID: 1 << 30,
+		Demand: rapid.IntRange(-5, 3*w.capacity).Draw(t, "bogus demand")}}
+	switch rapid.SampledFrom([]string{"fresh", "future", "far future", "infinite", "past", "addr"}).Draw(t, "bogus heartbeat") {
+	case "future":
+		r.heartbeat = w.now.Add(time.Duration(rapid.Int64Range(0, int64(modelTimeout)).Draw(t, "ahead")))
+	case "far future":
+		r.heartbeat = w.now.Add(100 * 365 * 24 * time.Hour)
+	case "infinite":
+		r.infinite = true
+	case "past":
+		r.heartbeat = w.now.Add(-time.Duration(rapid.Int64Range(0, int64(2*modelTimeout)).Draw(t, "behind")))
+	case "addr":
+		r.m.Addr = rapid.SampledFrom([]string{"nowhere", "8.8.8.8:53", "127.0.0.1:0", "[::1]"}).Draw(t, "bogus addr")
+	}
+	r.m.Slots = rapid.SliceOfN(rapid.IntRange(-2, w.capacity+2), 0, w.capacity).Draw(t, "bogus slots")
+	w.rows[id] = r
+}
+
+// squat has a session that is no replica's take free lease and
+// membership locks of the namespace (it opens the session if there is
+// room on the server).
+func (w *world) squat(t *rapid.T) {
+	if w.squatter == nil || !w.sessions[w.squatter] {
+		if w.used() >= w.capacity {
+			t.Skip("the server is full")
+		}
+		w.pids++
+		w.squatter = &modelSession{w: w, pid: w.pids}
+		w.sessions[w.squatter] = true
+	}
+	for _, k := range rapid.SliceOfN(rapid.IntRange(-1-modelMaxID, w.capacity), 1, 8).Draw(t, "squatted keys") {
+		if k != -1 && w.locks[k] == nil {
+			w.locks[k] = w.squatter
+		}
+	}
 }
 
 func (w *world) pick(t *rapid.T) *replica {
@@ -340,6 +470,15 @@ func (w *world) check(t *rapid.T) {
 			open++ // its control connection
 		}
 		if l := r.p.leases(); open > l {
+			for _, x := range w.replicas {
+				t.Logf("state: %s id %d held %v kept %v claimed %v busy %d idle %d limit %d sess %v", x.name, x.m.id, x.m.held, x.m.kept, x.m.claimed, x.p.busy, x.p.idle, x.p.limit, x.m.sess != nil)
+			}
+			for id, row := range w.rows {
+				t.Logf("state: row %d %+v age %s bogus %v", id, row.m.Slots, w.now.Sub(row.heartbeat), row.bogus)
+			}
+			for k, h := range w.locks {
+				t.Logf("state: lock %d pid %d", k, h.pid)
+			}
 			t.Fatalf("%s: want a lease for each of its %d connections, got = %d leases", r.name, open, l)
 		}
 	}
@@ -400,8 +539,20 @@ func TestLeaseModel(t *testing.T) {
 				r.m.leave()
 				w.remove(r)
 			},
+			"bogus row": w.bogusRow,
+			"squat":     w.squat,
+			"unsquat": func(t *rapid.T) {
+				if w.squatter == nil {
+					t.Skip("no squatter")
+				}
+				w.kill(w.squatter)
+				w.squatter = nil
+			},
 			"": w.check,
 		})
+		if w.squatter != nil {
+			w.kill(w.squatter) // no more faults: the squatter goes too
+		}
 
 		// Settle: no more faults, steady loads. No replica is owed leases,
 		// the leases fit the budget, and equal loads get equal shares.

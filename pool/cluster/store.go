@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -25,23 +26,28 @@ type Store interface {
 
 // Session is one control connection.
 type Session interface {
-	// Members reads every member row of the namespace.
+	// Members reads the rows of the namespace whose replica number is in
+	// range, unchecked (see Rules.Check).
 	Members(ctx context.Context) ([]Member, error)
 	// Join takes the membership lock of the first of ids that is free and
 	// returns its number; 0 when none was free.
 	Join(ctx context.Context, ids []int) (int, error)
 	// Lock tries the lease locks of slots and returns those it got. A slot
-	// listed by another member whose heartbeat is younger than timeout is
-	// reserved for it and not tried, checked in the same statement.
+	// listed by another row whose heartbeat is younger than timeout (and
+	// not beyond FutureSkew in the future) is reserved for it and not
+	// tried, checked in the same statement.
 	Lock(ctx context.Context, self int, slots []int, timeout time.Duration) ([]int, error)
 	// Publish writes the member's row: its leases (published before they
 	// are used) and figures, with the server's now() as heartbeat.
 	Publish(ctx context.Context, b Beat) error
 	// Release unlocks slots and then publishes b.
 	Release(ctx context.Context, slots []int, b Beat) error
-	// Heartbeat publishes b, forgets members whose heartbeat is older than
-	// b.Timeout, and reads the members, the server's limits and, with
-	// b.CountForeign, the connections of other applications, all in one
+	// Heartbeat publishes b, deletes the rows whose heartbeat is older
+	// than b.Timeout or can never count (not finite, beyond FutureSkew in
+	// the future, or a replica number out of range), and reads the rows
+	// (unchecked), the server's limits, with b.CountForeign the connections
+	// of other applications, and with b.ProbeLocks the sessions holding
+	// advisory locks of the namespace that are not members, all in one
 	// round trip.
 	Heartbeat(ctx context.Context, b Beat) (View, error)
 	// Leave deletes the member's row and releases every lock.
@@ -52,6 +58,10 @@ type Session interface {
 
 // Member is one replica's row.
 type Member struct {
+	// Invalid is set by the store when a field cannot be read as a
+	// replica writes it (one of the Ignored* reasons; InvalidDetail says
+	// which): the row is ignored.
+	Invalid, InvalidDetail string
 	// ID is the replica number (1 and up), encoded in its cancel keys.
 	ID int
 	// Name says which process it is (host and PID), for people.
@@ -73,7 +83,8 @@ type Member struct {
 	ServerPIDs []int
 	// Joined is when the process first joined.
 	Joined time.Time
-	// Age is how long ago its last heartbeat was, on the server's clock.
+	// Age is how long ago its last heartbeat was, on the server's clock
+	// (negative for a heartbeat in the future).
 	Age time.Duration
 }
 
@@ -92,6 +103,9 @@ type Beat struct {
 	// CountForeign asks the heartbeat to count other applications'
 	// connections.
 	CountForeign bool
+	// ProbeLocks asks the heartbeat for the sessions holding advisory
+	// locks of the namespace that are not members (pg_locks).
+	ProbeLocks bool
 }
 
 // View is what a heartbeat reads.
@@ -102,6 +116,20 @@ type View struct {
 	// control connection nor one of its published server connections
 	// (with Beat.CountForeign; 0 otherwise).
 	Foreign int
+	// Purged counts, by Ignored* reason, the rows the heartbeat deleted
+	// because they could never count (normal expiry is not counted).
+	Purged map[string]int
+	// LockHolders are the sessions holding advisory locks of the namespace
+	// that are not the control connection of a live row, with how many
+	// they hold (with Beat.ProbeLocks; nil otherwise).
+	LockHolders []LockHolder
+}
+
+// LockHolder is a session holding advisory locks of the namespace.
+type LockHolder struct {
+	PID int
+	// Leases and Members count its locks on lease and membership keys.
+	Leases, Members int
 }
 
 // PgStore opens control sessions from a pgxpool of one connection (the
@@ -114,6 +142,9 @@ type PgStore struct {
 	Namespace int32
 	// Table is the membership table (budget.cluster.table).
 	Table string
+	// MaxID is the largest replica number: rows with another are never
+	// read, and deleted by the heartbeat.
+	MaxID int
 
 	localHost atomic.Pointer[string]
 }
@@ -145,7 +176,11 @@ func (s *PgStore) Open(ctx context.Context) (Session, error) {
 		h := a.IP.String()
 		s.localHost.Store(&h)
 	}
-	ps := &pgSession{c: c, ns: s.Namespace, table: pgx.Identifier(strings.Split(s.Table, ".")).Sanitize(), name: s.Table}
+	maxID := s.MaxID
+	if maxID <= 0 {
+		maxID = math.MaxInt32
+	}
+	ps := &pgSession{c: c, ns: s.Namespace, table: pgx.Identifier(strings.Split(s.Table, ".")).Sanitize(), name: s.Table, maxID: maxID}
 	if err := ps.ensureTable(ctx); err != nil {
 		ps.Close()
 		return nil, err
@@ -158,6 +193,7 @@ type pgSession struct {
 	ns    int32
 	table string // sanitized
 	name  string // as configured, for messages
+	maxID int
 }
 
 func (s *pgSession) ensureTable(ctx context.Context) error {
@@ -168,61 +204,146 @@ func (s *pgSession) ensureTable(ctx context.Context) error {
 	if exists {
 		return nil
 	}
-	err := pgx.BeginFunc(ctx, s.c, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1, $2)", s.ns, int32(createLockKey)); err != nil {
+	// The lock spares replicas starting together the error of concurrent
+	// CREATEs. It is waited for only briefly, so that a session squatting
+	// it cannot stop replicas from starting: then the table is created
+	// without it.
+	wait := time.Second
+	if dl, ok := ctx.Deadline(); ok {
+		wait = max(time.Until(dl)/2, 10*time.Millisecond)
+	}
+	create := func(lock bool) error {
+		return pgx.BeginFunc(ctx, s.c, func(tx pgx.Tx) error {
+			if lock {
+				if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = %d", wait.Milliseconds())); err != nil {
+					return err
+				}
+				if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1, $2)", s.ns, int32(createLockKey)); err != nil {
+					return err
+				}
+			}
+			_, err := tx.Exec(ctx, `CREATE UNLOGGED TABLE IF NOT EXISTS `+s.table+` (
+				namespace   int         NOT NULL,
+				replica_id  int         NOT NULL,
+				name        text        NOT NULL,
+				cancel_addr text        NOT NULL,
+				slots       int[]       NOT NULL,
+				demand      int         NOT NULL,
+				waiting     int         NOT NULL,
+				control_pid int         NOT NULL,
+				server_pids int[]       NOT NULL,
+				joined      timestamptz NOT NULL,
+				heartbeat   timestamptz NOT NULL,
+				PRIMARY KEY (namespace, replica_id))`)
 			return err
+		})
+	}
+	err := create(true)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+		err = create(false) // the lock is held by someone who does not let go
+	}
+	if errors.As(err, &pgErr) && (pgErr.Code == "23505" || pgErr.Code == "42P07" || pgErr.Code == "42710") {
+		// Created by another replica at the same moment.
+		if qerr := s.c.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", s.name).Scan(&exists); qerr == nil && exists {
+			return nil
 		}
-		_, err := tx.Exec(ctx, `CREATE UNLOGGED TABLE IF NOT EXISTS `+s.table+` (
-			namespace   int         NOT NULL,
-			replica_id  int         NOT NULL,
-			name        text        NOT NULL,
-			cancel_addr text        NOT NULL,
-			slots       int[]       NOT NULL,
-			demand      int         NOT NULL,
-			waiting     int         NOT NULL,
-			control_pid int         NOT NULL,
-			server_pids int[]       NOT NULL,
-			joined      timestamptz NOT NULL,
-			heartbeat   timestamptz NOT NULL,
-			PRIMARY KEY (namespace, replica_id))`)
-		return err
-	})
+	}
 	if err != nil {
-		return fmt.Errorf("creating the membership table %s (key budget.cluster.table; the upstream user needs CREATE on its schema, or create it once as docs/architecture.md shows): %w", s.name, err)
+		return fmt.Errorf("creating the membership table %s (key budget.cluster.table; the control connection's role, budget.cluster.control_user or else the upstream user, needs CREATE on its schema, or create it once as docs/architecture.md shows): %w", s.name, err)
 	}
 	return nil
 }
 
+// membersSQL reads the rows of namespace $1 with a replica number from 1
+// to $2, each column as it can be read whatever was written: a text longer
+// than a replica writes, an array longer than max_connections (no replica
+// holds more leases), multidimensional or with NULLs, and a time that is not
+// finite read as NULL, and the row is then ignored (see scanMembers).
 func (s *pgSession) membersSQL() string {
-	return `SELECT replica_id, name, cancel_addr, slots, demand, waiting, control_pid, server_pids, joined,
-		extract(epoch FROM now() - heartbeat)::float8
-		FROM ` + s.table + ` WHERE namespace = $1 ORDER BY replica_id`
+	arr := func(col string) string {
+		return `CASE WHEN cardinality(` + col + `) > l.mc OR coalesce(array_ndims(` + col + `), 1) <> 1 THEN NULL
+			WHEN array_position(` + col + `, NULL) IS NOT NULL THEN NULL ELSE ` + col + ` END`
+	}
+	return `SELECT replica_id,
+		CASE WHEN octet_length(name) <= ` + strconv.Itoa(maxNameLen) + ` THEN name END,
+		CASE WHEN octet_length(cancel_addr) <= ` + strconv.Itoa(maxAddrLen) + ` THEN cancel_addr END,
+		` + arr("slots") + `, demand, waiting, control_pid, ` + arr("server_pids") + `,
+		CASE WHEN isfinite(joined) THEN joined END,
+		CASE WHEN isfinite(heartbeat) THEN extract(epoch FROM now() - heartbeat)::float8 END
+		FROM ` + s.table + `, (SELECT current_setting('max_connections')::int AS mc) l
+		WHERE namespace = $1 AND replica_id BETWEEN 1 AND $2 ORDER BY replica_id`
 }
 
+// scanMembers reads membersSQL's rows; a row with a column that could not
+// be read says so in Member.Invalid.
 func scanMembers(rows pgx.Rows) ([]Member, error) {
 	defer rows.Close()
 	var out []Member
 	for rows.Next() {
-		var m Member
-		var slots, pids []int32
-		var age float64
-		if err := rows.Scan(&m.ID, &m.Name, &m.Addr, &slots, &m.Demand, &m.Waiting, &m.ControlPID, &pids, &m.Joined, &age); err != nil {
+		var (
+			id                          int32
+			name, addr                  *string
+			slots, pids                 *[]int32
+			demand, waiting, controlPID *int32
+			joined                      *time.Time
+			age                         *float64
+		)
+		if err := rows.Scan(&id, &name, &addr, &slots, &demand, &waiting, &controlPID, &pids, &joined, &age); err != nil {
 			return nil, err
 		}
-		for _, x := range slots {
-			m.Slots = append(m.Slots, int(x))
+		m := Member{ID: int(id)}
+		invalid := func(reason, detail string) {
+			if m.Invalid == "" {
+				m.Invalid, m.InvalidDetail = reason, detail
+			}
 		}
-		for _, x := range pids {
-			m.ServerPIDs = append(m.ServerPIDs, int(x))
+		if age == nil {
+			invalid(IgnoredHeartbeat, "heartbeat NULL or not finite")
+		} else {
+			m.Age = time.Duration(*age * float64(time.Second))
 		}
-		m.Age = time.Duration(age * float64(time.Second))
+		if name == nil {
+			invalid(IgnoredMalformed, "name NULL or longer than "+strconv.Itoa(maxNameLen)+" bytes")
+		} else {
+			m.Name = *name
+		}
+		if addr == nil {
+			invalid(IgnoredAddress, "cancel_addr NULL or longer than "+strconv.Itoa(maxAddrLen)+" bytes")
+		} else {
+			m.Addr = *addr
+		}
+		if slots == nil {
+			invalid(IgnoredSlots, "slots NULL, holding a NULL, multidimensional or longer than max_connections")
+		} else {
+			for _, x := range *slots {
+				m.Slots = append(m.Slots, int(x))
+			}
+		}
+		if pids == nil {
+			invalid(IgnoredMalformed, "server_pids NULL, holding a NULL, multidimensional or longer than max_connections")
+		} else {
+			for _, x := range *pids {
+				m.ServerPIDs = append(m.ServerPIDs, int(x))
+			}
+		}
+		if demand == nil || waiting == nil || controlPID == nil {
+			invalid(IgnoredMalformed, "demand, waiting or control_pid NULL")
+		} else {
+			m.Demand, m.Waiting, m.ControlPID = int(*demand), int(*waiting), int(*controlPID)
+		}
+		if joined == nil {
+			invalid(IgnoredMalformed, "joined NULL or not finite")
+		} else {
+			m.Joined = *joined
+		}
 		out = append(out, m)
 	}
 	return out, rows.Err()
 }
 
 func (s *pgSession) Members(ctx context.Context) ([]Member, error) {
-	rows, err := s.c.Query(ctx, s.membersSQL(), s.ns)
+	rows, err := s.c.Query(ctx, s.membersSQL(), s.ns, s.maxID)
 	if err == nil {
 		var ms []Member
 		if ms, err = scanMembers(rows); err == nil {
@@ -231,7 +352,7 @@ func (s *pgSession) Members(ctx context.Context) ([]Member, error) {
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == "42501" {
-		return nil, fmt.Errorf("reading the cluster members from %s (key budget.cluster.table: the upstream user of every replica needs SELECT, INSERT, UPDATE and DELETE on it): %w", s.name, err)
+		return nil, fmt.Errorf("reading the cluster members from %s (key budget.cluster.table: the control connection's role of every replica, budget.cluster.control_user or else the upstream user, needs SELECT, INSERT, UPDATE and DELETE on it): %w", s.name, err)
 	}
 	return nil, fmt.Errorf("reading the cluster members: %w", err)
 }
@@ -272,8 +393,8 @@ func (s *pgSession) Lock(ctx context.Context, self int, slots []int, timeout tim
 	}
 	rows, err := s.c.Query(ctx, `SELECT k FROM unnest($2::int[]) AS u(k)
 		WHERE CASE WHEN EXISTS (SELECT 1 FROM `+s.table+` m WHERE m.namespace = $1 AND m.replica_id <> $3
-				AND m.heartbeat >= now() - $4::interval AND k = ANY (m.slots))
-			THEN false ELSE pg_try_advisory_lock($1, k) END`, s.ns, int32s(slots), self, timeout)
+				AND `+liveSQL("m", "$4", "$5", "$6")+` AND k = ANY (m.slots))
+			THEN false ELSE pg_try_advisory_lock($1, k) END`, s.ns, int32s(slots), self, timeout, FutureSkew(timeout), s.maxID)
 	if err != nil {
 		return nil, fmt.Errorf("taking leases: %w", err)
 	}
@@ -317,19 +438,71 @@ func (s *pgSession) Release(ctx context.Context, slots []int, b Beat) error {
 	return nil
 }
 
+// liveSQL is the condition under which the row alias may count: a replica
+// number from 1 to maxID, a heartbeat younger than timeout and not beyond
+// skew in the future of the server's clock (which excludes ±infinity).
+// clock_timestamp(), not now(): a row committed while this transaction
+// runs may be later than its start.
+func liveSQL(alias, timeout, skew, maxID string) string {
+	return alias + `.replica_id BETWEEN 1 AND ` + maxID + ` AND ` + alias + `.heartbeat >= now() - ` + timeout + `::interval
+		AND ` + alias + `.heartbeat <= clock_timestamp() + ` + skew + `::interval`
+}
+
+// purgeSQL deletes the other rows of namespace $1 (this member is $2) that
+// are older than $3 or can never count: a replica number outside 1 to $4,
+// a heartbeat NULL, not finite or beyond $5 in the future. It counts the
+// latter two kinds (normal expiry is not counted).
+func (s *pgSession) purgeSQL() string {
+	return `WITH d AS (DELETE FROM ` + s.table + ` WHERE namespace = $1 AND replica_id <> $2 AND (
+			replica_id NOT BETWEEN 1 AND $4 OR heartbeat IS NULL
+			OR heartbeat < now() - $3::interval OR heartbeat > clock_timestamp() + $5::interval)
+		RETURNING replica_id BETWEEN 1 AND $4 AS id_ok,
+			coalesce(isfinite(heartbeat) AND heartbeat <= clock_timestamp() + $5::interval, false) AS heartbeat_ok)
+		SELECT (count(*) FILTER (WHERE NOT id_ok))::int, (count(*) FILTER (WHERE id_ok AND NOT heartbeat_ok))::int FROM d`
+}
+
+// lockHoldersSQL lists the sessions holding advisory locks of namespace $1
+// (two int4 keys: classid, objid, objsubid 2, in this database) that are
+// not the control connection of a row live for $2 (skew $3, replica numbers
+// to $4), with their locks on lease keys (0 and up) and on membership keys
+// (-2 down to -1-$4); at most 100.
+func (s *pgSession) lockHoldersSQL() string {
+	return `SELECT l.pid, (count(*) FILTER (WHERE l.objid::int4 >= 0))::int, (count(*) FILTER (WHERE l.objid::int4 < 0))::int
+		FROM pg_locks l
+		WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 AND l.classid = $1::int4::oid
+			AND (l.objid::int4 >= 0 OR l.objid::int4 BETWEEN -1 - $4::int AND -2)
+			AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+			AND NOT EXISTS (SELECT 1 FROM ` + s.table + ` m WHERE m.namespace = $1 AND m.control_pid = l.pid
+				AND ` + liveSQL("m", "$2", "$3", "$4") + `)
+		GROUP BY l.pid ORDER BY l.pid LIMIT 100`
+}
+
+func scanLockHolders(rows pgx.Rows) ([]LockHolder, error) {
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (LockHolder, error) {
+		var h LockHolder
+		var pid, leases, members int32
+		err := r.Scan(&pid, &leases, &members)
+		h.PID, h.Leases, h.Members = int(pid), int(leases), int(members)
+		return h, err
+	})
+}
+
 func (s *pgSession) Heartbeat(ctx context.Context, b Beat) (View, error) {
+	skew := FutureSkew(b.Timeout)
 	batch := &pgx.Batch{}
 	batch.Queue(s.upsertSQL(), s.upsertArgs(b)...)
-	batch.Queue(`DELETE FROM `+s.table+` WHERE namespace = $1 AND replica_id <> $2 AND heartbeat < now() - $3::interval`,
-		s.ns, b.ID, b.Timeout)
-	batch.Queue(s.membersSQL(), s.ns)
+	batch.Queue(s.purgeSQL(), s.ns, b.ID, b.Timeout, s.maxID, skew)
+	batch.Queue(s.membersSQL(), s.ns, s.maxID)
 	batch.Queue(budget.LimitsSQL)
 	if b.CountForeign {
 		// A live member's control connection and published server
 		// connections are ours; every other client backend is foreign.
 		// (A server connection opened since its owner's last heartbeat
 		// counts as foreign until the next: the error is on the safe side.)
-		batch.Queue(s.foreignSQL(), s.ns, b.Timeout)
+		batch.Queue(s.foreignSQL(), s.ns, b.Timeout, skew, s.maxID)
+	}
+	if b.ProbeLocks {
+		batch.Queue(s.lockHoldersSQL(), s.ns, b.Timeout, skew, s.maxID)
 	}
 	br := s.c.SendBatch(ctx, batch)
 	var v View
@@ -337,8 +510,18 @@ func (s *pgSession) Heartbeat(ctx context.Context, b Beat) (View, error) {
 		if _, err := br.Exec(); err != nil {
 			return err
 		}
-		if _, err := br.Exec(); err != nil {
+		var badID, badHeartbeat int32
+		if err := br.QueryRow().Scan(&badID, &badHeartbeat); err != nil {
 			return err
+		}
+		if badID > 0 || badHeartbeat > 0 {
+			v.Purged = map[string]int{}
+			if badID > 0 {
+				v.Purged[IgnoredReplicaID] = int(badID)
+			}
+			if badHeartbeat > 0 {
+				v.Purged[IgnoredHeartbeat] = int(badHeartbeat)
+			}
 		}
 		rows, err := br.Query()
 		if err != nil {
@@ -352,7 +535,21 @@ func (s *pgSession) Heartbeat(ctx context.Context, b Beat) (View, error) {
 			return err
 		}
 		if b.CountForeign {
-			return br.QueryRow().Scan(&v.Foreign)
+			if err := br.QueryRow().Scan(&v.Foreign); err != nil {
+				return err
+			}
+		}
+		if b.ProbeLocks {
+			rows, err := br.Query()
+			if err != nil {
+				return err
+			}
+			if v.LockHolders, err = scanLockHolders(rows); err != nil {
+				return err
+			}
+			if v.LockHolders == nil {
+				v.LockHolders = []LockHolder{}
+			}
 		}
 		return nil
 	}()
@@ -372,9 +569,12 @@ func (s *pgSession) Heartbeat(ctx context.Context, b Beat) (View, error) {
 // workers (counted as foreign then: the error is on the safe side).
 const ClientBackend = `coalesce(a.backend_type = 'client backend', a.datid IS NOT NULL AND a.usesysid IS NOT NULL)`
 
+// foreignSQL counts the client backends that are no live row's (namespace
+// $1, timeout $2, skew $3, replica numbers to $4) control connection or
+// published server connection.
 func (s *pgSession) foreignSQL() string {
 	return `SELECT count(*)::int FROM pg_stat_activity a WHERE ` + ClientBackend + `
-		AND NOT EXISTS (SELECT 1 FROM ` + s.table + ` m WHERE m.namespace = $1 AND m.heartbeat >= now() - $2::interval
+		AND NOT EXISTS (SELECT 1 FROM ` + s.table + ` m WHERE m.namespace = $1 AND ` + liveSQL("m", "$2", "$3", "$4") + `
 			AND (a.pid = m.control_pid OR a.pid = ANY (m.server_pids)))`
 }
 
@@ -400,12 +600,19 @@ func (s *pgSession) Close() {
 	s.c = nil
 }
 
-// ReadMembers reads the member rows of namespace from table over q, for
-// pggovernor doctor. A missing table reads as no members.
-func ReadMembers(ctx context.Context, q interface {
+// Querier is what the doctor's functions need of a connection.
+type Querier interface {
 	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
-}, namespace int32, table string) ([]Member, error) {
+}
+
+func doctorSession(namespace int32, table string) *pgSession {
+	return &pgSession{ns: namespace, table: pgx.Identifier(strings.Split(table, ".")).Sanitize(), name: table, maxID: math.MaxInt32}
+}
+
+// ReadMembers reads the rows of namespace from table over q, unchecked (see
+// Rules.Check), for pggovernor doctor. A missing table reads as no rows.
+func ReadMembers(ctx context.Context, q Querier, namespace int32, table string, maxID int) ([]Member, error) {
 	var exists bool
 	if err := q.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", table).Scan(&exists); err != nil {
 		return nil, err
@@ -413,8 +620,8 @@ func ReadMembers(ctx context.Context, q interface {
 	if !exists {
 		return nil, nil
 	}
-	s := &pgSession{ns: namespace, table: pgx.Identifier(strings.Split(table, ".")).Sanitize(), name: table}
-	rows, err := q.Query(ctx, s.membersSQL(), namespace)
+	s := doctorSession(namespace, table)
+	rows, err := q.Query(ctx, s.membersSQL(), namespace, maxID)
 	if err != nil {
 		return nil, err
 	}
@@ -425,11 +632,22 @@ func ReadMembers(ctx context.Context, q interface {
 // member of namespace (as the heartbeat does with
 // budget.cluster.count_foreign), for pggovernor doctor. The table must
 // exist.
-func CountForeign(ctx context.Context, q interface {
-	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
-}, namespace int32, table string, timeout time.Duration) (int, error) {
-	s := &pgSession{ns: namespace, table: pgx.Identifier(strings.Split(table, ".")).Sanitize(), name: table}
+func CountForeign(ctx context.Context, q Querier, namespace int32, table string, timeout time.Duration, maxID int) (int, error) {
+	s := doctorSession(namespace, table)
 	var n int
-	err := q.QueryRow(ctx, s.foreignSQL(), namespace, timeout).Scan(&n)
+	err := q.QueryRow(ctx, s.foreignSQL(), namespace, timeout, FutureSkew(timeout), maxID).Scan(&n)
 	return n, err
+}
+
+// LockHolders lists, over q, the sessions holding advisory locks of
+// namespace that are not the control connection of a live row of table
+// (as the heartbeat does when it probes), for pggovernor doctor. The table
+// must exist.
+func LockHolders(ctx context.Context, q Querier, namespace int32, table string, timeout time.Duration, maxID int) ([]LockHolder, error) {
+	s := doctorSession(namespace, table)
+	rows, err := q.Query(ctx, s.lockHoldersSQL(), namespace, timeout, FutureSkew(timeout), maxID)
+	if err != nil {
+		return nil, err
+	}
+	return scanLockHolders(rows)
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -185,8 +186,142 @@ func TestStoreAgainstPostgres(t *testing.T) {
 	if got := locksOf(t, ns); got != 0 {
 		t.Fatalf("advisory locks after leaving: want = 0, got = %d", got)
 	}
-	members, err := ReadMembers(ctx, conn, ns, "store_test_members")
+	members, err := ReadMembers(ctx, conn, ns, "store_test_members", 1023)
 	if err != nil || len(members) != 0 {
 		t.Fatalf("members after leaving: want none, got = %+v (%v)", members, err)
+	}
+}
+
+// TestStoreReadsBadRows: rows no replica wrote — heartbeats of ±infinity
+// and far in the future, replica numbers out of range, a huge, a
+// two-dimensional and a NULL-holding slots array, an overlong name, a join
+// time of infinity — neither fail a read nor a heartbeat (on today's
+// main, 'infinity' failed every heartbeat: "cannot subtract infinite
+// timestamps"); each is read marked Invalid or fails Rules.Check, the
+// heartbeat deletes those that can never count and says so, and a future
+// heartbeat reserves no lease. A session holding locks of the namespace
+// that is no member's is listed.
+func TestStoreReadsBadRows(t *testing.T) {
+	ctx := context.Background()
+	const ns, table = 4343, "bad_rows_members"
+	st := newStore(t, ns)
+	st.Table, st.MaxID = table, 1023
+	sess := open(t, st)
+	const timeout = 10 * time.Second
+	insert := func(id int, heartbeat, extra string) {
+		t.Helper()
+		cols, vals := "slots", "'{8}'"
+		if strings.Contains(heartbeat, "infinity") || strings.Contains(heartbeat, "years") {
+			vals = "'{7}'"
+		}
+		name, joined := "'x'", "now()"
+		switch {
+		case strings.HasPrefix(extra, "slots="):
+			vals = strings.TrimPrefix(extra, "slots=")
+		case strings.HasPrefix(extra, "name="):
+			name = strings.TrimPrefix(extra, "name=")
+		case strings.HasPrefix(extra, "joined="):
+			joined = strings.TrimPrefix(extra, "joined=")
+		}
+		q := fmt.Sprintf(`INSERT INTO %s (namespace, replica_id, name, cancel_addr, %s, demand, waiting, control_pid, server_pids, joined, heartbeat)
+			VALUES (%d, %d, %s, '127.0.0.1:9', %s, 1, 0, 1, '{}', %s, %s)`, table, cols, ns, id, name, vals, joined, heartbeat)
+		if _, err := server.Exec(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	insert(901, "'infinity'", "")
+	insert(902, "'-infinity'", "")
+	insert(903, "now() + interval '100 years'", "")
+	insert(904, "now()", "slots=array_fill(5, ARRAY[100000])")
+	insert(905, "now()", "slots='{{1,2},{3,4}}'")
+	insert(906, "now()", "slots='{1,NULL}'")
+	insert(907, "now()", "name=repeat('n', 100000)")
+	insert(908, "now()", "joined='infinity'")
+	insert(909, "now()", "slots='{3,3}'")
+	insert(-5, "now()", "")
+	insert(5000, "now()", "")
+
+	rules := Rules{MaxID: 1023, Timeout: timeout}
+	want := map[int]string{901: IgnoredHeartbeat, 902: IgnoredHeartbeat, 903: IgnoredHeartbeat, 904: IgnoredSlots, 905: IgnoredSlots,
+		906: IgnoredSlots, 907: IgnoredMalformed, 908: IgnoredMalformed, 909: IgnoredSlots}
+	rows, err := sess.Members(ctx)
+	if err != nil {
+		t.Fatalf("reading bad rows: %v", err)
+	}
+	got := map[int]string{}
+	for _, m := range rows {
+		reason, _ := rules.Check(&m)
+		got[m.ID] = reason
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("rows read and why they are ignored: want = %v (numbers out of range not read), got = %v", want, got)
+	}
+
+	// Slot 7, listed by the future and infinite rows only, is free.
+	if got, err := sess.Lock(ctx, 1, []int{7}, timeout); err != nil || !slices.Equal(got, []int{7}) {
+		t.Fatalf("lock of a slot only rows with bad heartbeats list: want = [7], got = %v (%v)", got, err)
+	}
+
+	// A squatter holds a lease lock and a membership lock.
+	squatter, err := pgx.Connect(ctx, server.SuperuserDSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer squatter.Close(ctx)
+	var pid int
+	if err := squatter.QueryRow(ctx, "SELECT pg_backend_pid() FROM (SELECT pg_advisory_lock($1, 11), pg_advisory_lock($1, -3)) x", int32(ns)).Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	v, err := sess.Heartbeat(ctx, Beat{ID: 1, Name: "a", Addr: "127.0.0.1:1", Slots: []int{7}, Joined: time.Now(), Timeout: timeout, ProbeLocks: true})
+	if err != nil {
+		t.Fatalf("heartbeat with bad rows: %v", err)
+	}
+	if want := map[string]int{IgnoredHeartbeat: 3, IgnoredReplicaID: 2}; fmt.Sprint(v.Purged) != fmt.Sprint(want) {
+		t.Fatalf("rows the heartbeat deleted: want = %v, got = %v", want, v.Purged)
+	}
+	var ids []int
+	for _, m := range v.Members {
+		ids = append(ids, m.ID)
+	}
+	if want := []int{1, 904, 905, 906, 907, 908, 909}; !slices.Equal(ids, want) {
+		t.Fatalf("rows after the heartbeat: want = %v, got = %v", want, ids)
+	}
+	if want := []LockHolder{{PID: pid, Leases: 1, Members: 1}}; !slices.Equal(v.LockHolders, want) {
+		t.Fatalf("sessions holding locks of the namespace that are not members: want = %v, got = %v", want, v.LockHolders)
+	}
+	if err := sess.Leave(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := server.Exec(ctx, fmt.Sprintf("DELETE FROM %s WHERE namespace = %d", table, ns)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestStoreCreatesTheTableDespiteASquatter: a session holding the lock that
+// serialises the creation of the membership table does not stop a replica
+// from creating it (on today's main, Open waited for the lock until its
+// deadline, at every heartbeat).
+func TestStoreCreatesTheTableDespiteASquatter(t *testing.T) {
+	ctx := context.Background()
+	const ns = 4444
+	squatter, err := pgx.Connect(ctx, server.SuperuserDSN("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer squatter.Close(ctx)
+	if _, err := squatter.Exec(ctx, "SELECT pg_advisory_lock($1, $2)", int32(ns), int32(createLockKey)); err != nil {
+		t.Fatal(err)
+	}
+	st := newStore(t, ns)
+	st.Table = "squatted_create_members"
+	octx, cancel := context.WithTimeout(ctx, 500*time.Millisecond) // as a heartbeat's bound
+	defer cancel()
+	sess, err := st.Open(octx)
+	if err != nil {
+		t.Fatalf("opening with the creation lock squatted: %v", err)
+	}
+	sess.Close()
+	if _, err := server.Exec(ctx, "DROP TABLE squatted_create_members"); err != nil {
+		t.Fatal(err)
 	}
 }
