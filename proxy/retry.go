@@ -25,9 +25,9 @@ package proxy
 // The request is the client's messages since the attachment began, up to
 // replayLimit bytes, kept as they came (replayBuf); they are processed again
 // from the start on the next connection, so everything the governor adds
-// for a connection (settings, statements) is made for the new one. Messages
-// that change what the governor records for the client (session state,
-// DEALLOCATE, LISTEN, database DDL) make a request unfit; named statements a
+// for a connection (settings, statements) is made for the new one. A
+// request with session-state effects the governor records (SET, advisory
+// locks, temporary tables…) is not retried; named statements a
 // Parse or Close of the request added or removed are put back first.
 
 import (
