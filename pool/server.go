@@ -61,14 +61,17 @@ type Server struct {
 	// its prepared-statement cache here). It travels with the connection.
 	State any
 
-	handler  atomic.Pointer[HandlerSlot]
-	closing  atomic.Bool
-	broken   atomic.Bool
-	readDone chan struct{}
-	cancelMu sync.Mutex // held while a cancel to this backend is in flight
-	lifeMu   sync.Mutex // orders close and the reader's exit
-	gone     bool       // the reader has exited (guarded by lifeMu)
-	writeMu  sync.Mutex // serialises the pool's own writes (Close) with nothing else writing
+	handler atomic.Pointer[HandlerSlot]
+	closing atomic.Bool
+	broken  atomic.Bool
+	// terminatedIdle records that the backend said it was terminated
+	// (admin_shutdown, idle_session_timeout) while nobody held it.
+	terminatedIdle atomic.Bool
+	readDone       chan struct{}
+	cancelMu       sync.Mutex // held while a cancel to this backend is in flight
+	lifeMu         sync.Mutex // orders close and the reader's exit
+	gone           bool       // the reader has exited (guarded by lifeMu)
+	writeMu        sync.Mutex // serialises the pool's own writes (Close) with nothing else writing
 }
 
 // HandlerSlot holds a Handler for Server.SetHandler. A holder makes one
@@ -100,6 +103,11 @@ func (s *Server) SetHandler(slot *HandlerSlot) { s.handler.Store(slot) }
 // MarkBroken records that the connection's state is unknown, so it is
 // closed instead of being reused at release.
 func (s *Server) MarkBroken() { s.broken.Store(true) }
+
+// TerminatedIdle reports whether the backend ended the connection while it
+// was idle in the pool, saying so (a FATAL 57P01 or 57P05): a request a
+// holder wrote to it since was never read by the backend.
+func (s *Server) TerminatedIdle() bool { return s.terminatedIdle.Load() }
 
 // Broken reports whether the connection failed or was marked broken.
 func (s *Server) Broken() bool { return s.broken.Load() || s.closing.Load() }
@@ -208,6 +216,9 @@ func (s *Server) idleMessage(typ byte, frame []byte) error {
 	case 'E':
 		var er pgproto3.ErrorResponse
 		if err := er.Decode(frame[wire.HeaderLen:]); err == nil {
+			if er.Code == "57P01" || er.Code == "57P05" {
+				s.terminatedIdle.Store(true)
+			}
 			return fmt.Errorf("idle server connection closed by the server: %s (SQLSTATE %s)", er.Message, er.Code)
 		}
 	}

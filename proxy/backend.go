@@ -425,6 +425,11 @@ func (sess *session) ServerLost(srv *pool.Server, err error) {
 		sess.mu.Unlock()
 		return
 	}
+	if !sess.retryPending.Load() && !sess.answered.Load() && srv.TerminatedIdle() {
+		// The backend said it was terminated before this client held it:
+		// it read nothing of the request.
+		sess.retryLocked(srv)
+	}
 	if sess.retryPending.Load() {
 		sess.mu.Unlock()
 		_ = sess.conn.SetReadDeadline(time.Now()) // the pump retries

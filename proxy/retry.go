@@ -7,7 +7,8 @@ package proxy
 //
 // When is it safe? The request was the first of a new attachment (the
 // connection came from the pool, idle, with no transaction open), and the
-// first thing the server said on it is a FATAL error with SQLSTATE 57P01
+// first thing the server said on it (or, just before, while it was idle in
+// the pool: pool.Server.TerminatedIdle) is a FATAL error with SQLSTATE 57P01
 // (admin_shutdown: pg_terminate_backend, a smart or fast shutdown) or 57P05
 // (idle_session_timeout). Postgres sends those from a backend that is exiting
 // on a signal it handles only where interrupts are checked; every response
@@ -24,9 +25,9 @@ package proxy
 // The request is the client's messages since the attachment began, up to
 // replayLimit bytes, kept as they came (replayBuf); they are processed again
 // from the start on the next connection, so everything the governor adds
-// for a connection (settings, statements) is made for the new one. Messages
-// that change what the governor records for the client (session state,
-// DEALLOCATE, LISTEN, database DDL) make a request unfit; named statements a
+// for a connection (settings, statements) is made for the new one. A
+// request with session-state effects the governor records (SET, advisory
+// locks, temporary tables…) is not retried; named statements a
 // Parse or Close of the request added or removed are put back first.
 
 import (
@@ -105,6 +106,15 @@ func (sess *session) retryOnFatalLocked(srv *pool.Server, frame []byte) bool {
 	switch errorCode(frame) {
 	case "57P01", "57P05":
 	default:
+		return false
+	}
+	return sess.retryLocked(srv)
+}
+
+// retryLocked has the pump send the request again on another connection,
+// if it may. Called with mu held.
+func (sess *session) retryLocked(srv *pool.Server) bool {
+	if !sess.replayable || sess.retries >= maxRetries {
 		return false
 	}
 	srv.MarkBroken()
