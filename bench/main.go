@@ -25,6 +25,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -390,8 +391,9 @@ func indent(s, prefix string) string {
 	return prefix + strings.ReplaceAll(s, "\n", "\n"+prefix)
 }
 
-// moduleRoot walks up from the working directory to the directory holding
-// the go.mod of this module.
+// moduleRoot walks up from the working directory to the repository root:
+// the directory whose go.mod is the product's module (bench/ is a module
+// of its own, github.com/pggovernor/pggovernor/bench).
 func moduleRoot() (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
@@ -399,7 +401,7 @@ func moduleRoot() (string, error) {
 	}
 	for d := dir; ; d = filepath.Dir(d) {
 		b, err := os.ReadFile(filepath.Join(d, "go.mod"))
-		if err == nil && strings.Contains(string(b), "module github.com/pggovernor/pggovernor") {
+		if err == nil && slices.Contains(strings.Split(string(b), "\n"), "module github.com/pggovernor/pggovernor") {
 			return d, nil
 		}
 		if filepath.Dir(d) == d {
