@@ -66,6 +66,9 @@ type Config struct {
 	// libpqEnv holds the PG* variables that decide, as in libpq, what the
 	// URL leaves out (read by Load, used by Validate).
 	libpqEnv libpqEnv
+	// upstreamFrom names where upstream.url came from when it was not set
+	// as a pggovernor key (Coder's environment); see UpstreamSource.
+	upstreamFrom string
 }
 
 type libpqEnv struct{ user, sslMode string }
