@@ -70,6 +70,8 @@ type Sources struct {
 	// LoginFailureReasons are started at zero in
 	// pggovernor_login_failures_total.
 	LoginFailureReasons []string
+	// CancelResults are started at zero in pggovernor_cancel_requests_total.
+	CancelResults []string
 }
 
 // collector reads the pool's and the proxy's state at scrape time, as

@@ -38,8 +38,9 @@ type Metrics struct {
 	// prepared again there (transaction mode).
 	PreparedHits, PreparedMisses prometheus.Counter
 
-	errorsSent    *prometheus.CounterVec
-	loginFailures *prometheus.CounterVec
+	errorsSent     *prometheus.CounterVec
+	loginFailures  *prometheus.CounterVec
+	cancelRequests *prometheus.CounterVec
 }
 
 // namespace prefixes pggovernor's own metric names.
@@ -82,6 +83,8 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 			Help: "Errors pggovernor itself sent to clients, by SQLSTATE (errors from the server pass through uncounted)."}, []string{"sqlstate"}),
 		loginFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "login_failures_total",
 			Help: "Client logins that failed, by reason."}, []string{"reason"}),
+		cancelRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cancel_requests_total",
+			Help: "Cancel requests received, by result: sent to the server, forwarded to the replica that issued the key, idle (no query running), dropped (unknown key or wrong secret)."}, []string{"result"}),
 	}
 	prepared := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "prepared_statements_total",
 		Help: "Client prepared statements at the start of a transaction (transaction mode): hit, already prepared on the server connection; miss, prepared again."}, []string{"result"})
@@ -92,8 +95,11 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 	for _, reason := range src.LoginFailureReasons {
 		m.loginFailures.WithLabelValues(reason)
 	}
+	for _, result := range src.CancelResults {
+		m.cancelRequests.WithLabelValues(result)
+	}
 	reg.MustRegister(m.WaitSeconds, m.ServerConnectSeconds, m.TransactionSeconds, m.QuerySeconds, m.UpstreamRoundTripSeconds, m.ClusterLeaseAcquireSeconds,
-		m.errorsSent, m.loginFailures, prepared, newCollector(src))
+		m.errorsSent, m.loginFailures, m.cancelRequests, prepared, newCollector(src))
 	return m
 }
 
@@ -163,6 +169,9 @@ func (m *Metrics) ErrorSent(sqlstate string) { m.errorsSent.WithLabelValues(sqls
 
 // LoginFailed counts a failed login.
 func (m *Metrics) LoginFailed(reason string) { m.loginFailures.WithLabelValues(reason).Inc() }
+
+// CancelRequest counts a cancel request dealt with, by result.
+func (m *Metrics) CancelRequest(result string) { m.cancelRequests.WithLabelValues(result).Inc() }
 
 // PoolEvents returns the pool callbacks that feed the histograms.
 func (m *Metrics) PoolEvents() pool.Events {

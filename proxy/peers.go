@@ -45,20 +45,21 @@ func keyReplica(pid uint32) int { return int(pid >> replicaIDShift) }
 // forwardCancel passes a cancel request for another replica's client to
 // it, if the membership knows where it listens, and waits until it has
 // dealt with it (it closes the connection), as libpq waits for the server.
-// It reports whether the request was for another replica.
-func (s *Server) forwardCancel(pid, secret uint32) bool {
+// It reports whether the request was for another replica, and whether it
+// was passed on.
+func (s *Server) forwardCancel(pid, secret uint32) (forwarded, ok bool) {
 	peers := s.opts.Peers
 	if peers == nil {
-		return false
+		return false, false
 	}
 	id := keyReplica(pid)
 	if id == 0 || id == peers.ReplicaID() {
-		return false
+		return false, false
 	}
 	addr, ok := peers.PeerAddr(id)
 	if !ok {
 		s.logger.Debug("cancel request for a replica that is not a member dropped", zap.Int("replica", id))
-		return true
+		return true, false
 	}
 	ctx, cancel := context.WithTimeout(s.stopCtx, cancelForwardTimeout)
 	defer cancel()
@@ -66,7 +67,7 @@ func (s *Server) forwardCancel(pid, secret uint32) bool {
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		s.logger.Warn("forwarding a cancel request to another replica failed", zap.Int("replica", id), zap.String("peer", addr), zap.Error(err))
-		return true
+		return true, false
 	}
 	defer c.Close()
 	dl, _ := ctx.Deadline()
@@ -78,9 +79,9 @@ func (s *Server) forwardCancel(pid, secret uint32) bool {
 	binary.BigEndian.PutUint32(buf[12:], secret)
 	if _, err := c.Write(buf[:]); err != nil {
 		s.logger.Warn("forwarding a cancel request to another replica failed", zap.Int("replica", id), zap.String("peer", addr), zap.Error(err))
-		return true
+		return true, false
 	}
 	_, _ = io.Copy(io.Discard, c) // until the peer closes
 	s.logger.Debug("cancel request forwarded to another replica", zap.Int("replica", id), zap.String("peer", addr))
-	return true
+	return true, true
 }

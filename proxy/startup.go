@@ -145,17 +145,28 @@ func (sess *session) startup(ctx context.Context, clients int64) error {
 // replica does not know that another replica issued goes to that replica
 // (budget.cluster), unless it came from a peer already.
 func (s *Server) handleCancel(pid, secret uint32, fromPeer bool) {
+	s.opts.Metrics.cancelRequest(s.cancel(pid, secret, fromPeer))
+}
+
+// cancel deals with a CancelRequest for handleCancel and returns its
+// result, one of the Cancel* constants.
+func (s *Server) cancel(pid, secret uint32, fromPeer bool) string {
 	sess := s.sessionByKey(pid)
-	if sess == nil && !fromPeer && s.forwardCancel(pid, secret) {
-		return
+	if sess == nil && !fromPeer {
+		if forwarded, ok := s.forwardCancel(pid, secret); forwarded {
+			if !ok {
+				return CancelDropped
+			}
+			return CancelForwarded
+		}
 	}
 	if sess == nil || subtle.ConstantTimeEq(int32(sess.key.secret), int32(secret)) != 1 {
 		s.logger.Debug("cancel request for an unknown key dropped")
-		return
+		return CancelDropped
 	}
 	if sess.console != nil {
 		sess.console.cancelCommand()
-		return
+		return CancelSent
 	}
 	sess.mu.Lock()
 	srv := sess.server
@@ -163,13 +174,14 @@ func (s *Server) handleCancel(pid, secret uint32, fromPeer bool) {
 	sess.mu.Unlock()
 	if srv == nil || !busy {
 		sess.log.Debug("cancel request dropped: the client has no query running")
-		return
+		return CancelIdle
 	}
 	if err := srv.Cancel(context.Background()); err != nil {
 		sess.log.Warn("forwarding cancel request failed", zap.Error(err))
-		return
+		return CancelDropped
 	}
 	sess.log.Debug("cancel request forwarded", zap.Uint32("backend_pid", srv.PID()))
+	return CancelSent
 }
 
 // login handles a StartupMessage: checks, authentication, welcome. ct is
