@@ -652,4 +652,3 @@ func TestDockerfileGoVersion(t *testing.T) {
 		t.Fatalf("the Dockerfile's build stage does not use Go %s (go.mod)", goVersion)
 	}
 }
-
