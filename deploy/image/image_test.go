@@ -174,7 +174,7 @@ func runFromImage(t *testing.T, bin, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	vals, err := chartrender.Values([]string{filepath.Join(chartrender.DeployDir(), "testdata", "values", "single.yaml")}, map[string]any{
+	vals, err := chartrender.Values([]string{filepath.Join(chartrender.DeployDir(), "testdata", "values", "sidecar-like.yaml")}, map[string]any{
 		"secrets.upstreamTLS.name": "", "secrets.clientTLS.name": "",
 	})
 	if err != nil {
