@@ -2,12 +2,13 @@
 // side by side, in one interleaved session on the same ephemeral Postgres
 // cluster, using pgbench as the client.
 //
-// Run it from the repository root:
+// It is a Go module of its own (github.com/pggovernor/pggovernor/bench);
+// run it from bench/ (or `make bench` from the root):
 //
-//	go run ./bench                     # the full matrix (about 30 minutes)
-//	go run ./bench -quick              # a ~3 minute subset
-//	go run ./bench -cases select-simple -clients 1,64 -duration 5s
-//	go run ./bench -idle 10000         # RSS per idle client of each pooler
+//	go run .                     # the full matrix (about 30 minutes)
+//	go run . -quick              # a ~3 minute subset
+//	go run . -cases select-simple -clients 1,64 -duration 5s
+//	go run . -idle 10000         # RSS per idle client of each pooler
 //
 // Every run of every case is repeated -reps times with the targets
 // interleaved (direct, pgbouncer, pggovernor, direct, ...), so that drift of
