@@ -265,11 +265,12 @@ func TestQueueTimeoutAndFIFO(t *testing.T) {
 
 // TestRoutesShareTheBudget: two databases compete for a budget of 3 under
 // load; both make progress because idle connections of one route are
-// closed to serve the other.
+// closed to serve the other. The clients run until both routes have done
+// 20 transactions (a starved route never gets there).
 func TestRoutesShareTheBudget(t *testing.T) {
 	g := startGov(t, nil, func(c *config.Config) { c.Budget.Max = 3 })
 	ctx := context.Background()
-	runCtx, stop := context.WithTimeout(ctx, 3*time.Second)
+	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
 	var done [2]atomic.Int64
 	var wg sync.WaitGroup
@@ -294,6 +295,12 @@ func TestRoutesShareTheBudget(t *testing.T) {
 			}
 		}(i % 2)
 	}
+	progressed := func() bool { return done[0].Load() >= 20 && done[1].Load() >= 20 }
+	deadline := time.Now().Add(30 * time.Second)
+	for !progressed() && time.Now().Before(deadline) && len(errs) == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	stop()
 	wg.Wait()
 	close(errs)
 	for err := range errs {
