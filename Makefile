@@ -1,34 +1,61 @@
 # pggovernor — the two commands a newcomer runs are `make run` and `make test`.
 # Everything the tests and the benchmark need from outside Go (PostgreSQL
-# server binaries, psql, pgbench, PgBouncer for the benchmark) is checked
-# here and installed with apt-get when possible, or named precisely.
+# server binaries, psql, pgbench, Debian's PgBouncer exporter, PgBouncer for
+# the benchmark) is checked here and installed with apt-get when possible,
+# or named precisely. The tests themselves install nothing.
+#
+# Three Go modules: the product (.), deploy/ (the Helm chart's tests, the
+# image builder: Helm, Kubernetes and go-containerregistry stay out of the
+# product's go.mod) and bench/ (the benchmark harness and its plotting).
 
 GO       ?= go
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 BIN      := bin/pggovernor
+MODULES  := . deploy bench
 
-.PHONY: all build run test test-short vet fmt bench bench-quick deps deps-bench clean
+# image: the OCI image as a docker-archive tarball (`docker load`, `podman
+# load`, `skopeo copy docker-archive:...`), built without a Docker engine.
+# Same commit, same bytes: the binary is built with -trimpath and no build
+# id, and every timestamp in the image is SOURCE_DATE_EPOCH (the commit's).
+GOARCH   ?= $(shell $(GO) env GOARCH)
+IMAGE    := bin/pggovernor-image.tar
+IMAGEBIN := bin/pggovernor-linux-$(GOARCH)
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
+
+.PHONY: all build image run test test-short vet fmt bench bench-quick soak deps deps-bench clean
 
 all: build
 
 build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/pggovernor
 
+image:
+	CGO_ENABLED=0 GOOS=linux GOARCH=$(GOARCH) $(GO) build -trimpath -ldflags "$(LDFLAGS) -buildid=" -o $(IMAGEBIN) ./cmd/pggovernor
+	cd deploy && $(GO) run ./cmd/mkimage -binary ../$(IMAGEBIN) -arch $(GOARCH) -version $(VERSION) \
+	  -revision "$$(git rev-parse HEAD 2>/dev/null)" -created $(SOURCE_DATE_EPOCH) -out ../$(IMAGE)
+
 ## run: build, start an ephemeral Postgres and pggovernor in front of it, print the psql line.
 run: deps build
 	@$(GO) build -o bin/devrun ./internal/devrun
 	@bin/devrun -bin $(BIN)
 
-## test: go vet, then every test with the race detector against real Postgres.
+## test: go vet, then every test of the product with the race detector against
+## real Postgres, then the deploy module's (the chart rendered and decoded into
+## the Kubernetes API types, the Coder values files, the image built and run)
+## and the benchmark harness's.
 test: deps vet
 	$(GO) test -race -count=1 -timeout 20m ./...
+	cd deploy && $(GO) test -count=1 -timeout 10m ./...
+	cd bench && $(GO) test -race -count=1 -timeout 10m ./...
 
 test-short: deps
 	$(GO) test -short -count=1 ./...
+	cd deploy && $(GO) test -short -count=1 ./...
+	cd bench && $(GO) test -short -count=1 ./...
 
 vet:
-	$(GO) vet ./...
+	@set -e; for m in $(MODULES); do echo "go vet ($$m)"; (cd $$m && $(GO) vet ./...); done
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	 if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
@@ -40,12 +67,18 @@ fmt:
 # diagnostics, then 10,000 idle clients: under 20 minutes on 2 cores.
 BENCHFLAGS ?= -duration 7s -idle 10000 -cases select-simple,select-extended,select-prepared,tpcb,storm
 bench: deps deps-bench
-	$(GO) run ./bench $(BENCHFLAGS)
+	cd bench && $(GO) run . $(BENCHFLAGS)
 
 bench-quick: deps deps-bench
-	$(GO) run ./bench -quick
+	cd bench && $(GO) run . -quick
 
-# deps: PostgreSQL server binaries (initdb, postgres), psql and pgbench.
+## soak: the cluster budget under faults for 5 minutes (bench/clustersoak).
+soak: deps
+	cd bench && $(GO) run ./clustersoak $(SOAKFLAGS)
+
+# deps: PostgreSQL server binaries (initdb, postgres), psql and pgbench, and
+# Debian's prometheus-pgbouncer-exporter (a test scrapes the admin console
+# with it). The tests fail, naming `make deps`, when one is missing.
 deps:
 	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || [ -n "$$PG_BINDIR" ]; then :; \
 	 elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -55,6 +88,12 @@ deps:
 	 else echo "missing: PostgreSQL server binaries (initdb, postgres). Install them: sudo apt-get install postgresql postgresql-client (Debian/Ubuntu), or set PG_BINDIR to their directory."; exit 1; fi
 	@command -v psql >/dev/null && command -v pgbench >/dev/null || \
 	 { echo "missing: psql and pgbench. Install them: sudo apt-get install postgresql-client postgresql-contrib"; exit 1; }
+	@if [ -x /usr/bin/prometheus-pgbouncer-exporter ]; then :; \
+	 elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	   echo "installing prometheus-pgbouncer-exporter (apt-get install prometheus-pgbouncer-exporter)"; \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus-pgbouncer-exporter >/dev/null || \
+	   { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus-pgbouncer-exporter >/dev/null; }; \
+	 else echo "missing: /usr/bin/prometheus-pgbouncer-exporter. Install it: sudo apt-get install prometheus-pgbouncer-exporter"; exit 1; fi
 
 # deps-bench: PgBouncer for the side-by-side benchmark (and strace for its
 # system call counts; bench/ installs it too when missing).

@@ -2,12 +2,13 @@
 // side by side, in one interleaved session on the same ephemeral Postgres
 // cluster, using pgbench as the client.
 //
-// Run it from the repository root:
+// It is a Go module of its own (github.com/pggovernor/pggovernor/bench);
+// run it from bench/ (or `make bench` from the root):
 //
-//	go run ./bench                     # the full matrix (about 30 minutes)
-//	go run ./bench -quick              # a ~3 minute subset
-//	go run ./bench -cases select-simple -clients 1,64 -duration 5s
-//	go run ./bench -idle 10000         # RSS per idle client of each pooler
+//	go run .                     # the full matrix (about 30 minutes)
+//	go run . -quick              # a ~3 minute subset
+//	go run . -cases select-simple -clients 1,64 -duration 5s
+//	go run . -idle 10000         # RSS per idle client of each pooler
 //
 // Every run of every case is repeated -reps times with the targets
 // interleaved (direct, pgbouncer, pggovernor, direct, ...), so that drift of
@@ -25,6 +26,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -390,8 +392,9 @@ func indent(s, prefix string) string {
 	return prefix + strings.ReplaceAll(s, "\n", "\n"+prefix)
 }
 
-// moduleRoot walks up from the working directory to the directory holding
-// the go.mod of this module.
+// moduleRoot walks up from the working directory to the repository root:
+// the directory whose go.mod is the product's module (bench/ is a module
+// of its own, github.com/pggovernor/pggovernor/bench).
 func moduleRoot() (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
@@ -399,7 +402,7 @@ func moduleRoot() (string, error) {
 	}
 	for d := dir; ; d = filepath.Dir(d) {
 		b, err := os.ReadFile(filepath.Join(d, "go.mod"))
-		if err == nil && strings.Contains(string(b), "module github.com/pggovernor/pggovernor") {
+		if err == nil && slices.Contains(strings.Split(string(b), "\n"), "module github.com/pggovernor/pggovernor") {
 			return d, nil
 		}
 		if filepath.Dir(d) == d {

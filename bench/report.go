@@ -207,7 +207,7 @@ func gitHead(root string) string {
 func commandLine() string {
 	name := os.Args[0]
 	if strings.Contains(name, "go-build") { // go run
-		name = "go run ./bench"
+		name = "(cd bench && go run .)"
 	}
 	parts := []string{name}
 	for _, a := range os.Args[1:] {

@@ -69,6 +69,9 @@ type Config struct {
 	// authSet records that clients.auth was given (by Load, for Validate:
 	// it means nothing with clients.hba_file).
 	authSet bool
+	// upstreamFrom names where upstream.url came from when it was not set
+	// as a pggovernor key (Coder's environment); see UpstreamSource.
+	upstreamFrom string
 }
 
 type libpqEnv struct{ user, sslMode string }

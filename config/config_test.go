@@ -1200,9 +1200,14 @@ func TestCoderEnv(t *testing.T) {
 			wantErr: []string{"needs the database user in the URL"},
 		},
 		{
+			name:    "DB_CONNECTOR=postgres (Coder v1's chart default) is the password connector",
+			environ: []string{"DB_HOST=db", "DB_USER=coder", "DB_CONNECTOR=postgres"},
+			checks:  []check{connector(config.ConnectorPassword)},
+		},
+		{
 			name:    "unknown DB_CONNECTOR",
 			environ: []string{"DB_HOST=db", "DB_USER=coder", "DB_CONNECTOR=gcp"},
-			wantErr: []string{"environment variable DB_CONNECTOR/CODER_PG_AUTH", `"gcp" is not one of: password, awsiamrds`},
+			wantErr: []string{"environment variable DB_CONNECTOR/CODER_PG_AUTH", `"gcp" is not one of: password (or postgres, Coder v1's name), awsiamrds`},
 		},
 		{
 			name:    "explicit upstream.connector beats DB_CONNECTOR",

@@ -258,7 +258,9 @@ func applyCoderEnv(c *Config, env map[string]string, explicit map[string]bool) e
 	switch {
 	case env["CODER_PG_CONNECTION_URL"] != "":
 		c.Upstream.URL = env["CODER_PG_CONNECTION_URL"]
+		c.upstreamFrom = "CODER_PG_CONNECTION_URL"
 	case env["DB_HOST"] != "":
+		c.upstreamFrom = "DB_HOST, DB_PORT"
 		port := env["DB_PORT"]
 		if port == "" {
 			port = "5432"
@@ -303,13 +305,27 @@ func applyCoderEnv(c *Config, env map[string]string, explicit map[string]bool) e
 	if connector == "" {
 		connector = env["CODER_PG_AUTH"]
 	}
+	if connector == "postgres" { // Coder v1's chart: postgres.connector's default
+		connector = ConnectorPassword
+	}
 	if connector != "" && !explicit["upstream.connector"] {
 		if connector != ConnectorPassword && connector != ConnectorAWSIAMRDS {
-			return fmt.Errorf("environment variable DB_CONNECTOR/CODER_PG_AUTH: %q is not one of: password, awsiamrds", connector)
+			return fmt.Errorf("environment variable DB_CONNECTOR/CODER_PG_AUTH: %q is not one of: password (or postgres, Coder v1's name), awsiamrds", connector)
 		}
 		c.Upstream.Connector = connector
 	}
 	return nil
+}
+
+// UpstreamSource names where upstream.url came from, for messages: the key
+// "upstream.url" (file, PGGOVERNOR_UPSTREAM_URL or flag), or the variables
+// of Coder's environment it was taken from ("CODER_PG_CONNECTION_URL",
+// "DB_HOST, DB_PORT").
+func (c *Config) UpstreamSource() string {
+	if c.upstreamFrom != "" {
+		return c.upstreamFrom
+	}
+	return "upstream.url"
 }
 
 // Redacted returns the configuration as key/value pairs for display (admin

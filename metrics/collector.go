@@ -84,6 +84,8 @@ type Sources struct {
 	// in pggovernor_cluster_cancels_forwarded_total and
 	// pggovernor_cluster_cancels_received_total.
 	CancelForwardResults, CancelReceivedResults []string
+	// CancelResults are started at zero in pggovernor_cancel_requests_total.
+	CancelResults []string
 }
 
 // collector reads the pool's and the proxy's state at scrape time, as

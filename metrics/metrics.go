@@ -42,6 +42,7 @@ type Metrics struct {
 	loginFailures    *prometheus.CounterVec
 	cancelsForwarded *prometheus.CounterVec
 	cancelsReceived  *prometheus.CounterVec
+	cancelRequests   *prometheus.CounterVec
 }
 
 // namespace prefixes pggovernor's own metric names.
@@ -88,6 +89,8 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 			Help: "Cancel requests for another replica's client (budget.cluster), by result: forwarded, not_member, no_secret (budget.cluster.secret_file unset), address_refused (outside budget.cluster.peer_cidrs), failed."}, []string{"result"}),
 		cancelsReceived: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cluster_cancels_received_total",
 			Help: "Cancel requests forwarded by another replica (budget.cluster), by result: accepted, refused (the authentication matched no client's key), no_secret (budget.cluster.secret_file unset here)."}, []string{"result"}),
+		cancelRequests: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "cancel_requests_total",
+			Help: "Cancel requests received, by result: sent to the server, forwarded to the replica that issued the key, idle (no query running), dropped (unknown key or wrong secret)."}, []string{"result"}),
 	}
 	prepared := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: "prepared_statements_total",
 		Help: "Client prepared statements at the start of a transaction (transaction mode): hit, already prepared on the server connection; miss, prepared again."}, []string{"result"})
@@ -104,8 +107,11 @@ func New(reg prometheus.Registerer, src Sources) *Metrics {
 	for _, r := range src.CancelReceivedResults {
 		m.cancelsReceived.WithLabelValues(r)
 	}
+	for _, result := range src.CancelResults {
+		m.cancelRequests.WithLabelValues(result)
+	}
 	reg.MustRegister(m.WaitSeconds, m.ServerConnectSeconds, m.TransactionSeconds, m.QuerySeconds, m.UpstreamRoundTripSeconds, m.ClusterLeaseAcquireSeconds,
-		m.errorsSent, m.loginFailures, m.cancelsForwarded, m.cancelsReceived, prepared, newCollector(src))
+		m.errorsSent, m.loginFailures, m.cancelsForwarded, m.cancelsReceived, m.cancelRequests, prepared, newCollector(src))
 	return m
 }
 
@@ -193,6 +199,9 @@ func (m *Metrics) CancelReceived(result string) { m.cancelsReceived.WithLabelVal
 
 // LoginFailed counts a failed login.
 func (m *Metrics) LoginFailed(reason string) { m.loginFailures.WithLabelValues(reason).Inc() }
+
+// CancelRequest counts a cancel request dealt with, by result.
+func (m *Metrics) CancelRequest(result string) { m.cancelRequests.WithLabelValues(result).Inc() }
 
 // PoolEvents returns the pool callbacks that feed the histograms.
 func (m *Metrics) PoolEvents() pool.Events {

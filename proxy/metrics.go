@@ -35,6 +35,10 @@ type Metrics struct {
 	// LoginFailed is called once per failed login with its reason, one of
 	// the LoginFailure* constants.
 	LoginFailed func(reason string)
+	// CancelRequest is called once per CancelRequest a client (or a peer
+	// replica) sent, when it has been dealt with, with one of the Cancel*
+	// results.
+	CancelRequest func(result string)
 	// PreparedStatementHit and PreparedStatementMiss count, in transaction
 	// mode, the client's prepared statements found already prepared on the
 	// server connection it landed on, or prepared again there.
@@ -65,6 +69,20 @@ const (
 	loginFailureReasonsCount = 10
 )
 
+// Results passed to Metrics.CancelRequest.
+const (
+	CancelSent      = "sent"      // passed to the server connection running the client's query
+	CancelForwarded = "forwarded" // passed to the replica that issued the key (budget.cluster)
+	CancelIdle      = "idle"      // the client had no query running
+	CancelDropped   = "dropped"   // unknown key, wrong secret, unknown replica, or sending it failed
+)
+
+// CancelResults lists every CancelRequest result, so that a counter can
+// start each at zero.
+func CancelResults() []string {
+	return []string{CancelSent, CancelForwarded, CancelIdle, CancelDropped}
+}
+
 // LoginFailureReasons lists every reason, so that a counter can start each
 // at zero.
 func LoginFailureReasons() [loginFailureReasonsCount]string {
@@ -93,6 +111,12 @@ func (m *Metrics) cancelReceived(result string) {
 func (m *Metrics) loginFailed(reason string) {
 	if m.LoginFailed != nil {
 		m.LoginFailed(reason)
+	}
+}
+
+func (m *Metrics) cancelRequest(result string) {
+	if m.CancelRequest != nil {
+		m.CancelRequest(result)
 	}
 }
 

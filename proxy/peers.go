@@ -195,6 +195,7 @@ func (sess *session) servePeerCancel(pid uint32) {
 	}
 	if key == nil {
 		s.opts.Metrics.cancelReceived(ReceivedNoSecret)
+		s.opts.Metrics.cancelRequest(CancelDropped)
 		s.logger.Warn("a cancel request forwarded by another replica was refused: budget.cluster.secret_file is not set on this replica")
 		return
 	}
@@ -210,9 +211,10 @@ func (sess *session) servePeerCancel(pid uint32) {
 	if err != nil || len(mac) != peerMACLen || target == nil || !hmac.Equal(mac, peerMAC(key, challenge, pid, target.key.secret)) {
 		// A wrong secret and a wrong key file look the same from here.
 		s.opts.Metrics.cancelReceived(ReceivedRefused)
+		s.opts.Metrics.cancelRequest(CancelDropped)
 		s.logger.Debug("cancel request for an unknown key dropped", zap.Bool("forwarded", true))
 		return
 	}
 	s.opts.Metrics.cancelReceived(ReceivedAccepted)
-	target.cancelQuery()
+	s.opts.Metrics.cancelRequest(target.cancelQuery())
 }

@@ -146,25 +146,33 @@ func (sess *session) startup(ctx context.Context, clients int64) error {
 // handleCancel forwards a client's CancelRequest to the server connection
 // that the client with this key holds right now, and drops it otherwise. A
 // key this replica does not know that another replica issued goes to that
-// replica (budget.cluster).
+// replica (budget.cluster). The result is counted
+// (pggovernor_cancel_requests_total).
 func (s *Server) handleCancel(pid, secret uint32) {
+	s.opts.Metrics.cancelRequest(s.cancel(pid, secret))
+}
+
+// cancel deals with a CancelRequest for handleCancel and returns its
+// result, one of the Cancel* constants.
+func (s *Server) cancel(pid, secret uint32) string {
 	sess := s.sessionByKey(pid)
 	if sess == nil && s.forwardCancel(pid, secret) {
-		return
+		return CancelForwarded
 	}
 	if sess == nil || subtle.ConstantTimeEq(int32(sess.key.secret), int32(secret)) != 1 {
 		s.logger.Debug("cancel request for an unknown key dropped")
-		return
+		return CancelDropped
 	}
-	sess.cancelQuery()
+	return sess.cancelQuery()
 }
 
 // cancelQuery cancels what the session runs now, if anything: its query
-// on the server, or its console command.
-func (sess *session) cancelQuery() {
+// on the server, or its console command. It returns the result, one of the
+// Cancel* constants.
+func (sess *session) cancelQuery() string {
 	if sess.console != nil {
 		sess.console.cancelCommand()
-		return
+		return CancelSent
 	}
 	sess.mu.Lock()
 	srv := sess.server
@@ -172,13 +180,14 @@ func (sess *session) cancelQuery() {
 	sess.mu.Unlock()
 	if srv == nil || !busy {
 		sess.log.Debug("cancel request dropped: the client has no query running")
-		return
+		return CancelIdle
 	}
 	if err := srv.Cancel(context.Background()); err != nil {
 		sess.log.Warn("forwarding cancel request failed", zap.Error(err))
-		return
+		return CancelDropped
 	}
 	sess.log.Debug("cancel request forwarded", zap.Uint32("backend_pid", srv.PID()))
+	return CancelSent
 }
 
 // login handles a StartupMessage: checks, authentication, welcome. ct is

@@ -8,11 +8,11 @@
 // to be fair again after each kind of fault. It exits non-zero when the
 // budget was exceeded or a client saw an unexplained error.
 //
-// Run it from the repository root (the tests of make test cover the same
+// Run it from inside the repository (the tests of make test cover the same
 // ground in a minute; this is the long run):
 //
-//	go run ./bench/clustersoak                       # 5 minutes, 3 replicas × 50 clients
-//	go run ./bench/clustersoak -duration 30m -replicas 4 -fault-every 10s
+//	make soak                                        # 5 minutes, 3 replicas × 50 clients
+//	cd bench && go run ./clustersoak -duration 30m -replicas 4 -fault-every 10s
 package main
 
 import (
@@ -111,7 +111,13 @@ func run(ctx context.Context, o options) error {
 	s.bin = o.governor
 	if s.bin == "" {
 		s.bin = filepath.Join(s.dir, "pggovernor")
-		if out, err := exec.Command("go", "build", "-o", s.bin, "./cmd/pggovernor").CombinedOutput(); err != nil {
+		root, err := repoRoot()
+		if err != nil {
+			return err
+		}
+		build := exec.Command("go", "build", "-o", s.bin, "./cmd/pggovernor")
+		build.Dir = root
+		if out, err := build.CombinedOutput(); err != nil {
 			return fmt.Errorf("go build: %v\n%s", err, out)
 		}
 	}
@@ -424,4 +430,23 @@ func (s *soak) report() error {
 		errs = append(errs, fmt.Errorf("%d client errors no fault explains", len(s.unknown)))
 	}
 	return errors.Join(errs...)
+}
+
+// repoRoot walks up from the working directory to the repository root: the
+// directory whose go.mod is the product's module (bench/ is a module of its
+// own), where ./cmd/pggovernor is built.
+func repoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for d := dir; ; d = filepath.Dir(d) {
+		b, err := os.ReadFile(filepath.Join(d, "go.mod"))
+		if err == nil && slices.Contains(strings.Split(string(b), "\n"), "module github.com/pggovernor/pggovernor") {
+			return d, nil
+		}
+		if filepath.Dir(d) == d {
+			return "", fmt.Errorf("run clustersoak from inside the pggovernor repository (no go.mod of github.com/pggovernor/pggovernor above %s)", dir)
+		}
+	}
 }

@@ -135,8 +135,8 @@ func TestBudgetHoldsUnderLoad(t *testing.T) {
 
 // TestQueueTimeoutAndFIFO: budget 2, both connections held by open
 // transactions: a third client waits and gets 53300 after query_wait with a
-// message naming the budget; then waiting clients are served in the order
-// they asked.
+// message naming the budget; then (budget 1, a long query_wait) waiting
+// clients are served in the order they asked.
 func TestQueueTimeoutAndFIFO(t *testing.T) {
 	g := startGov(t, nil, func(c *config.Config) {
 		c.Budget.Max = 2
@@ -194,12 +194,22 @@ func TestQueueTimeoutAndFIFO(t *testing.T) {
 		t.Fatalf("client after a wait timeout: %v (pool %+v)", err, g.g.pool.Stats())
 	}
 
-	// FIFO: one connection stays held; waiters queue one by one and are
-	// served one at a time, in the order they asked.
+	if err := holders[1].Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	// FIFO, on a governor of its own with a budget of 1 and a query_wait
+	// no login under load comes near (the six waiters log in and queue one
+	// after the other): the only connection is held; waiters queue one by
+	// one and are served one at a time, in the order they asked.
+	fg := startGov(t, nil, func(c *config.Config) {
+		c.Budget.Max = 1
+		c.Timeouts.QueryWait = time.Minute
+	})
 	const waiters = 6
 	var wg sync.WaitGroup
 	results := make([]error, waiters)
-	first, err := pgx.Connect(ctx, g.url("alice", userPass, "appdb"))
+	first, err := pgx.Connect(ctx, fg.url("alice", userPass, "appdb"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,9 +218,9 @@ func TestQueueTimeoutAndFIFO(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	mustExecTx(t, blocker, "SELECT 1") // now both connections are held again
+	mustExecTx(t, blocker, "SELECT 1") // now the only connection is held
 	for i := 0; i < waiters; i++ {
-		conn, err := pgx.Connect(ctx, g.url("alice", userPass, "appdb"))
+		conn, err := pgx.Connect(ctx, fg.url("alice", userPass, "appdb"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -222,7 +232,7 @@ func TestQueueTimeoutAndFIFO(t *testing.T) {
 			// requests, and pgx's statement cache would make two.
 			_, results[i] = conn.Exec(context.Background(), "INSERT INTO fifo (client) VALUES ($1)", pgx.QueryExecModeSimpleProtocol, i)
 		}(i)
-		waitFor(t, 5*time.Second, fmt.Sprintf("waiter %d to queue", i), func() bool { return g.g.pool.Stats().Waiting == i+1 })
+		waitFor(t, 5*time.Second, fmt.Sprintf("waiter %d to queue", i), func() bool { return fg.g.pool.Stats().Waiting == i+1 })
 	}
 	if err := blocker.Commit(ctx); err != nil {
 		t.Fatal(err)
@@ -251,18 +261,16 @@ func TestQueueTimeoutAndFIFO(t *testing.T) {
 			t.Fatalf("service order: want = [0 1 2 3 4 5], got = %v", order)
 		}
 	}
-	if err := holders[1].Commit(ctx); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // TestRoutesShareTheBudget: two databases compete for a budget of 3 under
 // load; both make progress because idle connections of one route are
-// closed to serve the other.
+// closed to serve the other. The clients run until both routes have done
+// 20 transactions (a starved route never gets there).
 func TestRoutesShareTheBudget(t *testing.T) {
 	g := startGov(t, nil, func(c *config.Config) { c.Budget.Max = 3 })
 	ctx := context.Background()
-	runCtx, stop := context.WithTimeout(ctx, 3*time.Second)
+	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
 	var done [2]atomic.Int64
 	var wg sync.WaitGroup
@@ -287,6 +295,12 @@ func TestRoutesShareTheBudget(t *testing.T) {
 			}
 		}(i % 2)
 	}
+	progressed := func() bool { return done[0].Load() >= 20 && done[1].Load() >= 20 }
+	deadline := time.Now().Add(30 * time.Second)
+	for !progressed() && time.Now().Before(deadline) && len(errs) == 0 {
+		time.Sleep(10 * time.Millisecond)
+	}
+	stop()
 	wg.Wait()
 	close(errs)
 	for err := range errs {

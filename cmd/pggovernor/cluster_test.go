@@ -399,15 +399,24 @@ func TestClusterCancelAcrossReplicas(t *testing.T) {
 		_, err := conn.Exec(ctx, "SELECT pg_sleep(60)")
 		done <- err
 	}()
-	waitFor(t, 10*time.Second, "the query to run", func() bool {
+	running := func() bool {
 		rows, err := pg.Exec(ctx, "SELECT 1 FROM pg_stat_activity WHERE usename = 'rep1' AND state = 'active' AND query = 'SELECT pg_sleep(60)'")
 		return err == nil && len(rows) == 1
-	})
+	}
+	waitFor(t, 10*time.Second, "the query to run", running)
 
+	// B forwards the request to A and closes the client's connection only
+	// once A has closed its own (forwardCancel waits for it, as libpq
+	// waits for the server), and each counts the request before it closes:
+	// when cancelRequest returns, both counters say what became of it.
+	cancels := func(r *replica, result string) float64 {
+		v, _ := value(r.scrape(t), "pggovernor_cancel_requests_total", map[string]string{"result": result})
+		return v
+	}
 	cancelRequest(t, b.addr, pid, secret+1)
-	waitFor(t, 10*time.Second, "A to drop the cancel request with the wrong secret", func() bool {
-		return a.logged(t, "cancel request for an unknown key dropped")
-	})
+	if fw, dropped, sent := cancels(b, "forwarded"), cancels(a, "dropped"), cancels(a, "sent"); fw != 1 || dropped != 1 || sent != 0 {
+		t.Fatalf("a cancel request with a wrong secret: want = forwarded by B, dropped by A; got = B forwarded %v, A dropped %v, A sent %v", fw, dropped, sent)
+	}
 	select {
 	case err := <-done:
 		t.Fatalf("a cancel request with a wrong secret ended the query: %v", err)
@@ -416,6 +425,9 @@ func TestClusterCancelAcrossReplicas(t *testing.T) {
 
 	began := time.Now()
 	cancelRequest(t, b.addr, pid, secret)
+	if fw, sent := cancels(b, "forwarded"), cancels(a, "sent"); fw != 2 || sent != 1 {
+		t.Fatalf("the cancel request: want = forwarded by B, sent to the server by A; got = B forwarded %v, A sent %v", fw, sent)
+	}
 	select {
 	case err := <-done:
 		assertCode(t, err, "57014")

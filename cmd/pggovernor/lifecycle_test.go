@@ -196,7 +196,7 @@ func TestBudgetFollowsServerRestart(t *testing.T) {
 	}
 	// The old server connection died with the restart; the client's next
 	// transaction runs on a new one.
-	waitFor(t, 10*time.Second, "a query to succeed after the restart", func() bool {
+	waitFor(t, 30*time.Second, "a query to succeed after the restart", func() bool {
 		_, err := conn.Exec(ctx, "SELECT 1")
 		return err == nil
 	})

@@ -17,6 +17,11 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	// CA roots compiled in, used only where the system has none (the
+	// container image has no /etc/ssl): verify-full upstreams without
+	// upstream.ssl.root_cert_file, and AWS STS for RDS IAM tokens.
+	_ "golang.org/x/crypto/x509roots/fallback"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".

@@ -23,7 +23,11 @@ import (
 // not ready; RESUME releases them in order and every transaction of every
 // client commits: none is lost.
 func TestPauseResumeUnder50Clients(t *testing.T) {
-	const queryWait = 300 * time.Millisecond
+	// Long enough that, before the pause, a client behind nine others on
+	// a loaded 2-core machine under -race is served within it (300ms was
+	// not: a wait timed out before PAUSE), short enough that the pause
+	// visibly outlasts it.
+	const queryWait = time.Second
 	g := startGov(t, nil, func(c *config.Config) {
 		c.Budget.Max = 5
 		c.Timeouts.QueryWait = queryWait

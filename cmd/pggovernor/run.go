@@ -279,6 +279,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			r := proxy.CancelReceivedResults()
 			return r[:]
 		}(),
+		CancelResults: proxy.CancelResults(),
 	})
 	events := g.metrics.PoolEvents()
 	observeConnect := events.Connected
@@ -401,6 +402,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			TransactionDuration:   g.metrics.TransactionSeconds,
 			ErrorSent:             g.metrics.ErrorSent,
 			LoginFailed:           g.metrics.LoginFailed,
+			CancelRequest:         g.metrics.CancelRequest,
 			PreparedStatementHit:  g.metrics.PreparedHits,
 			PreparedStatementMiss: g.metrics.PreparedMisses,
 			CancelForwarded:       g.metrics.CancelForwarded,

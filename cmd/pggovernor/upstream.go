@@ -146,6 +146,9 @@ func newUpstream(ctx context.Context, c *config.Config, users *auth.Users, logge
 		}
 		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, c.Upstream.URL))
 	}
+	if err := checkUpstreamNotSelf(ctx, c, base); err != nil {
+		return nil, err
+	}
 	u := &upstream{connString: cs, base: base}
 	if u.tls, err = tlsconf.NewUpstream(topts); err != nil {
 		return nil, err
