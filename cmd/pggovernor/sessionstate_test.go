@@ -314,15 +314,18 @@ func TestDatabaseDDLThroughGovernor(t *testing.T) {
 		}
 		mustExec(t, c, "SELECT 1")
 		c.Close(ctx)
-		idle := 0
-		for _, r := range g.g.pool.Routes() {
-			if r.Route.Database == db {
-				idle += r.Idle
+		// The connection goes back to the pool once its ReadyForQuery is
+		// on its way to the client: wait for it, so that the DDL that
+		// follows meets a pooled connection.
+		waitFor(t, 10*time.Second, "an idle server connection to "+db, func() bool {
+			idle := 0
+			for _, r := range g.g.pool.Routes() {
+				if r.Route.Database == db {
+					idle += r.Idle
+				}
 			}
-		}
-		if idle == 0 { // the DDL that follows would not meet a pooled connection
-			t.Fatalf("no idle server connection to %s after using it", db)
-		}
+			return idle > 0
+		})
 	}
 	const rounds = 3
 	for round := 0; round < rounds; round++ {
