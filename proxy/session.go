@@ -443,6 +443,10 @@ func (sess *session) finish(cause error) {
 	sess.wmu.Unlock()
 	sess.mu.Lock()
 	srv := sess.server
+	// A departed client is pinned no more (its state is discarded below).
+	pins := sess.pins
+	sess.pins = 0
+	sess.countPinned()
 	if srv == nil {
 		sess.mu.Unlock()
 		return
@@ -491,7 +495,7 @@ func (sess *session) finish(cause error) {
 		return
 	}
 	sess.server = nil
-	tx, pins := srv.TxStatus, sess.pins
+	tx := srv.TxStatus
 	sess.mu.Unlock()
 	var queries []string
 	if tx != 'I' {
