@@ -22,6 +22,7 @@ const (
 	entSynthetic                   // no server response: the governor answers with synth
 	entUnnamed                     // a Parse of the unnamed statement
 	entOwnParse                    // the client's own Parse (its failure is the client's)
+	entParams                      // a suppressed statement whose ParameterStatus messages reach the client
 )
 
 // entry is one expected response, in the order the server sends them.
@@ -47,7 +48,8 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 	}
 	suppress := false
 	if head := sess.q.peek(); head != nil {
-		suppress = head.flags&entSuppress != 0
+		// The parameter changes of an entParams statement reach the client.
+		suppress = head.flags&entSuppress != 0 && (typ != 'S' || head.flags&entParams == 0)
 	}
 	release := false
 	sess.synthBefore, sess.synthAfter = sess.synthBefore[:0], sess.synthAfter[:0]
@@ -64,9 +66,6 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				sess.tx = srv.TxStatus
 				if !sess.batchError {
 					sess.pins &^= sess.pendingUnpin
-					if sess.pendingUnpin&pinAdvisory != 0 {
-						sess.advisory = 0
-					}
 					sess.countPinned()
 				}
 				sess.pendingUnpin = 0
@@ -80,6 +79,9 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				sess.batchError = false
 			}
 			release = sess.q.empty() && srv.TxStatus == 'I'
+			if sess.q.empty() {
+				sess.lexSettledLocked()
+			}
 			if sess.qEmpty != nil && sess.q.empty() {
 				close(sess.qEmpty)
 				sess.qEmpty = nil
@@ -108,6 +110,9 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				if err := ps.Decode(data[wire.HeaderLen:]); err == nil {
 					srv.Params[ps.Name] = ps.Value
 					sess.stateOf(srv).paramsChanged()
+					if !suppress {
+						sess.noteParam(ps.Name, ps.Value)
+					}
 					if !suppress && sess.view != nil && sess.view[ps.Name] != ps.Value {
 						if sess.fit != nil { // shared: copy before changing
 							own := make(map[string]string, len(sess.view))

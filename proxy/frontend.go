@@ -75,6 +75,9 @@ func (sess *session) needServer(typ byte) (srv *pool.Server, ok bool, err error)
 	srv = sess.server
 	sess.mu.Unlock()
 	if srv != nil {
+		if err := sess.reapplyIfDue(srv); err != nil {
+			return nil, false, err
+		}
 		return srv, true, nil
 	}
 	srv, err = sess.attach()
@@ -90,7 +93,7 @@ func (sess *session) query(frame []byte) error {
 	if !ok {
 		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Query message"))
 	}
-	eff := scanSQL(text)
+	eff := sess.scan(text)
 	if handled, err := sess.queryLocally(text, eff); handled || err != nil {
 		return err
 	}
@@ -170,7 +173,7 @@ func (sess *session) parse(frame []byte) error {
 	if !ok || !ok2 {
 		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Parse message"))
 	}
-	eff := scanSQL(query)
+	eff := sess.scan(query)
 	if !sess.virtual {
 		return sess.plain('P', frame, eff)
 	}
@@ -589,26 +592,9 @@ func (sess *session) pushSyntheticParse(cs *clientStmt) {
 	sess.q.push(entry{kind: 'y', flags: entSynthetic, synth: parseCompleteMsg, stmt: cs})
 }
 
-// applyEffects records the session state a statement creates or drops.
-// Called with mu held.
-func (sess *session) applyEffects(eff sqlEffects) {
-	if eff.pin == 0 && eff.unpin == 0 && eff.advisory == 0 {
-		return
-	}
-	if eff.pin != 0 || eff.advisory != 0 {
-		sess.pins |= eff.pin
-		sess.advisory += eff.advisory
-		if sess.advisory > 0 {
-			sess.pins |= pinAdvisory
-		}
-	}
-	sess.pendingUnpin &^= eff.pin // state created after an unpin in the same batch stays
-	sess.pendingUnpin |= eff.unpin
-	if eff.advisory < 0 && sess.advisory <= 0 {
-		sess.pendingUnpin |= pinAdvisory
-	}
-	sess.countPinned()
-}
+// applyEffects records the session state a statement creates or drops
+// (verify.go). Called with mu held.
+func (sess *session) applyEffects(eff sqlEffects) { sess.noteEffectsLocked(eff) }
 
 // countPinned keeps the server's pinned-clients count. Called with mu held.
 func (sess *session) countPinned() {

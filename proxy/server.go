@@ -353,6 +353,8 @@ type serverStats struct {
 	pinned        atomic.Int64
 	prepareHits   atomic.Int64
 	prepareMisses atomic.Int64
+	stateChecks   atomic.Int64
+	stateFound    atomic.Int64
 }
 
 // Stats are the proxy's figures for metrics.
@@ -366,6 +368,10 @@ type Stats struct {
 	// the serving connection; PrepareMisses counts statements the
 	// governor had to prepare there.
 	PrepareHits, PrepareMisses int64
+	// StateChecks counts verifications of a server connection's session
+	// state before its release (transaction mode); StateFound those that
+	// found state (or could not tell) and kept the client pinned.
+	StateChecks, StateFound int64
 }
 
 // notePrepared counts a statement found prepared (hit) or prepared anew
@@ -386,6 +392,8 @@ func (s *Server) Stats() Stats {
 		Pinned:        s.stats.pinned.Load(),
 		PrepareHits:   s.stats.prepareHits.Load(),
 		PrepareMisses: s.stats.prepareMisses.Load(),
+		StateChecks:   s.stats.stateChecks.Load(),
+		StateFound:    s.stats.stateFound.Load(),
 	}
 }
 

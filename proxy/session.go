@@ -67,6 +67,12 @@ type session struct {
 
 	listening bool // subscribed through the route's listen hub
 
+	// lexState says how the server lexes the client's texts (verify.go).
+	lexState atomic.Uint32
+	// vs is the session's part in verifying server connections
+	// (verify.go), guarded by mu.
+	vs verifyState
+
 	wmu           sync.Mutex
 	pendingNotify []byte       // notifications held while a frame is partly forwarded
 	cw            *wire.Writer // to the client
@@ -81,7 +87,6 @@ type session struct {
 	releaseDeferred bool         // a release waits for the pump's flush
 	pins            pinKind
 	pinCounted      bool
-	advisory        int
 	pendingUnpin    pinKind // unpins taking effect at the next error-free ReadyForQuery
 	batchError      bool    // an error was seen since the last ReadyForQuery
 	linger          bool    // linkUnnamed: an unnamed statement awaits its Execute
@@ -224,6 +229,9 @@ func (sess *session) serverWriteErr(err error) error {
 // attach acquires a server connection for the client's next transaction
 // and brings it to the client's settings.
 func (sess *session) attach() (*pool.Server, error) {
+	if srv, err := sess.afterCheck(); srv != nil || err != nil {
+		return srv, err // the connection a verification gave back
+	}
 	s := sess.srv
 	srv := s.pool.TryAcquire(sess.route) // the common case, without a timer
 	if srv == nil {
@@ -243,9 +251,9 @@ func (sess *session) attach() (*pool.Server, error) {
 	sess.server = srv
 	sess.tx = srv.TxStatus
 	sess.batchError = false
-	var stmts string
 	st := sess.stateOf(srv)
-	if sess.fit == nil || st.fittedTo != sess.fit || st.fittedGen != st.gen {
+	stmts, synth := sess.attachStatementsLocked(srv, st)
+	if stmts == "" && (sess.fit == nil || st.fittedTo != sess.fit || st.fittedGen != st.gen) {
 		if sess.settingsDiffer(srv, sess.view) {
 			stmts = sess.settingStatements(srv, sess.view)
 		}
@@ -255,6 +263,9 @@ func (sess *session) attach() (*pool.Server, error) {
 		sess.q.push(entry{kind: 'q', flags: entSuppress})
 		sess.recordSettings(srv)
 		sess.writing = true
+	}
+	for _, m := range synth {
+		sess.pushSynthetic(m)
 	}
 	sess.mu.Unlock()
 	sess.transactions.Add(1)
@@ -333,6 +344,10 @@ func (sess *session) tryRelease(srv *pool.Server) {
 		return
 	}
 	sess.server = nil
+	check := sess.checkDueLocked()
+	if check {
+		sess.startCheckLocked(srv) // verified before it is released (verify.go)
+	}
 	draining := sess.draining
 	sess.wmu.Lock() // ordering: nothing from the next server before this flush
 	sess.mu.Unlock()
@@ -342,14 +357,21 @@ func (sess *session) tryRelease(srv *pool.Server) {
 		}
 	}
 	sess.wmu.Unlock()
+	if check {
+		sess.sendCheck(srv)
+		return
+	}
 	sess.srv.pool.Release(srv)
 	if draining {
 		sess.terminate(fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down"))
 	}
 }
 
+// releasableLocked reports whether the connection can leave the client now:
+// at a safe point, with no session state, or with state only a
+// verification can tell is gone.
 func (sess *session) releasableLocked() bool {
-	return sess.txMode && sess.q.empty() && sess.tx == 'I' && sess.pins == 0 && !sess.linger
+	return sess.txMode && sess.q.empty() && sess.tx == 'I' && !sess.linger && (sess.pins == 0 || sess.checkDueLocked())
 }
 
 // afterIdle runs when the attached server connection became idle with
@@ -441,12 +463,18 @@ func (sess *session) finish(cause error) {
 	sess.wmu.Lock()
 	sess.clientDead = true
 	sess.wmu.Unlock()
+	defer func() {
+		// A departed client is pinned no more (its state was discarded).
+		sess.mu.Lock()
+		sess.pins = 0
+		sess.countPinned()
+		sess.mu.Unlock()
+	}()
+	// A verification in flight decides whether the connection comes back
+	// to this client, to be reset below.
+	_ = sess.awaitCheck()
 	sess.mu.Lock()
 	srv := sess.server
-	// A departed client is pinned no more (its state is discarded below).
-	pins := sess.pins
-	sess.pins = 0
-	sess.countPinned()
 	if srv == nil {
 		sess.mu.Unlock()
 		return
@@ -490,29 +518,44 @@ func (sess *session) finish(cause error) {
 		}
 	}
 	sess.mu.Lock()
+	if sess.server != srv && sess.vs.checking == srv {
+		// Idle now, and under verification: its outcome decides.
+		sess.mu.Unlock()
+		_ = sess.awaitCheck()
+		sess.mu.Lock()
+	}
 	if sess.server != srv { // released by the reader, or lost
+		sess.vs.abandoned = true
 		sess.mu.Unlock()
 		return
 	}
 	sess.server = nil
-	tx := srv.TxStatus
+	sess.vs.abandoned = true
+	tx, pins, opaque := srv.TxStatus, sess.pins, sess.vs.opaque
 	sess.mu.Unlock()
+	if pins&pinLoad != 0 {
+		srv.MarkBroken() // a loaded library cannot be unloaded
+	}
 	var queries []string
 	if tx != 'I' {
 		queries = append(queries, "ROLLBACK")
 	}
-	if pins != 0 || !sess.txMode {
+	// After opaque code, custom parameters may be set that no check sees:
+	// DISCARD ALL resets them too.
+	discard := pins != 0 || opaque || !sess.txMode
+	if discard {
 		queries = append(queries, "DISCARD ALL")
 	}
 	if srv.Broken() || len(queries) == 0 {
 		sess.srv.pool.Release(srv)
 		return
 	}
-	if pins != 0 || !sess.txMode {
+	if discard {
 		// DISCARD ALL drops every prepared statement: the connection's
 		// cache starts empty (it is closed if the reset fails).
 		if ss, ok := srv.State.(*serverState); ok {
 			ss.reset()
+			ss.check = connCheck{} // DISCARD ALL includes RESET ALL
 		}
 		srv.Settings = map[string]string{}
 	}
