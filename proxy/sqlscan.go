@@ -217,8 +217,7 @@ func scanSQL(q []byte, mode scanMode) sqlEffects {
 			st.n++
 		}
 		st.observe(t, q, &hist, &lx)
-		copy(hist[1:], hist[:3])
-		hist[0] = t
+		hist[3], hist[2], hist[1], hist[0] = hist[2], hist[1], hist[0], t
 	}
 }
 
@@ -778,9 +777,10 @@ const (
 	tokParam
 )
 
+// token is a span of the lexer's text; it holds no pointer, so that
+// copying tokens is cheap.
 type token struct {
 	kind       tokKind
-	src        []byte
 	start, end int
 }
 
@@ -837,7 +837,7 @@ func (lx *lexer) next() token {
 			return lx.lexToken()
 		}
 	}
-	return token{kind: tokEOF, src: s}
+	return token{kind: tokEOF}
 }
 
 func (lx *lexer) lexToken() token {
@@ -848,18 +848,18 @@ func (lx *lexer) lexToken() token {
 	case (c == 'E' || c == 'e') && start+1 < len(s) && s[start+1] == '\'':
 		lx.pos++
 		lx.skipQuoted('\'', true)
-		return token{kind: tokString, src: s, start: start, end: lx.pos}
+		return token{kind: tokString, start: start, end: lx.pos}
 	case isIdentStart(c):
 		for lx.pos < len(s) && (isIdentChar(s[lx.pos]) || s[lx.pos] == '.') {
 			lx.pos++
 		}
-		return token{kind: tokWord, src: s, start: start, end: lx.pos}
+		return token{kind: tokWord, start: start, end: lx.pos}
 	case c == '\'':
 		lx.skipQuoted('\'', lx.backslashes)
-		return token{kind: tokString, src: s, start: start, end: lx.pos}
+		return token{kind: tokString, start: start, end: lx.pos}
 	case c == '"':
 		lx.skipQuoted('"', false)
-		return token{kind: tokQuotedIdent, src: s, start: start + 1, end: max(start+1, lx.pos-1)}
+		return token{kind: tokQuotedIdent, start: start + 1, end: max(start+1, lx.pos-1)}
 	case c == '$':
 		// $1 parameter, or $tag$ … $tag$ dollar quoting.
 		j := start + 1
@@ -872,22 +872,22 @@ func (lx *lexer) lexToken() token {
 			for lx.pos < len(s) {
 				if s[lx.pos] == '$' && hasPrefix(s[lx.pos:], tag) {
 					lx.pos += len(tag)
-					return token{kind: tokString, src: s, start: start, end: lx.pos}
+					return token{kind: tokString, start: start, end: lx.pos}
 				}
 				lx.pos++
 			}
-			return token{kind: tokString, src: s, start: start, end: lx.pos}
+			return token{kind: tokString, start: start, end: lx.pos}
 		}
 		lx.pos = j
-		return token{kind: tokParam, src: s, start: start, end: lx.pos}
+		return token{kind: tokParam, start: start, end: lx.pos}
 	case '0' <= c && c <= '9':
 		for lx.pos < len(s) && (('0' <= s[lx.pos] && s[lx.pos] <= '9') || s[lx.pos] == '.' || s[lx.pos] == 'e' || s[lx.pos] == 'E') {
 			lx.pos++
 		}
-		return token{kind: tokNumber, src: s, start: start, end: lx.pos}
+		return token{kind: tokNumber, start: start, end: lx.pos}
 	}
 	lx.pos++
-	return token{kind: tokPunct, src: s, start: start, end: lx.pos}
+	return token{kind: tokPunct, start: start, end: lx.pos}
 }
 
 // skipQuoted moves past a quoted string starting at lx.pos (the opening

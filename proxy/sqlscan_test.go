@@ -833,3 +833,28 @@ func TestIsTempSchema(t *testing.T) {
 		}
 	}
 }
+
+// coderLike is a query shaped like the sqlc-generated ones coderd sends.
+const coderLike = `-- name: GetWorkspaces :many
+SELECT workspaces.*, COUNT(*) OVER () AS count FROM workspaces
+LEFT JOIN users ON workspaces.owner_id = users.id
+WHERE workspaces.deleted = $1
+  AND CASE WHEN $2 :: uuid != '00000000-0000-0000-0000-000000000000'::uuid THEN owner_id = $2 ELSE true END
+  AND CASE WHEN $3 :: text != '' THEN LOWER(name) LIKE '%' || LOWER($3) || '%' ELSE true END
+  AND ($4 :: timestamptz IS NULL OR last_used_at >= $4) AND coalesce(array_length($5 :: uuid[], 1), 0) = 0 OR id = ANY($5)
+ORDER BY LOWER(users.username) ASC, LOWER(name) ASC
+LIMIT CASE WHEN $6 :: integer > 0 THEN $6 END OFFSET $7`
+
+func BenchmarkScanSQLCoderLike(b *testing.B) {
+	q := []byte(coderLike)
+	b.ReportAllocs()
+	b.SetBytes(int64(len(q)))
+	for b.Loop() {
+		_ = scanSQL(q, 0)
+	}
+}
+func TestScanSQLCoderLikeIsClean(t *testing.T) {
+	if e := scanSQL([]byte(coderLike), 0); e != (sqlEffects{}) {
+		t.Fatalf("coderLike: %s", fmtEffects(e))
+	}
+}

@@ -560,6 +560,9 @@ func (c *stateCheck) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 		var ps pgproto3.ParameterStatus
 		if err := ps.Decode(data[wire.HeaderLen:]); err == nil {
 			srv.Params[ps.Name] = ps.Value
+			if ss, ok := srv.State.(*serverState); ok {
+				ss.paramsChanged()
+			}
 		}
 	case 'A':
 		// A notification for the client (it LISTENs on this connection).
