@@ -76,6 +76,10 @@ type sqlEffects struct {
 	// settings away with the rest (the governor applies them with
 	// set_config, so the server's RESET default is not the startup value).
 	resetAll bool
+	// resetReported are the reportedParams (bit i: reportedParams[i]) a
+	// RESET x or SET x TO DEFAULT resets: a startup value among them is
+	// restored. Other parameters' RESETs are verified instead.
+	resetReported uint8
 	// scs says the text may change standard_conforming_strings, so that a
 	// text pipelined behind it may be lexed otherwise.
 	scs bool
@@ -112,6 +116,7 @@ func (e *sqlEffects) merge(s sqlEffects) {
 	e.verify = e.verify || s.verify
 	e.opaque = e.opaque || s.opaque
 	e.resetAll = e.resetAll || s.resetAll
+	e.resetReported |= s.resetReported
 	e.scs = e.scs || s.scs
 	e.creates = e.creates || s.creates
 	e.discardAll = e.discardAll || s.discardAll
@@ -138,6 +143,7 @@ func either(a, b sqlEffects) sqlEffects {
 	out.verify = true
 	out.opaque = a.opaque || b.opaque
 	out.resetAll = a.resetAll || b.resetAll
+	out.resetReported |= b.resetReported
 	out.scs = true
 	out.creates = a.creates || b.creates
 	return out
@@ -147,16 +153,23 @@ func isRoleParam(name []byte) bool {
 	return equalFold(name, "role") || equalFold(name, "session_authorization")
 }
 
-// reportedParam reports whether Postgres announces changes of a parameter
-// with ParameterStatus, so that the governor can follow it without pinning.
-func reportedParam(name []byte) bool {
-	for _, p := range [...]string{"application_name", "client_encoding", "datestyle", "intervalstyle", "timezone", "standard_conforming_strings", "default_transaction_read_only"} {
+// reportedParams are the parameters Postgres announces with
+// ParameterStatus that a client can change, so that the governor can
+// follow them without pinning.
+var reportedParams = [...]string{"application_name", "client_encoding", "datestyle", "intervalstyle", "timezone", "standard_conforming_strings", "default_transaction_read_only"}
+
+// reportedIndex returns the index of a parameter in reportedParams, or -1.
+func reportedIndex(name []byte) int {
+	for i, p := range reportedParams {
 		if equalFold(name, p) {
-			return true
+			return i
 		}
 	}
-	return false
+	return -1
 }
+
+// reportedParam reports whether a parameter is one of reportedParams.
+func reportedParam(name []byte) bool { return reportedIndex(name) >= 0 }
 
 // isCustomParam reports whether a parameter name is a custom one
 // (extension.name): unless a loaded extension defines it, pg_settings does
@@ -370,6 +383,11 @@ func (st *stmtState) analyze0(q []byte) {
 			eff.resetAll, eff.scs = true, true
 		case equalFold(name, "role"), equalFold(name, "session") && equalFold(w(2), "authorization"), equalFold(name, "session_authorization"):
 			eff.recheck |= pinRole
+		case equalFold(name, "time") && equalFold(w(2), "zone"):
+			eff.resetReported |= 1 << reportedIndex([]byte("timezone"))
+		case reportedParam(name):
+			eff.resetReported |= 1 << reportedIndex(name)
+			eff.scs = eff.scs || equalFold(name, "standard_conforming_strings")
 		default:
 			// The parameter may be one of the client's startup settings,
 			// whose value must then be restored: verification tells.
@@ -507,11 +525,13 @@ func (st *stmtState) analyzeSet(q []byte) {
 		} else {
 			eff.addPin(pinRole)
 		}
+	case toDefault && reportedParam(name):
+		eff.resetReported |= 1 << reportedIndex(name)
+		eff.scs = eff.scs || equalFold(name, "standard_conforming_strings")
 	case toDefault:
 		// SET x TO DEFAULT is RESET x.
 		eff.recheck |= pinGUC | pinCustom
 		eff.verify = true
-		eff.scs = eff.scs || equalFold(name, "standard_conforming_strings")
 	case equalFold(name, "standard_conforming_strings"):
 		eff.scs = true
 	case isCustomParam(name):

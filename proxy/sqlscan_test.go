@@ -39,6 +39,9 @@ func runScanCases(t *testing.T, cases []scanCase) {
 func fmtEffects(e sqlEffects) string {
 	var b strings.Builder
 	b.WriteString("pin=[" + e.pin.String() + "] unpin=[" + e.unpin.String() + "]")
+	if e.resetReported != 0 {
+		b.WriteString(" resetReported=" + itoa(int(e.resetReported)))
+	}
 	if e.recheck != 0 {
 		b.WriteString(" recheck=[" + e.recheck.String() + "]")
 	}
@@ -125,7 +128,11 @@ func TestScanSQLSet(t *testing.T) {
 		{"RESET search_path", sqlEffects{recheck: pinGUC, verify: true}},
 		{"SET search_path TO DEFAULT", sqlEffects{recheck: pinGUC | pinCustom, verify: true}},
 		{"SET work_mem = DEFAULT", sqlEffects{recheck: pinGUC | pinCustom, verify: true}},
-		{"RESET standard_conforming_strings", sqlEffects{recheck: pinGUC, verify: true, scs: true}},
+		{"RESET standard_conforming_strings", sqlEffects{resetReported: 1 << 5, scs: true}},
+		// RESET of a reported parameter: a startup value is restored.
+		{"RESET application_name", sqlEffects{resetReported: 1 << 0}},
+		{"RESET TIME ZONE", sqlEffects{resetReported: 1 << 4}},
+		{"SET TimeZone TO DEFAULT", sqlEffects{resetReported: 1 << 4}},
 		{"RESET ROLE", sqlEffects{recheck: pinRole}},
 		{"RESET SESSION AUTHORIZATION", sqlEffects{recheck: pinRole}},
 		{"SET CONSTRAINTS ALL DEFERRED", sqlEffects{}},

@@ -53,8 +53,10 @@ type verifyState struct {
 	// opaque: code the scanner cannot see into ran since the last check.
 	opaque bool
 	// reapply: startup settings were reset on the attached connection:
-	// restore them before the client's next message.
-	reapply bool
+	// restore them before the client's next message; reapplyReported are
+	// the reported ones among them (bits of reportedParams).
+	reapply         bool
+	reapplyReported uint8
 	// tempPath: the startup search_path names pg_temp, so CREATE may
 	// create temporary objects.
 	tempPath bool
@@ -168,6 +170,10 @@ func (sess *session) noteEffectsLocked(eff sqlEffects) {
 	if eff.resetAll && sess.server != nil {
 		sess.startupResetLocked(sess.server)
 	}
+	if eff.resetReported != 0 && sess.server != nil && len(sess.settings) > 0 {
+		sess.vs.reapply = true
+		sess.vs.reapplyReported |= eff.resetReported
+	}
 	sess.countPinned()
 }
 
@@ -183,6 +189,14 @@ func (sess *session) startupResetLocked(srv *pool.Server) {
 	}
 	sess.stateOf(srv).paramsChanged()
 	sess.vs.reapply = true
+	sess.vs.reapplyReported = 0xff
+}
+
+// reapplyReportedLocked reports whether a reported startup setting is to
+// be restored. Called with mu held.
+func (sess *session) reapplyReportedLocked(name string) bool {
+	i := reportedIndex([]byte(name))
+	return i >= 0 && sess.vs.reapplyReported&(1<<i) != 0
 }
 
 // checkDueLocked reports whether the connection must be verified before
@@ -387,15 +401,21 @@ func (sess *session) reapplyIfDue(srv *pool.Server) error {
 	for _, k := range sortedKeys(sess.settings) {
 		v := sess.settings[k]
 		canon, reported := reportedName(srv.Params, k)
-		if reported {
+		switch {
+		case reported && !sess.reapplyReportedLocked(canon):
+			continue
+		case reported:
 			// Forced: the RESET's ParameterStatus may not have arrived.
 			sess.setViewLocked(canon, v)
 			k = canon
-		} else if cur, ok := srv.Settings[lowerASCII(k)]; ok && cur == v {
-			continue
+		default:
+			if cur, ok := srv.Settings[lowerASCII(k)]; ok && cur == v {
+				continue
+			}
 		}
 		b.WriteString("SELECT pg_catalog.set_config(" + quoteLiteral(k) + ", " + quoteLiteral(v) + ", false);")
 	}
+	sess.vs.reapplyReported = 0
 	stmts := b.String()
 	if stmts == "" {
 		sess.mu.Unlock()
@@ -424,11 +444,12 @@ func (sess *session) attachStatementsLocked(srv *pool.Server, st *serverState) (
 	if sess.vs.reapply {
 		sess.vs.reapply = false
 		for _, k := range sortedKeys(sess.settings) {
-			if canon, ok := reportedName(srv.Params, k); ok && sess.view[canon] != sess.settings[k] {
+			if canon, ok := reportedName(srv.Params, k); ok && sess.reapplyReportedLocked(canon) && sess.view[canon] != sess.settings[k] {
 				sess.setViewLocked(canon, sess.settings[k])
 				synth = append(synth, parameterStatus(canon, sess.settings[k]))
 			}
 		}
+		sess.vs.reapplyReported = 0
 	}
 	if !st.check.resetDue || st.check.resetOwner == sess.id {
 		return "", synth

@@ -614,3 +614,51 @@ func TestPipelinedStandardConformingStrings(t *testing.T) {
 		t.Fatalf("the other client: want work_mem = 4MB, got = %q (%v)", got, err)
 	}
 }
+
+// TestStartupSettingsSurviveReset: after RESET ALL, reported startup
+// parameters (application_name) come back too, on the server and in what
+// the client was told, whether the connection was released in between or
+// the client stayed in its transaction.
+func TestStartupSettingsSurviveReset(t *testing.T) {
+	g := txGov(t, func(c *config.Config) { c.Budget.Max = 1 })
+	ctx := context.Background()
+	host, port := splitAddr(g.addr)
+	c, err := pgconn.Connect(ctx, fmt.Sprintf("postgres://alice:%s@%s:%s/appdb?sslmode=disable&application_name=startup-app&options=%s",
+		userPass, host, port, "-c%20statement_timeout%3D2345"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	want := func(when string) {
+		t.Helper()
+		got, err := queryOne(ctx, c, "SELECT current_setting('application_name') || ' ' || current_setting('statement_timeout')")
+		if err != nil || got != "startup-app 2345ms" {
+			t.Fatalf("%s: want = %q, got = %q (%v)", when, "startup-app 2345ms", got, err)
+		}
+		if ps := c.ParameterStatus("application_name"); ps != "startup-app" {
+			t.Fatalf("%s: the client was told application_name = %q, want startup-app", when, ps)
+		}
+	}
+	want("at login")
+	for _, q := range []string{"RESET ALL", "DISCARD ALL", "SET application_name = 'x'; RESET application_name"} {
+		if _, err := c.Exec(ctx, q).ReadAll(); err != nil {
+			t.Fatal(err)
+		}
+		want("after " + q)
+	}
+	// Inside a transaction block: restored before the next statement.
+	if _, err := c.Exec(ctx, "BEGIN").ReadAll(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, "RESET ALL").ReadAll(); err != nil {
+		t.Fatal(err)
+	}
+	want("after RESET ALL in a transaction block")
+	if _, err := c.Exec(ctx, "COMMIT").ReadAll(); err != nil {
+		t.Fatal(err)
+	}
+	want("after COMMIT")
+	if p := g.g.proxy.Stats().Pinned; p != 0 {
+		t.Fatalf("pinned: want = 0, got = %d", p)
+	}
+}
