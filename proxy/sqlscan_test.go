@@ -555,6 +555,9 @@ func FuzzScanSQL(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, q []byte) {
+		if e := scanSQL(q, scanBackslashQuotes); e.opaque && !e.verify {
+			t.Fatalf("opaque code without verification (backslash quotes): %s", fmtEffects(e))
+		}
 		e := scanSQL(q, 0)
 		if e.discardAll && e.unpin&allButLoad != allButLoad {
 			t.Fatalf("discardAll without unpinning everything: %s", fmtEffects(e))
