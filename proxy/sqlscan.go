@@ -327,7 +327,7 @@ func isTempSchema(b []byte) bool {
 // end analyses the statement at its end and adds its effects to eff.
 func (st *stmtState) end(eff *sqlEffects, q []byte) {
 	if st.n > 0 {
-		st.analyze0(q)
+		st.classify(q)
 	}
 	se := st.se
 	if st.explain && !st.analyze {
@@ -365,8 +365,8 @@ func (st *stmtState) word(q []byte, i int) []byte {
 	return nil
 }
 
-// analyze0 classifies the statement by its first words.
-func (st *stmtState) analyze0(q []byte) {
+// classify classifies the statement by its first words.
+func (st *stmtState) classify(q []byte) {
 	eff := &st.se
 	w := func(i int) []byte { return st.word(q, i) }
 	first := w(0)
