@@ -15,6 +15,12 @@ const (
 	PoolModeSession     = "session"
 )
 
+// Verification policies accepted by pool.session_state_check.
+const (
+	SessionStateCheckAuto   = "auto"
+	SessionStateCheckAlways = "always"
+)
+
 // Client authentication methods accepted by clients.auth.
 const (
 	AuthSCRAM = "scram-sha-256"
@@ -230,6 +236,15 @@ type Pool struct {
 	// on each server connection in transaction mode; the least recently
 	// used one is closed beyond it.
 	MaxPreparedStatements int `yaml:"max_prepared_statements" min:"1"`
+	// SessionStateCheck says when a server connection is verified before it
+	// goes back to the pool in transaction mode: "auto" after a transaction
+	// that ran code whose session state the governor cannot see in the
+	// query text (DO, CALL, functions that are not known built-ins,
+	// unlocks, RESET of a parameter); "always" after every transaction, for
+	// state that triggers, views, rules or defaults may create unseen. One
+	// query on the connection, not the client's round trip; see README
+	// "Transaction pooling" for what it covers and costs.
+	SessionStateCheck string `yaml:"session_state_check" enum:"auto,always"`
 }
 
 // Clients configures the client-facing side.
@@ -382,7 +397,7 @@ func Default() Config {
 				PeerCIDRs:         DefaultPeerCIDRs(),
 			},
 		},
-		Pool: Pool{MaxPreparedStatements: 200},
+		Pool: Pool{MaxPreparedStatements: 200, SessionStateCheck: SessionStateCheckAuto},
 		Clients: Clients{
 			MaxConnections:    10000,
 			Auth:              AuthSCRAM,

@@ -160,6 +160,7 @@ func TestDefaultValues(t *testing.T) {
 		{"budget.cluster.heartbeat_interval", d.Budget.Cluster.HeartbeatInterval, time.Second},
 		{"budget.cluster.member_timeout", d.Budget.Cluster.MemberTimeout, 10 * time.Second},
 		{"pool.max_prepared_statements", d.Pool.MaxPreparedStatements, 200},
+		{"pool.session_state_check", d.Pool.SessionStateCheck, "auto"},
 		{"clients.max_connections", d.Clients.MaxConnections, 10000},
 		{"clients.auth", d.Clients.Auth, config.AuthSCRAM},
 		{"clients.max_message_size", d.Clients.MaxMessageSize, 1 << 30},
@@ -204,7 +205,7 @@ func fullWant() config.Config {
 				PeerCIDRs: []string{"10.0.0.0/8", "fd00::/8"}, SecretFile: "/run/secrets/pggovernor-cluster",
 				ControlUser: "pggovernor_control", ControlPasswordFile: "/run/secrets/pggovernor-control-password"},
 		},
-		Pool: config.Pool{MaxPreparedStatements: 50},
+		Pool: config.Pool{MaxPreparedStatements: 50, SessionStateCheck: config.SessionStateCheckAlways},
 		Clients: config.Clients{
 			MaxConnections:    500,
 			Auth:              config.AuthCert,

@@ -19,7 +19,7 @@ import (
 
 // Entry flags.
 const (
-	entSuppress     uint8 = 1 << iota // the governor's own message: its responses are not forwarded
+	entSuppress     uint16 = 1 << iota // the governor's own message: its responses are not forwarded
 	entSynthetic                      // no server response: the governor answers with synth
 	entUnnamed                        // a Parse or statement Describe of the unnamed statement
 	entOwnParse                       // the client's own Parse (its failure is the client's)
@@ -27,12 +27,13 @@ const (
 	entVerify                         // the pump waits for this Describe's answer (verifyCh)
 	entForwardError                   // suppressed, but an error is the client's: it answers the client's next message
 	entReplaceError                   // the server's error is replaced by synth (the error Postgres would give)
+	entParams                         // a suppressed statement whose ParameterStatus messages reach the client
 )
 
 // entry is one expected response, in the order the server sends them.
 type entry struct {
 	kind  byte // client message type P B D E C S Q F; 'q' the governor's query; 'y' synthetic
-	flags uint8
+	flags uint16
 	stmt  *clientStmt // a client's own named Parse (and its Describe): forgotten if it fails
 	key   stmtKey     // the statement a Parse prepares
 	copy  *serverStmt // the statement on the connection a Parse, Describe or Bind is about
@@ -71,7 +72,8 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 	suppress := false
 	var replaced string
 	if head := sess.q.peek(); head != nil {
-		suppress = head.flags&entSuppress != 0
+		// The parameter changes of an entParams statement reach the client.
+		suppress = head.flags&entSuppress != 0 && (typ != 'S' || head.flags&entParams == 0)
 		if typ == 'E' {
 			if head.flags&entForwardError != 0 {
 				suppress = false // it answers the client's message that follows
@@ -100,9 +102,6 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				sess.tx = srv.TxStatus
 				if !sess.batchError {
 					sess.pins &^= sess.pendingUnpin
-					if sess.pendingUnpin&pinAdvisory != 0 {
-						sess.advisory = 0
-					}
 					sess.countPinned()
 				}
 				sess.pendingUnpin = 0
@@ -123,6 +122,9 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				sess.armLinger()
 				sess.answered.Store(false)
 				sess.relinked = true
+			}
+			if sess.q.empty() {
+				sess.lexSettledLocked()
 			}
 			if sess.qEmpty != nil && sess.q.empty() {
 				close(sess.qEmpty)
@@ -161,6 +163,9 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				if err := ps.Decode(data[wire.HeaderLen:]); err == nil {
 					srv.Params[ps.Name] = ps.Value
 					sess.stateOf(srv).paramsChanged()
+					if !suppress {
+						sess.noteParam(ps.Name, ps.Value)
+					}
 					if !suppress && sess.view != nil && sess.view[ps.Name] != ps.Value {
 						if sess.fit != nil { // shared: copy before changing
 							own := make(map[string]string, len(sess.view))

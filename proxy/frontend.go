@@ -86,6 +86,9 @@ func (sess *session) needServer(typ byte) (srv *pool.Server, ok bool, err error)
 	}
 	sess.mu.Unlock()
 	if srv != nil {
+		if err := sess.reapplyIfDue(srv); err != nil {
+			return nil, false, err
+		}
 		return srv, true, nil
 	}
 	srv, err = sess.attach()
@@ -101,7 +104,7 @@ func (sess *session) query(frame []byte) error {
 	if !ok {
 		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Query message"))
 	}
-	eff := scanSQL(text)
+	eff := sess.scan(text)
 	if handled, err := sess.queryLocally(text, eff); handled || err != nil {
 		return err
 	}
@@ -184,7 +187,7 @@ func (sess *session) parse(frame []byte) error {
 	if !ok || !ok2 {
 		return sess.protocolError(fatalf(codeProtocolViolation, "invalid Parse message"))
 	}
-	eff := scanSQL(query)
+	eff := sess.scan(query)
 	if !sess.virtual {
 		return sess.plain('P', frame, eff)
 	}
@@ -753,26 +756,14 @@ func (sess *session) pushSynthetic(msg string) {
 	sess.q.push(entry{kind: 'y', flags: entSynthetic, synth: msg})
 }
 
-// applyEffects records the session state a statement creates or drops.
-// Called with mu held.
+// applyEffects records the session state a statement creates or drops
+// (verify.go). A request with such effects is not retried on another
+// connection (retry.go). Called with mu held.
 func (sess *session) applyEffects(eff sqlEffects) {
-	if eff.pin == 0 && eff.unpin == 0 && eff.advisory == 0 {
-		return
+	if eff.pin|eff.unpin|eff.recheck != 0 || eff.verify || eff.opaque || eff.resetAll || eff.resetReported != 0 {
+		sess.replayable = false
 	}
-	sess.replayable = false // what it records is not undone by a retry
-	if eff.pin != 0 || eff.advisory != 0 {
-		sess.pins |= eff.pin
-		sess.advisory += eff.advisory
-		if sess.advisory > 0 {
-			sess.pins |= pinAdvisory
-		}
-	}
-	sess.pendingUnpin &^= eff.pin // state created after an unpin in the same batch stays
-	sess.pendingUnpin |= eff.unpin
-	if eff.advisory < 0 && sess.advisory <= 0 {
-		sess.pendingUnpin |= pinAdvisory
-	}
-	sess.countPinned()
+	sess.noteEffectsLocked(eff)
 }
 
 // countPinned keeps the server's pinned-clients count. Called with mu held.

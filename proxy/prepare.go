@@ -108,7 +108,9 @@ func (sess *session) parsesAsDefaults() bool {
 	}
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
-	return sess.fit != nil
+	// A verification in flight may give the client its connection back
+	// (attach waits for it).
+	return sess.fit != nil && sess.vs.done == nil
 }
 
 // prepareOnlyBatch reports whether buf (the client's bytes after a Parse of

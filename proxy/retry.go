@@ -114,7 +114,9 @@ func (sess *session) retryOnFatalLocked(srv *pool.Server, frame []byte) bool {
 // retryLocked has the pump send the request again on another connection,
 // if it may. Called with mu held.
 func (sess *session) retryLocked(srv *pool.Server) bool {
-	if !sess.replayable || sess.retries >= maxRetries {
+	if !sess.replayable || sess.retries >= maxRetries || sess.pins != 0 {
+		// A client with session state on the connection loses it with
+		// the connection: nothing to retry.
 		return false
 	}
 	srv.MarkBroken()

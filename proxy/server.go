@@ -371,6 +371,8 @@ type serverStats struct {
 	notifyQueued    atomic.Int64 // bytes in the sessions' notification backlogs
 	notifyOverflows atomic.Int64
 	retries         atomic.Int64
+	stateChecks     atomic.Int64
+	stateFound      atomic.Int64
 }
 
 // Stats are the proxy's figures for metrics.
@@ -394,6 +396,10 @@ type Stats struct {
 	// because the one they were sent on was terminated before it read them
 	// (retry.go).
 	Retries int64
+	// StateChecks counts verifications of a server connection's session
+	// state before its release (transaction mode); StateFound those that
+	// found state (or could not tell) and kept the client pinned.
+	StateChecks, StateFound int64
 }
 
 // notePrepared counts a statement found prepared (hit) or prepared anew
@@ -417,6 +423,8 @@ func (s *Server) Stats() Stats {
 		NotifyBacklog:   s.stats.notifyQueued.Load(),
 		NotifyOverflows: s.stats.notifyOverflows.Load(),
 		Retries:         s.stats.retries.Load(),
+		StateChecks:     s.stats.stateChecks.Load(),
+		StateFound:      s.stats.stateFound.Load(),
 	}
 }
 

@@ -88,6 +88,12 @@ type session struct {
 
 	listening bool // subscribed through the route's listen hub
 
+	// lexState says how the server lexes the client's texts (verify.go).
+	lexState atomic.Uint32
+	// vs is the session's part in verifying server connections
+	// (verify.go), guarded by mu.
+	vs verifyState
+
 	// nq is the backlog of notifications from the listen hub (notify.go).
 	nq notifyQueue
 
@@ -104,7 +110,6 @@ type session struct {
 	releaseDeferred bool         // a release waits for the pump's flush
 	pins            pinKind
 	pinCounted      bool
-	advisory        int
 	pendingUnpin    pinKind // unpins taking effect at the next error-free ReadyForQuery
 	batchError      bool    // an error was seen since the last ReadyForQuery
 	linger          bool    // linkUnnamed: an unnamed statement awaits its Execute
@@ -278,6 +283,9 @@ func (sess *session) serverWriteErr(err error) error {
 // attach acquires a server connection for the client's next transaction
 // and brings it to the client's settings.
 func (sess *session) attach() (*pool.Server, error) {
+	if srv, err := sess.afterCheck(); srv != nil || err != nil {
+		return srv, err // the connection a verification gave back
+	}
 	s := sess.srv
 	srv := s.pool.TryAcquire(sess.route) // the common case, without a timer
 	if srv == nil {
@@ -305,9 +313,9 @@ func (sess *session) attachServer(srv *pool.Server) error {
 	sess.beginAttemptLocked()
 	sess.tx = srv.TxStatus
 	sess.batchError = false
-	var stmts string
 	st := sess.stateOf(srv)
-	if sess.fit == nil || st.fittedTo != sess.fit || st.fittedGen != st.gen {
+	stmts, synth := sess.attachStatementsLocked(srv, st)
+	if stmts == "" && (sess.fit == nil || st.fittedTo != sess.fit || st.fittedGen != st.gen) {
 		if sess.settingsDiffer(srv, sess.view) {
 			stmts = sess.settingStatements(srv, sess.view)
 		}
@@ -316,6 +324,9 @@ func (sess *session) attachServer(srv *pool.Server) error {
 	if stmts != "" {
 		sess.q.push(entry{kind: 'q', flags: entSuppress})
 		sess.recordSettings(srv)
+	}
+	for _, m := range synth {
+		sess.pushSynthetic(m)
 	}
 	sess.mu.Unlock()
 	sess.transactions.Add(1)
@@ -395,6 +406,10 @@ func (sess *session) tryRelease(srv *pool.Server) {
 	}
 	sess.server = nil
 	sess.answered.Store(false) // the next request starts an attachment
+	check := sess.checkDueLocked()
+	if check {
+		sess.startCheckLocked(srv) // verified before it is released (verify.go)
+	}
 	draining := sess.draining
 	sess.wmu.Lock() // ordering: nothing from the next server before this flush
 	sess.mu.Unlock()
@@ -404,6 +419,10 @@ func (sess *session) tryRelease(srv *pool.Server) {
 		}
 	}
 	sess.wmu.Unlock()
+	if check {
+		sess.sendCheck(srv)
+		return
+	}
 	sess.srv.pool.Release(srv)
 	if draining {
 		sess.terminate(fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down"))
@@ -440,8 +459,11 @@ func (sess *session) lingerExpired() {
 	sess.afterIdle(srv)
 }
 
+// releasableLocked reports whether the connection can leave the client now:
+// at a safe point, with no session state, or with state only a
+// verification can tell is gone.
 func (sess *session) releasableLocked() bool {
-	return sess.txMode && sess.q.empty() && sess.tx == 'I' && sess.pins == 0 && !sess.linger
+	return sess.txMode && sess.q.empty() && sess.tx == 'I' && !sess.linger && (sess.pins == 0 || sess.checkDueLocked())
 }
 
 // afterIdle runs when the attached server connection became idle with
@@ -573,6 +595,16 @@ func (sess *session) finish(cause error) {
 	sess.wmu.Lock()
 	sess.clientDead = true
 	sess.wmu.Unlock()
+	defer func() {
+		// A departed client is pinned no more (its state was discarded).
+		sess.mu.Lock()
+		sess.pins = 0
+		sess.countPinned()
+		sess.mu.Unlock()
+	}()
+	// A verification in flight decides whether the connection comes back
+	// to this client, to be reset below.
+	_ = sess.awaitCheck()
 	sess.mu.Lock()
 	srv := sess.server
 	if srv == nil {
@@ -618,29 +650,44 @@ func (sess *session) finish(cause error) {
 		}
 	}
 	sess.mu.Lock()
+	if sess.server != srv && sess.vs.checking == srv {
+		// Idle now, and under verification: its outcome decides.
+		sess.mu.Unlock()
+		_ = sess.awaitCheck()
+		sess.mu.Lock()
+	}
 	if sess.server != srv { // released by the reader, or lost
+		sess.vs.abandoned = true
 		sess.mu.Unlock()
 		return
 	}
 	sess.server = nil
-	tx, pins := srv.TxStatus, sess.pins
+	sess.vs.abandoned = true
+	tx, pins, opaque := srv.TxStatus, sess.pins, sess.vs.opaque
 	sess.mu.Unlock()
+	if pins&pinLoad != 0 {
+		srv.MarkBroken() // a loaded library cannot be unloaded
+	}
 	var queries []string
 	if tx != 'I' {
 		queries = append(queries, "ROLLBACK")
 	}
-	if pins != 0 || !sess.txMode {
+	// After opaque code, custom parameters may be set that no check sees:
+	// DISCARD ALL resets them too.
+	discard := pins != 0 || opaque || !sess.txMode
+	if discard {
 		queries = append(queries, "DISCARD ALL")
 	}
 	if srv.Broken() || len(queries) == 0 {
 		sess.srv.pool.Release(srv)
 		return
 	}
-	if pins != 0 || !sess.txMode {
+	if discard {
 		// DISCARD ALL drops every prepared statement: the connection's
 		// cache starts empty (it is closed if the reset fails).
 		if ss, ok := srv.State.(*serverState); ok {
 			ss.reset()
+			ss.check = connCheck{} // DISCARD ALL includes RESET ALL
 		}
 		srv.Settings = map[string]string{}
 	}

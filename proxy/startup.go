@@ -250,6 +250,7 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 		return err
 	}
 	sess.settings = params
+	sess.vs.tempPath = startupTempPath(params)
 
 	res, err := sess.authenticate(ctx, login)
 	if err != nil {
@@ -401,6 +402,7 @@ func (sess *session) welcome(ctx context.Context) error {
 	// parameter (ServerMessage copies it then).
 	sess.view, sess.fit = entry.view, entry
 	view := entry.view
+	sess.noteParam("standard_conforming_strings", view["standard_conforming_strings"])
 	buf := make([]byte, 0, 512)
 	buf, _ = (&pgproto3.AuthenticationOk{}).Encode(buf)
 	names := make([]string, 0, len(view))

@@ -142,6 +142,9 @@ type serverState struct {
 	gen       uint64
 	fittedTo  *welcomeEntry
 	fittedGen uint64
+
+	// check is what session-state verification keeps (verify.go).
+	check connCheck
 }
 
 // paramsChanged records that the connection's parameters changed.
