@@ -50,7 +50,7 @@ func TestClusterSharesOneBudget(t *testing.T) {
 	}
 	want := fairLeases(3)
 	began := time.Now()
-	waitFor(t, 20*time.Second, fmt.Sprintf("fair shares %v", want), func() bool { return equalInts(leasesOf(t, pg, ns, rs...), want) })
+	waitFor(t, convergeTimeout, fmt.Sprintf("fair shares %v", want), func() bool { return equalInts(leasesOf(t, pg, ns, rs...), want) })
 	t.Logf("fair shares %v %s after the load began", want, time.Since(began).Round(time.Millisecond))
 	time.Sleep(2 * time.Second) // steady load; nothing to await
 	var commits int64
@@ -136,7 +136,7 @@ func TestClusterReplicaKilledAndRestarted(t *testing.T) {
 	la := startClusterLoad(t, a.url("alice", userPass, "clusterdb"), "rep1", clusterClientsPerProxy)
 	lb := startClusterLoad(t, b.url("alice", userPass, "clusterdb"), "rep2", clusterClientsPerProxy)
 	lc := startClusterLoad(t, c.url("alice", userPass, "clusterdb"), "rep3", clusterClientsPerProxy)
-	waitFor(t, 20*time.Second, "fair shares", func() bool { return equalInts(leasesOf(t, pg, ns, a, b, c), fairLeases(3)) })
+	waitFor(t, convergeTimeout, "fair shares", func() bool { return equalInts(leasesOf(t, pg, ns, a, b, c), fairLeases(3)) })
 
 	if err := c.cmd.Process.Kill(); err != nil { // kill -9
 		t.Fatal(err)
@@ -244,7 +244,7 @@ func TestClusterForeignConnections(t *testing.T) {
 	limit := clusterMaxConnections - clusterSuperReserved // what non-superusers may use
 	// Leases: limit − 1 kept free − 1 sampler − what else of the tests is
 	// connected; the replicas use them all.
-	waitFor(t, 10*time.Second, "the replicas to use the budget", func() bool {
+	waitFor(t, convergeTimeout, "the replicas to use the budget", func() bool {
 		return s.serversOf("rep1")+s.serversOf("rep2")+s.serversOf("rep3") >= limit-1-1-3-1
 	})
 
@@ -312,7 +312,7 @@ func TestClusterControlConnectionTerminated(t *testing.T) {
 	for _, r := range rs {
 		loads = append(loads, startClusterLoad(t, r.url("alice", userPass, "clusterdb"), r.user, clusterClientsPerProxy))
 	}
-	waitFor(t, 20*time.Second, "fair shares", func() bool { return equalInts(leasesOf(t, pg, ns, rs...), fairLeases(3)) })
+	waitFor(t, convergeTimeout, "fair shares", func() bool { return equalInts(leasesOf(t, pg, ns, rs...), fairLeases(3)) })
 	ctx := context.Background()
 	pidOf := func() string {
 		rows, err := pg.Exec(ctx, "SELECT pid FROM pg_stat_activity WHERE usename = 'rep1' AND application_name = 'pggovernor-control'")
@@ -474,7 +474,7 @@ func TestClusterBudgetFollowsTheServer(t *testing.T) {
 			return a.metric(t, "pggovernor_budget_connections") == float64(want) && b.metric(t, "pggovernor_budget_connections") == float64(want)
 		}
 	}
-	waitFor(t, 10*time.Second, "the budget of 2 replicas", budgetIs(clusterLeases-2))
+	waitFor(t, convergeTimeout, "the budget of 2 replicas", budgetIs(clusterLeases-2))
 
 	var out, errOut bytes.Buffer
 	err = execute(ctx, []string{"doctor", "--upstream-url=" + pg.URL("rep1", "", "clusterdb"), "--upstream.password=" + clusterPass,
@@ -507,7 +507,7 @@ func TestClusterBudgetFollowsTheServer(t *testing.T) {
 			t.Fatal(err)
 		}
 		began := time.Now()
-		waitFor(t, 20*time.Second, fmt.Sprintf("the budget after %v", step.settings), budgetIs(step.want))
+		waitFor(t, convergeTimeout, fmt.Sprintf("the budget after %v", step.settings), budgetIs(step.want))
 		t.Logf("budget %d server connections %s after the server restarted with %v", step.want, time.Since(began).Round(time.Millisecond), step.settings)
 		for _, r := range []*replica{a, b} {
 			if err := selectOne(ctx, r.url("alice", userPass, "clusterdb")); err != nil {
@@ -547,7 +547,7 @@ func TestClusterWaitTimeoutNamesTheShare(t *testing.T) {
 		c.Budget.Cluster = config.Cluster{Enabled: true, Namespace: int(newNamespace()), Table: "pggovernor_members",
 			HeartbeatInterval: 50 * time.Millisecond, MemberTimeout: time.Second}
 	})
-	waitFor(t, 10*time.Second, "the replica to join", func() bool { return g.g.cluster.Stats().Known })
+	waitFor(t, convergeTimeout, "the replica to join", func() bool { return g.g.cluster.Stats().Known })
 	if n, _ := g.g.pool.Limit(); n != 1 {
 		t.Fatalf("pool limit: want = 1 (2 leases, one the control connection's), got = %d", n)
 	}
