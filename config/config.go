@@ -341,8 +341,10 @@ type Admin struct {
 	// PgBouncer's tools work unchanged). They authenticate like any client,
 	// against clients.users_file. RELOAD and SIGHUP apply a new list.
 	Users []string `yaml:"users" reload:"true"`
-	// Pprof serves Go's profiler at /debug/pprof/ on admin_listen. Enable it
-	// only where admin_listen is reachable by operators alone.
+	// Pprof serves Go's profiler at /debug/pprof/ on admin_listen (without
+	// /debug/pprof/cmdline, which would show the command line's flags).
+	// Enable it only with admin_listen on loopback (127.0.0.1, reached with
+	// kubectl port-forward): a warning is logged otherwise.
 	Pprof bool `yaml:"pprof"`
 	// ProbeInterval is how often pggovernor checks that the upstream server
 	// answers, for /readyz and pggovernor_upstream_up: a round trip on the

@@ -1341,6 +1341,41 @@ func TestRedactURL(t *testing.T) {
 			want: "postgres://alice:xxxxx@db/app?password=xxxxx", secrets: []string{"s3cret1", "s3cret2"},
 		},
 		{
+			name: "URL with sslpassword",
+			in:   "postgres://alice@db/app?sslmode=verify-full&sslkey=/k.pem&sslpassword=k3ypass",
+			want: "postgres://alice@db/app?sslmode=verify-full&sslkey=/k.pem&sslpassword=xxxxx", secrets: []string{"k3ypass"},
+		},
+		{
+			name: "URL with every secret",
+			in:   "postgres://alice:s3cret1@db/app?password=s3cret2&sslpassword=s3cret3",
+			want: "postgres://alice:xxxxx@db/app?password=xxxxx&sslpassword=xxxxx", secrets: []string{"s3cret1", "s3cret2", "s3cret3"},
+		},
+		{
+			name: "URL with a percent-encoded secret key",
+			in:   "postgres://alice@db/app?sslpass%77ord=s3cret&pass%77ord=s3cret2",
+			want: "postgres://alice@db/app?sslpass%77ord=xxxxx&pass%77ord=xxxxx", secrets: []string{"s3cret"},
+		},
+		{
+			name: "URL with a value url.Values cannot decode",
+			in:   "postgres://alice@db/app?sslpassword=s3c%zzret",
+			want: "postgres://alice@db/app?sslpassword=xxxxx", secrets: []string{"s3c", "zzret"},
+		},
+		{
+			name: "URL with a key that cannot be decoded",
+			in:   "postgres://alice@db/app?pass%zzword=s3cret&sslmode=require",
+			want: "postgres://alice@db/app?pass%zzword=xxxxx&sslmode=require", secrets: []string{"s3cret"},
+		},
+		{
+			name: "URL with an upper-case secret key and a fragment",
+			in:   "postgres://alice@db/app?SSLPassword=s3cret#password=s3cret2",
+			want: "postgres://alice@db/app?SSLPassword=xxxxx#xxxxx", secrets: []string{"s3cret"},
+		},
+		{
+			name: "URL with a secret repeated",
+			in:   "postgres://alice@db/app?sslpassword=s3cret1&sslmode=require&sslpassword=s3cret2",
+			want: "postgres://alice@db/app?sslpassword=xxxxx&sslmode=require&sslpassword=xxxxx", secrets: []string{"s3cret"},
+		},
+		{
 			name: "URL with an empty password",
 			in:   "postgres://alice:@db/app",
 			want: "postgres://alice:xxxxx@db/app",
@@ -1369,6 +1404,21 @@ func TestRedactURL(t *testing.T) {
 			name: "DSN with a quoted password with spaces and escaped quotes",
 			in:   `host=db password='my s3cret \'qu0ted\' \\ b4ckslash' user=alice`,
 			want: "host=db password=xxxxx user=alice", secrets: []string{"s3cret", "qu0ted", "b4ckslash"},
+		},
+		{
+			name: "DSN with sslpassword",
+			in:   "host=db sslkey=/k.pem sslpassword='k3y pass' user=alice",
+			want: "host=db sslkey=/k.pem sslpassword=xxxxx user=alice", secrets: []string{"k3y", "pass'"},
+		},
+		{
+			name: "DSN with both secrets",
+			in:   "host=db password=s3cret1 sslpassword=s3cret2",
+			want: "host=db password=xxxxx sslpassword=xxxxx", secrets: []string{"s3cret"},
+		},
+		{
+			name: "DSN with an upper-case secret key",
+			in:   "host=db SSLPASSWORD=s3cret",
+			want: "SSLPASSWORD=xxxxx host=db", secrets: []string{"s3cret"},
 		},
 		{
 			name: "DSN keeps other quoted values quoted",

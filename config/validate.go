@@ -340,20 +340,54 @@ func (c *Config) Redacted() [][2]string {
 	return out
 }
 
-// RedactURL hides the password of a libpq URL or DSN.
+// secretConnParams are the libpq connection parameters that hold a secret:
+// the password and the passphrase of an encrypted client key. (sslkey,
+// sslcert, sslrootcert and passfile are paths; what the files hold is never
+// shown.)
+var secretConnParams = []string{"password", "sslpassword"}
+
+// isSecretConnParam reports whether a connection parameter holds a secret.
+// The comparison ignores case: libpq's keywords are lower case, and a key
+// that differs only in case is a mistake whose value is still a secret.
+func isSecretConnParam(k string) bool {
+	for _, s := range secretConnParams {
+		if strings.EqualFold(k, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// RedactURL hides the secrets of a libpq URL or DSN: the URL's userinfo
+// password and the value of every secret parameter (password, sslpassword),
+// in the query of a URL or as a key of a DSN. What it cannot read with
+// certainty it does not show.
 func RedactURL(s string) string {
+	const mask = "xxxxx"
 	if strings.HasPrefix(s, "postgres://") || strings.HasPrefix(s, "postgresql://") {
 		u, err := url.Parse(s)
 		if err != nil {
 			return "(unparsable URL)"
 		}
 		if _, has := u.User.Password(); has {
-			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+			u.User = url.UserPassword(u.User.Username(), mask)
 		}
-		q := u.Query()
-		if q.Has("password") {
-			q.Set("password", "xxxxx")
-			u.RawQuery = q.Encode()
+		if u.RawQuery != "" {
+			// The raw pairs, as libpq reads them ('&'-separated, the key
+			// percent-decoded): url.Values would drop a pair it cannot
+			// decode and leave it in RawQuery, password and all.
+			pairs := strings.Split(u.RawQuery, "&")
+			for i, pair := range pairs {
+				rawKey, _, hasValue := strings.Cut(pair, "=")
+				key, err := url.PathUnescape(rawKey)
+				if hasValue && (err != nil || isSecretConnParam(strings.Trim(key, " "))) {
+					pairs[i] = rawKey + "=" + mask
+				}
+			}
+			u.RawQuery = strings.Join(pairs, "&")
+		}
+		if u.Fragment != "" { // not libpq's; shown as nothing of it
+			u.Fragment, u.RawFragment = mask, ""
 		}
 		return u.String()
 	}
@@ -364,7 +398,11 @@ func RedactURL(s string) string {
 		// password where parseDSN cannot see it: show none of it.
 		return "(unparsable connection string)"
 	}
-	if _, ok := m["password"]; !ok {
+	secret := false
+	for k := range m {
+		secret = secret || isSecretConnParam(k)
+	}
+	if !secret {
 		return s
 	}
 	names := make([]string, 0, len(m))
@@ -375,8 +413,8 @@ func RedactURL(s string) string {
 	parts := make([]string, 0, len(names))
 	for _, k := range names {
 		v := m[k]
-		if k == "password" {
-			v = "xxxxx"
+		if isSecretConnParam(k) {
+			v = mask
 		}
 		parts = append(parts, k+"="+quoteDSNValue(v))
 	}
