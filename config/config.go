@@ -95,7 +95,8 @@ type Upstream struct {
 	// Connector selects how upstream credentials are obtained: "password"
 	// (URL, Password or PasswordFile) or "awsiamrds" (an RDS IAM token from
 	// the AWS default credential chain, cached and renewed every 10 minutes;
-	// needs a user in the URL and ssl.mode require or stronger).
+	// needs a user in the URL and ssl.mode verify-full, or verify-ca with
+	// ssl.allow_verify_ca_for_iam).
 	Connector string `yaml:"connector" enum:"password,awsiamrds"`
 	// AWSRegion is the AWS region of the database, used to sign RDS IAM
 	// tokens; empty uses the AWS SDK's default (AWS_REGION, the shared
@@ -126,6 +127,14 @@ type UpstreamSSL struct {
 	// ServerName overrides the host name checked against the server's
 	// certificate in verify-full mode and sent as SNI.
 	ServerName string `yaml:"server_name"`
+	// AllowVerifyCAForIAM accepts Mode verify-ca with upstream.connector
+	// awsiamrds, which otherwise needs verify-full. verify-ca checks who
+	// signed the server's certificate, not that it names the server, so
+	// any server with a certificate from the same CA could read the token.
+	// RDS certificates name their endpoints; set this only for an endpoint
+	// whose name the certificate does not carry (a custom DNS name, a
+	// proxy), and prefer ServerName with verify-full there.
+	AllowVerifyCAForIAM bool `yaml:"allow_verify_ca_for_iam"`
 }
 
 // Budget bounds the total number of server connections.

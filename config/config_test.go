@@ -189,11 +189,12 @@ func fullWant() config.Config {
 			Connector:    config.ConnectorAWSIAMRDS,
 			AWSRegion:    "eu-west-1",
 			SSL: config.UpstreamSSL{
-				Mode:         "verify-full",
-				RootCertFile: "/etc/ssl/rds-ca.pem",
-				CertFile:     "/etc/ssl/client.crt",
-				KeyFile:      "/etc/ssl/client.key",
-				ServerName:   "db.example.com",
+				Mode:                "verify-full",
+				RootCertFile:        "/etc/ssl/rds-ca.pem",
+				CertFile:            "/etc/ssl/client.crt",
+				KeyFile:             "/etc/ssl/client.key",
+				ServerName:          "db.example.com",
+				AllowVerifyCAForIAM: true,
 			},
 		},
 		Budget: config.Budget{
@@ -728,7 +729,7 @@ func TestLoadErrors(t *testing.T) {
 		{
 			name:    "nested scalar where a group is expected",
 			yaml:    "upstream:\n  ssl: require\n",
-			wantErr: []string{"key upstream.ssl must be a mapping of keys (known keys: mode, root_cert_file, cert_file, key_file, server_name)"},
+			wantErr: []string{"key upstream.ssl must be a mapping of keys (known keys: mode, root_cert_file, cert_file, key_file, server_name, allow_verify_ca_for_iam)"},
 		},
 		{
 			name:    "top level is a list",
@@ -843,12 +844,12 @@ func TestLoadErrors(t *testing.T) {
 		{
 			name:    "awsiamrds with upstream.ssl.mode prefer",
 			file:    "iam_prefer.yaml",
-			wantErr: []string{"key upstream.ssl.mode", "needs TLS", "require, verify-ca or verify-full", "(it is prefer)"},
+			wantErr: []string{"key upstream.ssl.mode", "needs TLS that verifies the server", "set upstream.ssl.mode to verify-full", "(it is prefer)"},
 		},
 		{
 			name:    "awsiamrds with sslmode=prefer in the URL",
 			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=postgres://coder@db/coder?sslmode=prefer"},
-			wantErr: []string{"needs TLS", "require", "(it is prefer)"},
+			wantErr: []string{"needs TLS", "verify-full", "(it is prefer)"},
 		},
 		{
 			name:    "awsiamrds with no sslmode anywhere defaults to prefer",
@@ -866,12 +867,33 @@ func TestLoadErrors(t *testing.T) {
 			wantErr: []string{"needs TLS", "(it is allow)"},
 		},
 		{
-			name: "awsiamrds with sslmode=require in the URL",
-			file: "iam_require.yaml",
+			// TLS without verification: a man in the middle reads the token.
+			name:    "awsiamrds with sslmode=require in the URL",
+			file:    "iam_require.yaml",
+			wantErr: []string{"key upstream.ssl.mode", "man in the middle", "verify-full", "(it is require)"},
+		},
+		{
+			name:    "awsiamrds with sslmode=require and a root certificate (verify-ca for pgconn)",
+			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=postgres://coder@db/coder?sslmode=require&sslrootcert=/ca.pem"},
+			wantErr: []string{"key upstream.ssl.mode", "verify-full", "(it is require)"},
 		},
 		{
 			name:    "awsiamrds with upstream.ssl.mode verify-ca and a DSN",
 			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=host=db user=coder", "PGGOVERNOR_UPSTREAM_SSL_MODE=verify-ca"},
+			wantErr: []string{"key upstream.ssl.mode", "verify-ca does not check that the certificate names the server", "upstream.ssl.allow_verify_ca_for_iam"},
+		},
+		{
+			name: "awsiamrds with verify-ca and upstream.ssl.allow_verify_ca_for_iam",
+			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=host=db user=coder",
+				"PGGOVERNOR_UPSTREAM_SSL_MODE=verify-ca", "PGGOVERNOR_UPSTREAM_SSL_ALLOW_VERIFY_CA_FOR_IAM=true"},
+		},
+		{
+			name:    "awsiamrds with sslmode=verify-full in the URL",
+			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=postgres://coder@db/coder?sslmode=verify-full"},
+		},
+		{
+			name:    "awsiamrds with verify-full from PGSSLMODE",
+			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=postgres://coder@db/coder", "PGSSLMODE=verify-full"},
 		},
 		{
 			name:    "awsiamrds without a user",
@@ -1031,7 +1053,7 @@ func TestCoderEnv(t *testing.T) {
 			}
 		}
 	}
-	const iamURL = "postgres://coder@db.rds.amazonaws.com:5432/coder?sslmode=require"
+	const iamURL = "postgres://coder@db.rds.amazonaws.com:5432/coder?sslmode=verify-full"
 	// coderEnv is everything Coder's chart may set; an explicit upstream.url
 	// must ignore all of it.
 	coderEnv := []string{
@@ -1176,8 +1198,14 @@ func TestCoderEnv(t *testing.T) {
 		},
 		{
 			name:    "DB_CONNECTOR=awsiamrds",
+			environ: []string{"DB_HOST=db.rds.amazonaws.com", "DB_USER=coder", "DB_NAME=coder", "DB_SSL_MODE=verify-full", "DB_CONNECTOR=awsiamrds"},
+			checks:  []check{connector(config.ConnectorAWSIAMRDS), sslMode("verify-full")},
+		},
+		{
+			// TLS that does not verify the server: refused.
+			name:    "DB_CONNECTOR=awsiamrds with DB_SSL_MODE=require",
 			environ: []string{"DB_HOST=db.rds.amazonaws.com", "DB_USER=coder", "DB_NAME=coder", "DB_SSL_MODE=require", "DB_CONNECTOR=awsiamrds"},
-			checks:  []check{connector(config.ConnectorAWSIAMRDS), sslMode("require")},
+			wantErr: []string{"key upstream.ssl.mode", "verify-full", "(it is require)"},
 		},
 		{
 			name:    "CODER_PG_AUTH=awsiamrds",
@@ -1192,7 +1220,7 @@ func TestCoderEnv(t *testing.T) {
 		{
 			name:    "DB_CONNECTOR=awsiamrds without TLS",
 			environ: []string{"DB_HOST=db", "DB_USER=coder", "DB_CONNECTOR=awsiamrds"},
-			wantErr: []string{"key upstream.ssl.mode", "needs TLS", "require"},
+			wantErr: []string{"key upstream.ssl.mode", "needs TLS", "verify-full"},
 		},
 		{
 			name:    "CODER_PG_AUTH=awsiamrds without a user",

@@ -57,10 +57,16 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("key clients.tls.client_ca_file: required when clients.tls.mode is verify-client"))
 	}
 	if c.Upstream.Connector == ConnectorAWSIAMRDS {
-		switch mode := c.EffectiveSSLMode(); mode {
-		case "require", "verify-ca", "verify-full":
+		// The token is a password valid for 15 minutes: over TLS that does
+		// not verify the server (require), an active man in the middle
+		// reads it and logs in as the user.
+		switch mode := c.EffectiveSSLMode(); {
+		case mode == "verify-full":
+		case mode == "verify-ca" && c.Upstream.SSL.AllowVerifyCAForIAM:
+		case mode == "verify-ca":
+			errs = append(errs, errors.New("key upstream.ssl.mode: RDS IAM authentication sends its token as a cleartext password, and verify-ca does not check that the certificate names the server: set upstream.ssl.mode to verify-full (RDS certificates name their endpoints), or, for an endpoint whose name the certificate does not carry (a custom DNS name, a proxy), set upstream.ssl.allow_verify_ca_for_iam: true"))
 		default:
-			errs = append(errs, fmt.Errorf("key upstream.ssl.mode: RDS IAM authentication sends its token as a cleartext password, so it needs TLS: set upstream.ssl.mode to require, verify-ca or verify-full (it is %s)", mode))
+			errs = append(errs, fmt.Errorf("key upstream.ssl.mode: RDS IAM authentication sends its token as a cleartext password, so it needs TLS that verifies the server, or an active man in the middle reads the token: set upstream.ssl.mode to verify-full, with the RDS CA bundle as upstream.ssl.root_cert_file (it is %s)", mode))
 		}
 		if !c.UpstreamHasUser() {
 			errs = append(errs, errors.New("key upstream.url: upstream.connector awsiamrds needs the database user in the URL"))
