@@ -236,6 +236,13 @@ type Pool struct {
 	// on each server connection in transaction mode; the least recently
 	// used one is closed beyond it.
 	MaxPreparedStatements int `yaml:"max_prepared_statements" min:"1"`
+	// RouteIdleTimeout is how long a pool (a database and upstream user)
+	// is kept once it has no server connection, no waiting client and no
+	// client logged in: then its row in SHOW POOLS and its go_sql_* series
+	// go (they come back, from zero, at its next use). A pool appears only
+	// once a server connection to its database has been opened, so logins
+	// to databases that do not exist leave none behind.
+	RouteIdleTimeout time.Duration `yaml:"route_idle_timeout" min:"1s"`
 }
 
 // Clients configures the client-facing side.
@@ -390,7 +397,7 @@ func Default() Config {
 				PeerCIDRs:         DefaultPeerCIDRs(),
 			},
 		},
-		Pool: Pool{MaxPreparedStatements: 200},
+		Pool: Pool{MaxPreparedStatements: 200, RouteIdleTimeout: time.Hour},
 		Clients: Clients{
 			MaxConnections:    10000,
 			Auth:              AuthSCRAM,

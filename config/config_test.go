@@ -205,7 +205,7 @@ func fullWant() config.Config {
 				PeerCIDRs: []string{"10.0.0.0/8", "fd00::/8"}, SecretFile: "/run/secrets/pggovernor-cluster",
 				ControlUser: "pggovernor_control", ControlPasswordFile: "/run/secrets/pggovernor-control-password"},
 		},
-		Pool: config.Pool{MaxPreparedStatements: 50},
+		Pool: config.Pool{MaxPreparedStatements: 50, RouteIdleTimeout: 5 * time.Minute},
 		Clients: config.Clients{
 			MaxConnections:    500,
 			Auth:              config.AuthCert,

@@ -55,6 +55,10 @@ type Options struct {
 	// ServerCheckDelay: a connection idle longer than this is checked with
 	// a round trip before reuse.
 	ServerCheckDelay time.Duration
+	// RouteIdleTimeout forgets a route (its figures, its row in Routes)
+	// once it has had no connection, no waiting request and no client
+	// (AddClient) for this long; 0 keeps routes for ever.
+	RouteIdleTimeout time.Duration
 	// Now is the clock (time.Now when nil).
 	Now func() time.Time
 	// Events receives measurements as they happen (the metrics package
@@ -119,7 +123,18 @@ type Pool struct {
 	changed chan struct{}
 }
 
+// routeState is a route's pool. It exists while a request for the route is
+// in flight; it is shown (Routes, RouteStats) only once accepted: a server
+// connection of the route was opened, so the server knows its database and
+// user. One never accepted is forgotten as soon as nothing uses it, an
+// accepted one RouteIdleTimeout after that.
 type routeState struct {
+	accepted bool
+	// unusedSince is when the reaper first saw the route unused (zero
+	// while it is used).
+	unusedSince time.Time
+	// clients counts the clients logged in for the route (AddClient).
+	clients  int
 	idle     []*Server // most recently used last
 	retiring bool      // CloseRoutes: released connections are closed
 	open     int       // connections of this route (idle or in use)
@@ -350,13 +365,16 @@ func (p *Pool) Stats() Stats {
 	return st
 }
 
-// RouteStats returns per-route open, idle and in-use counts.
+// RouteStats returns per-route open, idle and in-use counts, of the routes
+// Routes shows.
 func (p *Pool) RouteStats() map[Route][3]int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := make(map[Route][3]int, len(p.routes))
 	for r, rs := range p.routes {
-		out[r] = [3]int{rs.open, len(rs.idle), rs.inUse}
+		if rs.accepted {
+			out[r] = [3]int{rs.open, len(rs.idle), rs.inUse}
+		}
 	}
 	return out
 }
@@ -377,12 +395,17 @@ type RouteStat struct {
 	RouteCounters
 }
 
-// Routes returns every route's figures, sorted by database then user.
+// Routes returns the figures of every route the server accepted (one of
+// its connections was opened) and that was used within RouteIdleTimeout,
+// sorted by database then user.
 func (p *Pool) Routes() []RouteStat {
 	now := p.now()
 	p.mu.Lock()
 	out := make([]RouteStat, 0, len(p.routes))
 	for r, rs := range p.routes {
+		if !rs.accepted {
+			continue
+		}
 		st := RouteStat{Route: r, Open: rs.open, Idle: len(rs.idle), InUse: rs.inUse, Opening: rs.opening,
 			Waiting: rs.waiting, Paused: p.pausedLocked(r), RouteCounters: rs.counters}
 		if !rs.pausedSince.IsZero() {
@@ -453,6 +476,40 @@ func (p *Pool) Servers() []ServerInfo {
 // closeNeeded reports whether s will be closed rather than reused.
 func (p *Pool) closeNeeded(s *Server, now time.Time) bool {
 	return s.Broken() || (!s.expires.IsZero() && now.After(s.expires))
+}
+
+// AddClient counts a client logged in for r, until RemoveClient: a route
+// with clients is not forgotten (RouteIdleTimeout). It does not make the
+// route shown; only an opened connection does.
+func (p *Pool) AddClient(r Route) {
+	p.mu.Lock()
+	p.route(r).clients++
+	p.mu.Unlock()
+}
+
+// RemoveClient undoes AddClient.
+func (p *Pool) RemoveClient(r Route) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if rs := p.routes[r]; rs != nil && rs.clients > 0 {
+		rs.clients--
+		p.forgetUnacceptedLocked(r)
+	}
+}
+
+// unused reports whether nothing uses the route: no connection (open,
+// opening, held), no waiting request, no client.
+func (rs *routeState) unused() bool {
+	return rs.open == 0 && rs.opening == 0 && rs.inUse == 0 && rs.waiting == 0 && rs.clients == 0
+}
+
+// forgetUnacceptedLocked forgets r if the server never accepted it and
+// nothing uses it: a login to a database that does not exist leaves
+// nothing behind.
+func (p *Pool) forgetUnacceptedLocked(r Route) {
+	if rs := p.routes[r]; rs != nil && !rs.accepted && rs.unused() {
+		delete(p.routes, r)
+	}
 }
 
 func (p *Pool) route(r Route) *routeState {
@@ -619,7 +676,9 @@ func (p *Pool) waitError(r Route, start time.Time, cause error) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.stats.WaitTimeouts++
-	p.route(r).counters.WaitTimeouts++
+	if rs := p.routes[r]; rs != nil { // not made again once forgotten
+		rs.counters.WaitTimeouts++
+	}
 	if !p.limitSet {
 		cause = p.limitErr
 	}
@@ -756,6 +815,7 @@ func (p *Pool) endWait(r Route, since time.Time, timedOut bool) {
 	rs := p.route(r)
 	rs.counters.WaitDuration += d
 	rs.waiting--
+	p.forgetUnacceptedLocked(r)
 	p.mu.Unlock()
 	if f := p.opts.Events.Waited; f != nil {
 		f(d, timedOut)
@@ -788,6 +848,7 @@ func (p *Pool) connect(ctx context.Context, r Route, params map[string]string) (
 		p.mu.Lock()
 		p.stats.ConnectErrors++
 		p.route(r).opening--
+		p.forgetUnacceptedLocked(r)
 		p.mu.Unlock()
 		p.slotFreed()
 		return nil, err
@@ -816,6 +877,7 @@ func (p *Pool) connect(ctx context.Context, r Route, params map[string]string) (
 	}
 	p.mu.Lock()
 	rs := p.route(r)
+	rs.accepted = true
 	rs.opening--
 	rs.open++
 	rs.inUse++
@@ -1042,7 +1104,20 @@ func (p *Pool) reap() {
 	now := p.now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for _, rs := range p.routes {
+	for r, rs := range p.routes {
+		switch {
+		case !rs.unused():
+			rs.unusedSince = time.Time{}
+		case !rs.accepted:
+			delete(p.routes, r)
+			continue
+		case rs.unusedSince.IsZero():
+			rs.unusedSince = now
+		case p.opts.RouteIdleTimeout > 0 && now.Sub(rs.unusedSince) >= p.opts.RouteIdleTimeout:
+			p.logger.Debug("route unused for pool.route_idle_timeout: forgotten", zap.String("db", r.Database), zap.String("user", r.User))
+			delete(p.routes, r)
+			continue
+		}
 		for i := 0; i < len(rs.idle); {
 			s := rs.idle[i]
 			idleTooLong := p.opts.ServerIdle > 0 && now.Sub(s.lastUsed) > p.opts.ServerIdle

@@ -9,10 +9,17 @@ import (
 	"io"
 	"net/http"
 	"os/exec"
+	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pggovernor/pggovernor/config"
+	"github.com/pggovernor/pggovernor/pool"
 )
 
 // Secrets of the tests in this file (listed in testSecrets): one per place
@@ -215,4 +222,99 @@ func runDoctor(t *testing.T, args ...string) string {
 		t.Fatalf("doctor: %v\n%s", err, out)
 	}
 	return string(out)
+}
+
+// TestRoutesOnlyForAcceptedDatabases: 30 logins to databases that do not
+// exist (3D000 from the server) add no go_sql_* series and no row of SHOW
+// POOLS or SHOW STATS; a pool unused for pool.route_idle_timeout (no
+// server connection, no client) goes from both, while one with a client
+// logged in stays.
+func TestRoutesOnlyForAcceptedDatabases(t *testing.T) {
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Budget.Max = 4
+		c.Admin.Users = []string{"alice"}
+		c.Pool.RouteIdleTimeout = time.Second
+	})
+	ctx := context.Background()
+	// A client of appdb stays logged in; one of otherdb leaves.
+	stay := connectPgx(t, g.url("alice", userPass, "appdb"))
+	if _, err := stay.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	leave := connectPgx(t, g.url("alice", userPass, "otherdb"))
+	if _, err := leave.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	console := connectPgx(t, g.consoleURL("alice", userPass))
+	// What operators see: the databases of go_sql_open_connections, SHOW
+	// POOLS and SHOW STATS.
+	seen := func() (series, pools, stats []string) {
+		t.Helper()
+		if mf := g.scrape(t)["go_sql_open_connections"]; mf != nil {
+			for _, m := range mf.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "db_name" {
+						series = append(series, l.GetValue())
+					}
+				}
+			}
+		}
+		_, rows := consoleRows(t, console, "SHOW POOLS", pgx.QueryExecModeSimpleProtocol)
+		for _, r := range rows {
+			pools = append(pools, fmt.Sprint(r[0]))
+		}
+		_, rows = consoleRows(t, console, "SHOW STATS", pgx.QueryExecModeSimpleProtocol)
+		for _, r := range rows {
+			stats = append(stats, fmt.Sprint(r[0]))
+		}
+		sort.Strings(series)
+		sort.Strings(pools)
+		sort.Strings(stats)
+		return series, pools, stats
+	}
+	series, pools, stats := seen()
+	if want := []string{"appdb", "otherdb"}; !slices.Equal(series, want) || !slices.Equal(pools, want) {
+		t.Fatalf("before: want = series and pools of %v, got = %v and %v", want, series, pools)
+	}
+	for i := 0; i < 30; i++ {
+		_, err := pgx.Connect(ctx, g.url("alice", userPass, fmt.Sprintf("bogus_%02d", i)))
+		assertCode(t, err, "3D000")
+	}
+	s2, p2, st2 := seen()
+	if !slices.Equal(s2, series) || !slices.Equal(p2, pools) || !slices.Equal(st2, stats) {
+		t.Fatalf("after 30 logins to databases that do not exist: want = series %v, pools %v, stats %v unchanged, got = %v, %v, %v",
+			series, pools, stats, s2, p2, st2)
+	}
+
+	// otherdb's client leaves, its connection is closed: the pool goes
+	// after pool.route_idle_timeout. appdb's client stays: its pool too.
+	leave.Close(ctx)
+	waitFor(t, 10*time.Second, "otherdb's client to be gone", func() bool {
+		_, rows := consoleRows(t, console, "SHOW CLIENTS", pgx.QueryExecModeSimpleProtocol)
+		for _, r := range rows {
+			if r[2] == "otherdb" {
+				return false
+			}
+		}
+		return true
+	})
+	g.g.pool.CloseIdle(ctx, func(pool.Route) bool { return true })
+	waitFor(t, 20*time.Second, "otherdb's pool to be forgotten", func() bool {
+		series, pools, _ := seen()
+		return !slices.Contains(series, "otherdb") && !slices.Contains(pools, "otherdb")
+	})
+	if series, pools, _ := seen(); !slices.Equal(series, []string{"appdb"}) || !slices.Equal(pools, []string{"appdb"}) {
+		t.Fatalf("with a client of appdb logged in: want = appdb's series and pool kept, got = %v and %v", series, pools)
+	}
+	// Used again, it comes back.
+	if _, err := stay.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	again := connectPgx(t, g.url("alice", userPass, "otherdb"))
+	if _, err := again.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	if series, _, _ := seen(); !slices.Equal(series, []string{"appdb", "otherdb"}) {
+		t.Fatalf("otherdb used again: want = its series back, got = %v", series)
+	}
 }

@@ -306,6 +306,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		ServerIdle:       cfg.Timeouts.ServerIdle,
 		ServerLifetime:   cfg.Timeouts.ServerLifetime,
 		ServerCheckDelay: cfg.Timeouts.ServerCheckDelay,
+		RouteIdleTimeout: cfg.Pool.RouteIdleTimeout,
 		Events:           events,
 	})
 	var peers clusterPeers
