@@ -321,7 +321,8 @@ type Timeouts struct {
 	// ClientLogin is how long a client may take from connecting to being
 	// logged in.
 	ClientLogin time.Duration `yaml:"client_login" min:"1ms"`
-	// ServerConnect bounds one attempt to open a server connection.
+	// ServerConnect bounds one attempt to open a server connection, and
+	// each read of the server's limits on the control connection.
 	ServerConnect time.Duration `yaml:"server_connect" min:"1ms"`
 	// ServerIdle closes server connections unused for this long.
 	ServerIdle time.Duration `yaml:"server_idle" min:"1s"`

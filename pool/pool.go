@@ -13,12 +13,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"math/rand/v2"
 	"net"
 	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -686,10 +688,33 @@ func (p *Pool) waitError(r Route, start time.Time, cause error) error {
 		Note: p.limitNote}
 }
 
-// retryable says whether a connect error may go away by itself: the server
-// is full, starting, unreachable for now; or the error says so itself with
-// a Retryable method (a credential source that may recover, such as RDS IAM
-// token minting).
+// retryableSQLStates are the server's answers to a connection attempt
+// that say it cannot take one now, not that it refuses this one: too many
+// connections, a configured limit, starting up or shutting down, a
+// connection lost or refused during startup, terminated by an
+// administrator or after a crash.
+var retryableSQLStates = map[string]bool{
+	"53300": true, // too_many_connections
+	"53400": true, // configuration_limit_exceeded
+	"57P01": true, // admin_shutdown
+	"57P02": true, // crash_shutdown
+	"57P03": true, // cannot_connect_now
+	"08001": true, // sqlclient_unable_to_establish_sqlconnection
+	"08004": true, // sqlserver_rejected_establishment_of_sqlconnection
+	"08006": true, // connection_failure
+}
+
+// retryable says whether a connect error may go away by itself, judged by
+// the error's type, never its text: the error says so itself (a Retryable
+// method: a credential source that may recover, such as RDS IAM token
+// minting); the server answered with a SQLSTATE of retryableSQLStates; the
+// network failed (a net.Error: refused, reset, unreachable, a name not
+// resolved, a timeout; a Unix socket not there yet); the server closed the
+// connection during startup (EOF); pgconn timed out or says nothing was
+// sent (pgconn.Timeout, pgconn.SafeToRetry). A file pggovernor could not
+// read (a certificate, a key: an *fs.PathError) is not retried: waiting
+// does not make it appear. Anything else (a refused password, an unknown
+// database, a certificate that does not verify) is final.
 func retryable(err error) bool {
 	var self interface{ Retryable() bool }
 	if errors.As(err, &self) {
@@ -697,19 +722,17 @@ func retryable(err error) bool {
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
-		switch pgErr.Code {
-		case "53300", "57P03", "53400", "08006", "08001", "08004":
-			return true
-		}
+		return retryableSQLStates[pgErr.Code]
+	}
+	var pathErr *fs.PathError
+	if errors.As(err, &pathErr) {
 		return false
 	}
 	var netErr net.Error
-	if errors.As(err, &netErr) {
-		return true
-	}
-	msg := err.Error()
-	return strings.Contains(msg, "connection refused") || strings.Contains(msg, "no such file") ||
-		strings.Contains(msg, "connection reset") || strings.Contains(msg, "EOF") || strings.Contains(msg, "timeout")
+	return errors.As(err, &netErr) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || pgconn.SafeToRetry(err)
 }
 
 // Unavailable reports whether a connect error says the server cannot be

@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -316,5 +317,55 @@ func TestRoutesOnlyForAcceptedDatabases(t *testing.T) {
 	}
 	if series, _, _ := seen(); !slices.Equal(series, []string{"appdb", "otherdb"}) {
 		t.Fatalf("otherdb used again: want = its series back, got = %v", series)
+	}
+}
+
+// TestBudgetReadOfAStalledServerTimesOut: the backend of the control
+// connection stops (SIGSTOP: a server that accepts nothing more on that
+// connection) while the budget is re-read. The read ends after
+// timeouts.server_connect and is logged, and the next one is made on a new
+// control connection, instead of the refresh hanging for ever.
+func TestBudgetReadOfAStalledServerTimesOut(t *testing.T) {
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Budget.RefreshInterval = time.Second
+		c.Timeouts.ServerConnect = 500 * time.Millisecond
+		c.Admin.ProbeInterval = time.Hour // the probe does not take the one control connection
+	})
+	ctx := context.Background()
+	conn, err := g.g.control.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := conn.Conn().PgConn().PID()
+	conn.Release()
+	if err := syscall.Kill(int(pid), syscall.SIGSTOP); err != nil {
+		t.Fatalf("stopping the control connection's backend %d: %v", pid, err)
+	}
+	resumed := false
+	resume := func() {
+		if !resumed {
+			resumed = true
+			_ = syscall.Kill(int(pid), syscall.SIGCONT)
+		}
+	}
+	t.Cleanup(resume)
+	const warning = "cannot read the server's connection limits"
+	waitFor(t, 20*time.Second, "the stalled read to be reported", func() bool { return g.logs.FilterMessageSnippet(warning).Len() > 0 })
+	if e := g.logs.FilterMessageSnippet(warning).All()[0].ContextMap()["error"]; !strings.Contains(fmt.Sprint(e), "timeout") && !strings.Contains(fmt.Sprint(e), "deadline") {
+		t.Fatalf("the stalled read: want = a timeout, got = %v", e)
+	}
+	resume()
+	waitFor(t, 20*time.Second, "a new control connection", func() bool {
+		actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		conn, err := g.g.control.Acquire(actx)
+		if err != nil {
+			return false
+		}
+		defer conn.Release()
+		return conn.Conn().PgConn().PID() != pid
+	})
+	if _, known := g.g.pool.Limit(); !known {
+		t.Fatal("the budget: want = still known, got = unknown")
 	}
 }

@@ -366,6 +366,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			defer g.bg.Done()
 			budget.Run(bg, budget.Options{
 				Control:  g.control,
+				Timeout:  cfg.Timeouts.ServerConnect,
 				Reserve:  cfg.Budget.Reserve,
 				Interval: cfg.Budget.RefreshInterval,
 				Apply:    g.pool.SetLimit,

@@ -142,6 +142,9 @@ func newUpstream(ctx context.Context, c *config.Config, users *auth.Users, logge
 	base, err := pgconn.ParseConfig(cs)
 	if err != nil {
 		if strings.Contains(err.Error(), "configure TLS") {
+			if key := topts.FileSetting(err); key != "" {
+				return nil, fmt.Errorf("key %s: %w", key, errors.Unwrap(err))
+			}
 			return nil, fmt.Errorf("keys upstream.ssl.* (or the URL's sslrootcert, sslcert, sslkey): %w", errors.Unwrap(err))
 		}
 		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, c.Upstream.URL))
