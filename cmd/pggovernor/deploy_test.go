@@ -349,7 +349,7 @@ func TestCertificateExpiryMetric(t *testing.T) {
 
 // TestDeployManifests: every PGGOVERNOR_* variable of the Kubernetes
 // sidecar example is a setting and the configuration it makes validates;
-// the Dockerfile builds with the Go release go.mod names.
+// the Dockerfile builds with the Go release go.mod's toolchain line names.
 func TestDeployManifests(t *testing.T) {
 	data, err := os.ReadFile("../../deploy/kubernetes/coder-sidecar.yaml")
 	if err != nil {
@@ -397,11 +397,16 @@ func TestDeployManifests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The release of go.mod's toolchain line (the patch release with the
+	// latest security fixes), or of its go line.
 	var goVersion string
 	for _, line := range strings.Split(string(gomod), "\n") {
+		if v, ok := strings.CutPrefix(line, "toolchain go"); ok {
+			goVersion = v
+			break
+		}
 		if v, ok := strings.CutPrefix(line, "go "); ok {
-			parts := strings.Split(v, ".")
-			goVersion = parts[0] + "." + parts[1]
+			goVersion = v
 		}
 	}
 	if !strings.Contains(string(dockerfile), "FROM golang:"+goVersion+" ") {
