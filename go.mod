@@ -2,6 +2,11 @@ module github.com/pggovernor/pggovernor
 
 go 1.26.8
 
+// The newest Go patch release: the standard library's advisories up to
+// GO-2026-6809 are fixed in it. With GOTOOLCHAIN=auto (the Makefile sets
+// it) an older go fetches it through the module proxy.
+toolchain go1.26.11
+
 require (
 	github.com/aws/aws-sdk-go-v2 v1.48.0
 	github.com/aws/aws-sdk-go-v2/config v1.33.18

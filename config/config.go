@@ -104,7 +104,8 @@ type Upstream struct {
 	// Connector selects how upstream credentials are obtained: "password"
 	// (URL, Password or PasswordFile) or "awsiamrds" (an RDS IAM token from
 	// the AWS default credential chain, cached and renewed every 10 minutes;
-	// needs a user in the URL and ssl.mode require or stronger).
+	// needs a user in the URL and ssl.mode verify-full, or verify-ca with
+	// ssl.allow_verify_ca_for_iam).
 	Connector string `yaml:"connector" enum:"password,awsiamrds"`
 	// AWSRegion is the AWS region of the database, used to sign RDS IAM
 	// tokens; empty uses the AWS SDK's default (AWS_REGION, the shared
@@ -135,6 +136,14 @@ type UpstreamSSL struct {
 	// ServerName overrides the host name checked against the server's
 	// certificate in verify-full mode and sent as SNI.
 	ServerName string `yaml:"server_name"`
+	// AllowVerifyCAForIAM accepts Mode verify-ca with upstream.connector
+	// awsiamrds, which otherwise needs verify-full. verify-ca checks who
+	// signed the server's certificate, not that it names the server, so
+	// any server with a certificate from the same CA could read the token.
+	// RDS certificates name their endpoints; set this only for an endpoint
+	// whose name the certificate does not carry (a custom DNS name, a
+	// proxy), and prefer ServerName with verify-full there.
+	AllowVerifyCAForIAM bool `yaml:"allow_verify_ca_for_iam"`
 }
 
 // Budget bounds the total number of server connections.
@@ -245,6 +254,13 @@ type Pool struct {
 	// query on the connection, not the client's round trip; see README
 	// "Transaction pooling" for what it covers and costs.
 	SessionStateCheck string `yaml:"session_state_check" enum:"auto,always"`
+	// RouteIdleTimeout is how long a pool (a database and upstream user)
+	// is kept once it has no server connection, no waiting client and no
+	// client logged in: then its row in SHOW POOLS and its go_sql_* series
+	// go (they come back, from zero, at its next use). A pool appears only
+	// once a server connection to its database has been opened, so logins
+	// to databases that do not exist leave none behind.
+	RouteIdleTimeout time.Duration `yaml:"route_idle_timeout" min:"1s"`
 }
 
 // Clients configures the client-facing side.
@@ -323,7 +339,8 @@ type Timeouts struct {
 	// ClientLogin is how long a client may take from connecting to being
 	// logged in.
 	ClientLogin time.Duration `yaml:"client_login" min:"1ms"`
-	// ServerConnect bounds one attempt to open a server connection.
+	// ServerConnect bounds one attempt to open a server connection, and
+	// each read of the server's limits on the control connection.
 	ServerConnect time.Duration `yaml:"server_connect" min:"1ms"`
 	// ServerIdle closes server connections unused for this long.
 	ServerIdle time.Duration `yaml:"server_idle" min:"1s"`
@@ -359,8 +376,10 @@ type Admin struct {
 	// PgBouncer's tools work unchanged). They authenticate like any client,
 	// against clients.users_file. RELOAD and SIGHUP apply a new list.
 	Users []string `yaml:"users" reload:"true"`
-	// Pprof serves Go's profiler at /debug/pprof/ on admin_listen. Enable it
-	// only where admin_listen is reachable by operators alone.
+	// Pprof serves Go's profiler at /debug/pprof/ on admin_listen (without
+	// /debug/pprof/cmdline, which would show the command line's flags).
+	// Enable it only with admin_listen on loopback (127.0.0.1, reached with
+	// kubectl port-forward): a warning is logged otherwise.
 	Pprof bool `yaml:"pprof"`
 	// ProbeInterval is how often pggovernor checks that the upstream server
 	// answers, for /readyz and pggovernor_upstream_up: a round trip on the
@@ -397,7 +416,7 @@ func Default() Config {
 				PeerCIDRs:         DefaultPeerCIDRs(),
 			},
 		},
-		Pool: Pool{MaxPreparedStatements: 200, SessionStateCheck: SessionStateCheckAuto},
+		Pool: Pool{MaxPreparedStatements: 200, SessionStateCheck: SessionStateCheckAuto, RouteIdleTimeout: time.Hour},
 		Clients: Clients{
 			MaxConnections:    10000,
 			Auth:              AuthSCRAM,

@@ -190,11 +190,12 @@ func fullWant() config.Config {
 			Connector:    config.ConnectorAWSIAMRDS,
 			AWSRegion:    "eu-west-1",
 			SSL: config.UpstreamSSL{
-				Mode:         "verify-full",
-				RootCertFile: "/etc/ssl/rds-ca.pem",
-				CertFile:     "/etc/ssl/client.crt",
-				KeyFile:      "/etc/ssl/client.key",
-				ServerName:   "db.example.com",
+				Mode:                "verify-full",
+				RootCertFile:        "/etc/ssl/rds-ca.pem",
+				CertFile:            "/etc/ssl/client.crt",
+				KeyFile:             "/etc/ssl/client.key",
+				ServerName:          "db.example.com",
+				AllowVerifyCAForIAM: true,
 			},
 		},
 		Budget: config.Budget{
@@ -205,7 +206,7 @@ func fullWant() config.Config {
 				PeerCIDRs: []string{"10.0.0.0/8", "fd00::/8"}, SecretFile: "/run/secrets/pggovernor-cluster",
 				ControlUser: "pggovernor_control", ControlPasswordFile: "/run/secrets/pggovernor-control-password"},
 		},
-		Pool: config.Pool{MaxPreparedStatements: 50, SessionStateCheck: config.SessionStateCheckAlways},
+		Pool: config.Pool{MaxPreparedStatements: 50, SessionStateCheck: config.SessionStateCheckAlways, RouteIdleTimeout: 5 * time.Minute},
 		Clients: config.Clients{
 			MaxConnections:    500,
 			Auth:              config.AuthCert,
@@ -729,7 +730,7 @@ func TestLoadErrors(t *testing.T) {
 		{
 			name:    "nested scalar where a group is expected",
 			yaml:    "upstream:\n  ssl: require\n",
-			wantErr: []string{"key upstream.ssl must be a mapping of keys (known keys: mode, root_cert_file, cert_file, key_file, server_name)"},
+			wantErr: []string{"key upstream.ssl must be a mapping of keys (known keys: mode, root_cert_file, cert_file, key_file, server_name, allow_verify_ca_for_iam)"},
 		},
 		{
 			name:    "top level is a list",
@@ -844,12 +845,12 @@ func TestLoadErrors(t *testing.T) {
 		{
 			name:    "awsiamrds with upstream.ssl.mode prefer",
 			file:    "iam_prefer.yaml",
-			wantErr: []string{"key upstream.ssl.mode", "needs TLS", "require, verify-ca or verify-full", "(it is prefer)"},
+			wantErr: []string{"key upstream.ssl.mode", "needs TLS that verifies the server", "set upstream.ssl.mode to verify-full", "(it is prefer)"},
 		},
 		{
 			name:    "awsiamrds with sslmode=prefer in the URL",
 			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=postgres://coder@db/coder?sslmode=prefer"},
-			wantErr: []string{"needs TLS", "require", "(it is prefer)"},
+			wantErr: []string{"needs TLS", "verify-full", "(it is prefer)"},
 		},
 		{
 			name:    "awsiamrds with no sslmode anywhere defaults to prefer",
@@ -867,12 +868,33 @@ func TestLoadErrors(t *testing.T) {
 			wantErr: []string{"needs TLS", "(it is allow)"},
 		},
 		{
-			name: "awsiamrds with sslmode=require in the URL",
-			file: "iam_require.yaml",
+			// TLS without verification: a man in the middle reads the token.
+			name:    "awsiamrds with sslmode=require in the URL",
+			file:    "iam_require.yaml",
+			wantErr: []string{"key upstream.ssl.mode", "man in the middle", "verify-full", "(it is require)"},
+		},
+		{
+			name:    "awsiamrds with sslmode=require and a root certificate (verify-ca for pgconn)",
+			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=postgres://coder@db/coder?sslmode=require&sslrootcert=/ca.pem"},
+			wantErr: []string{"key upstream.ssl.mode", "verify-full", "(it is require)"},
 		},
 		{
 			name:    "awsiamrds with upstream.ssl.mode verify-ca and a DSN",
 			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=host=db user=coder", "PGGOVERNOR_UPSTREAM_SSL_MODE=verify-ca"},
+			wantErr: []string{"key upstream.ssl.mode", "verify-ca does not check that the certificate names the server", "upstream.ssl.allow_verify_ca_for_iam"},
+		},
+		{
+			name: "awsiamrds with verify-ca and upstream.ssl.allow_verify_ca_for_iam",
+			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=host=db user=coder",
+				"PGGOVERNOR_UPSTREAM_SSL_MODE=verify-ca", "PGGOVERNOR_UPSTREAM_SSL_ALLOW_VERIFY_CA_FOR_IAM=true"},
+		},
+		{
+			name:    "awsiamrds with sslmode=verify-full in the URL",
+			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=postgres://coder@db/coder?sslmode=verify-full"},
+		},
+		{
+			name:    "awsiamrds with verify-full from PGSSLMODE",
+			environ: []string{usersEnv, "PGGOVERNOR_UPSTREAM_CONNECTOR=awsiamrds", "PGGOVERNOR_UPSTREAM_URL=postgres://coder@db/coder", "PGSSLMODE=verify-full"},
 		},
 		{
 			name:    "awsiamrds without a user",
@@ -1032,7 +1054,7 @@ func TestCoderEnv(t *testing.T) {
 			}
 		}
 	}
-	const iamURL = "postgres://coder@db.rds.amazonaws.com:5432/coder?sslmode=require"
+	const iamURL = "postgres://coder@db.rds.amazonaws.com:5432/coder?sslmode=verify-full"
 	// coderEnv is everything Coder's chart may set; an explicit upstream.url
 	// must ignore all of it.
 	coderEnv := []string{
@@ -1177,8 +1199,14 @@ func TestCoderEnv(t *testing.T) {
 		},
 		{
 			name:    "DB_CONNECTOR=awsiamrds",
+			environ: []string{"DB_HOST=db.rds.amazonaws.com", "DB_USER=coder", "DB_NAME=coder", "DB_SSL_MODE=verify-full", "DB_CONNECTOR=awsiamrds"},
+			checks:  []check{connector(config.ConnectorAWSIAMRDS), sslMode("verify-full")},
+		},
+		{
+			// TLS that does not verify the server: refused.
+			name:    "DB_CONNECTOR=awsiamrds with DB_SSL_MODE=require",
 			environ: []string{"DB_HOST=db.rds.amazonaws.com", "DB_USER=coder", "DB_NAME=coder", "DB_SSL_MODE=require", "DB_CONNECTOR=awsiamrds"},
-			checks:  []check{connector(config.ConnectorAWSIAMRDS), sslMode("require")},
+			wantErr: []string{"key upstream.ssl.mode", "verify-full", "(it is require)"},
 		},
 		{
 			name:    "CODER_PG_AUTH=awsiamrds",
@@ -1193,7 +1221,7 @@ func TestCoderEnv(t *testing.T) {
 		{
 			name:    "DB_CONNECTOR=awsiamrds without TLS",
 			environ: []string{"DB_HOST=db", "DB_USER=coder", "DB_CONNECTOR=awsiamrds"},
-			wantErr: []string{"key upstream.ssl.mode", "needs TLS", "require"},
+			wantErr: []string{"key upstream.ssl.mode", "needs TLS", "verify-full"},
 		},
 		{
 			name:    "CODER_PG_AUTH=awsiamrds without a user",
@@ -1347,6 +1375,41 @@ func TestRedactURL(t *testing.T) {
 			want: "postgres://alice:xxxxx@db/app?password=xxxxx", secrets: []string{"s3cret1", "s3cret2"},
 		},
 		{
+			name: "URL with sslpassword",
+			in:   "postgres://alice@db/app?sslmode=verify-full&sslkey=/k.pem&sslpassword=k3ypass",
+			want: "postgres://alice@db/app?sslmode=verify-full&sslkey=/k.pem&sslpassword=xxxxx", secrets: []string{"k3ypass"},
+		},
+		{
+			name: "URL with every secret",
+			in:   "postgres://alice:s3cret1@db/app?password=s3cret2&sslpassword=s3cret3",
+			want: "postgres://alice:xxxxx@db/app?password=xxxxx&sslpassword=xxxxx", secrets: []string{"s3cret1", "s3cret2", "s3cret3"},
+		},
+		{
+			name: "URL with a percent-encoded secret key",
+			in:   "postgres://alice@db/app?sslpass%77ord=s3cret&pass%77ord=s3cret2",
+			want: "postgres://alice@db/app?sslpass%77ord=xxxxx&pass%77ord=xxxxx", secrets: []string{"s3cret"},
+		},
+		{
+			name: "URL with a value url.Values cannot decode",
+			in:   "postgres://alice@db/app?sslpassword=s3c%zzret",
+			want: "postgres://alice@db/app?sslpassword=xxxxx", secrets: []string{"s3c", "zzret"},
+		},
+		{
+			name: "URL with a key that cannot be decoded",
+			in:   "postgres://alice@db/app?pass%zzword=s3cret&sslmode=require",
+			want: "postgres://alice@db/app?pass%zzword=xxxxx&sslmode=require", secrets: []string{"s3cret"},
+		},
+		{
+			name: "URL with an upper-case secret key and a fragment",
+			in:   "postgres://alice@db/app?SSLPassword=s3cret#password=s3cret2",
+			want: "postgres://alice@db/app?SSLPassword=xxxxx#xxxxx", secrets: []string{"s3cret"},
+		},
+		{
+			name: "URL with a secret repeated",
+			in:   "postgres://alice@db/app?sslpassword=s3cret1&sslmode=require&sslpassword=s3cret2",
+			want: "postgres://alice@db/app?sslpassword=xxxxx&sslmode=require&sslpassword=xxxxx", secrets: []string{"s3cret"},
+		},
+		{
 			name: "URL with an empty password",
 			in:   "postgres://alice:@db/app",
 			want: "postgres://alice:xxxxx@db/app",
@@ -1375,6 +1438,21 @@ func TestRedactURL(t *testing.T) {
 			name: "DSN with a quoted password with spaces and escaped quotes",
 			in:   `host=db password='my s3cret \'qu0ted\' \\ b4ckslash' user=alice`,
 			want: "host=db password=xxxxx user=alice", secrets: []string{"s3cret", "qu0ted", "b4ckslash"},
+		},
+		{
+			name: "DSN with sslpassword",
+			in:   "host=db sslkey=/k.pem sslpassword='k3y pass' user=alice",
+			want: "host=db sslkey=/k.pem sslpassword=xxxxx user=alice", secrets: []string{"k3y", "pass'"},
+		},
+		{
+			name: "DSN with both secrets",
+			in:   "host=db password=s3cret1 sslpassword=s3cret2",
+			want: "host=db password=xxxxx sslpassword=xxxxx", secrets: []string{"s3cret"},
+		},
+		{
+			name: "DSN with an upper-case secret key",
+			in:   "host=db SSLPASSWORD=s3cret",
+			want: "SSLPASSWORD=xxxxx host=db", secrets: []string{"s3cret"},
 		},
 		{
 			name: "DSN keeps other quoted values quoted",

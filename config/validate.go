@@ -57,10 +57,16 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("key clients.tls.client_ca_file: required when clients.tls.mode is verify-client"))
 	}
 	if c.Upstream.Connector == ConnectorAWSIAMRDS {
-		switch mode := c.EffectiveSSLMode(); mode {
-		case "require", "verify-ca", "verify-full":
+		// The token is a password valid for 15 minutes: over TLS that does
+		// not verify the server (require), an active man in the middle
+		// reads it and logs in as the user.
+		switch mode := c.EffectiveSSLMode(); {
+		case mode == "verify-full":
+		case mode == "verify-ca" && c.Upstream.SSL.AllowVerifyCAForIAM:
+		case mode == "verify-ca":
+			errs = append(errs, errors.New("key upstream.ssl.mode: RDS IAM authentication sends its token as a cleartext password, and verify-ca does not check that the certificate names the server: set upstream.ssl.mode to verify-full (RDS certificates name their endpoints), or, for an endpoint whose name the certificate does not carry (a custom DNS name, a proxy), set upstream.ssl.allow_verify_ca_for_iam: true"))
 		default:
-			errs = append(errs, fmt.Errorf("key upstream.ssl.mode: RDS IAM authentication sends its token as a cleartext password, so it needs TLS: set upstream.ssl.mode to require, verify-ca or verify-full (it is %s)", mode))
+			errs = append(errs, fmt.Errorf("key upstream.ssl.mode: RDS IAM authentication sends its token as a cleartext password, so it needs TLS that verifies the server, or an active man in the middle reads the token: set upstream.ssl.mode to verify-full, with the RDS CA bundle as upstream.ssl.root_cert_file (it is %s)", mode))
 		}
 		if !c.UpstreamHasUser() {
 			errs = append(errs, errors.New("key upstream.url: upstream.connector awsiamrds needs the database user in the URL"))
@@ -356,20 +362,54 @@ func (c *Config) Redacted() [][2]string {
 	return out
 }
 
-// RedactURL hides the password of a libpq URL or DSN.
+// secretConnParams are the libpq connection parameters that hold a secret:
+// the password and the passphrase of an encrypted client key. (sslkey,
+// sslcert, sslrootcert and passfile are paths; what the files hold is never
+// shown.)
+var secretConnParams = []string{"password", "sslpassword"}
+
+// isSecretConnParam reports whether a connection parameter holds a secret.
+// The comparison ignores case: libpq's keywords are lower case, and a key
+// that differs only in case is a mistake whose value is still a secret.
+func isSecretConnParam(k string) bool {
+	for _, s := range secretConnParams {
+		if strings.EqualFold(k, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// RedactURL hides the secrets of a libpq URL or DSN: the URL's userinfo
+// password and the value of every secret parameter (password, sslpassword),
+// in the query of a URL or as a key of a DSN. What it cannot read with
+// certainty it does not show.
 func RedactURL(s string) string {
+	const mask = "xxxxx"
 	if strings.HasPrefix(s, "postgres://") || strings.HasPrefix(s, "postgresql://") {
 		u, err := url.Parse(s)
 		if err != nil {
 			return "(unparsable URL)"
 		}
 		if _, has := u.User.Password(); has {
-			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+			u.User = url.UserPassword(u.User.Username(), mask)
 		}
-		q := u.Query()
-		if q.Has("password") {
-			q.Set("password", "xxxxx")
-			u.RawQuery = q.Encode()
+		if u.RawQuery != "" {
+			// The raw pairs, as libpq reads them ('&'-separated, the key
+			// percent-decoded): url.Values would drop a pair it cannot
+			// decode and leave it in RawQuery, password and all.
+			pairs := strings.Split(u.RawQuery, "&")
+			for i, pair := range pairs {
+				rawKey, _, hasValue := strings.Cut(pair, "=")
+				key, err := url.PathUnescape(rawKey)
+				if hasValue && (err != nil || isSecretConnParam(strings.Trim(key, " "))) {
+					pairs[i] = rawKey + "=" + mask
+				}
+			}
+			u.RawQuery = strings.Join(pairs, "&")
+		}
+		if u.Fragment != "" { // not libpq's; shown as nothing of it
+			u.Fragment, u.RawFragment = mask, ""
 		}
 		return u.String()
 	}
@@ -380,7 +420,11 @@ func RedactURL(s string) string {
 		// password where parseDSN cannot see it: show none of it.
 		return "(unparsable connection string)"
 	}
-	if _, ok := m["password"]; !ok {
+	secret := false
+	for k := range m {
+		secret = secret || isSecretConnParam(k)
+	}
+	if !secret {
 		return s
 	}
 	names := make([]string, 0, len(m))
@@ -391,8 +435,8 @@ func RedactURL(s string) string {
 	parts := make([]string, 0, len(names))
 	for _, k := range names {
 		v := m[k]
-		if k == "password" {
-			v = "xxxxx"
+		if isSecretConnParam(k) {
+			v = mask
 		}
 		parts = append(parts, k+"="+quoteDSNValue(v))
 	}

@@ -630,8 +630,8 @@ func fieldValue(root reflect.Value, path string) any {
 	return v.Interface()
 }
 
-// TestDockerfileGoVersion: the Dockerfile builds with the Go release
-// go.mod names.
+// TestDockerfileGoVersion: the Dockerfile builds with the Go release the
+// product's go.mod names.
 func TestDockerfileGoVersion(t *testing.T) {
 	dockerfile, err := os.ReadFile(filepath.Join("docker", "Dockerfile"))
 	if err != nil {
@@ -641,11 +641,16 @@ func TestDockerfileGoVersion(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The release of go.mod's toolchain line (the patch release with the
+	// latest security fixes), or of its go line.
 	var goVersion string
 	for _, line := range strings.Split(string(gomod), "\n") {
+		if v, ok := strings.CutPrefix(line, "toolchain go"); ok {
+			goVersion = v
+			break
+		}
 		if v, ok := strings.CutPrefix(line, "go "); ok {
-			parts := strings.Split(v, ".")
-			goVersion = parts[0] + "." + parts[1]
+			goVersion = v
 		}
 	}
 	if !strings.Contains(string(dockerfile), "FROM golang:"+goVersion+" ") {

@@ -28,7 +28,9 @@ type HandlerOptions struct {
 	Gatherer prometheus.Gatherer
 	// Ready returns nil when pggovernor can serve clients, or why not.
 	Ready func() error
-	// Pprof mounts /debug/pprof/.
+	// Pprof mounts Go's profiler at /debug/pprof/, without
+	// /debug/pprof/cmdline: the command line may hold secrets (a
+	// --upstream.password flag).
 	Pprof bool
 }
 
@@ -51,7 +53,9 @@ func NewHandler(o HandlerOptions) http.Handler {
 	})
 	if o.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		// Not pprof.Cmdline: the command line may hold a password. The
+		// index would look the name up as a profile, and answer 404 too.
+		mux.Handle("/debug/pprof/cmdline", http.NotFoundHandler())
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)

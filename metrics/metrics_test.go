@@ -166,7 +166,8 @@ pggovernor_login_failures_total{reason="timeout"} 0
 		want  int
 	}{
 		{false, "/metrics", 200}, {false, "/healthz", 200}, {false, "/readyz", 503}, {false, "/debug/pprof/", 404},
-		{true, "/debug/pprof/", 200},
+		{true, "/debug/pprof/", 200}, {true, "/debug/pprof/goroutine?debug=1", 200},
+		{true, "/debug/pprof/cmdline", 404}, // the command line may hold a password
 	} {
 		h := NewHandler(HandlerOptions{Gatherer: reg, Ready: func() error { return errTest{} }, Pprof: tc.pprof})
 		rec := httptest.NewRecorder()

@@ -13,12 +13,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
+	"io/fs"
 	"math/rand/v2"
 	"net"
 	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -55,6 +57,10 @@ type Options struct {
 	// ServerCheckDelay: a connection idle longer than this is checked with
 	// a round trip before reuse.
 	ServerCheckDelay time.Duration
+	// RouteIdleTimeout forgets a route (its figures, its row in Routes)
+	// once it has had no connection, no waiting request and no client
+	// (AddClient) for this long; 0 keeps routes for ever.
+	RouteIdleTimeout time.Duration
 	// Now is the clock (time.Now when nil).
 	Now func() time.Time
 	// Events receives measurements as they happen (the metrics package
@@ -119,7 +125,18 @@ type Pool struct {
 	changed chan struct{}
 }
 
+// routeState is a route's pool. It exists while a request for the route is
+// in flight; it is shown (Routes, RouteStats) only once accepted: a server
+// connection of the route was opened, so the server knows its database and
+// user. One never accepted is forgotten as soon as nothing uses it, an
+// accepted one RouteIdleTimeout after that.
 type routeState struct {
+	accepted bool
+	// unusedSince is when the reaper first saw the route unused (zero
+	// while it is used).
+	unusedSince time.Time
+	// clients counts the clients logged in for the route (AddClient).
+	clients  int
 	idle     []*Server // most recently used last
 	retiring bool      // CloseRoutes: released connections are closed
 	open     int       // connections of this route (idle or in use)
@@ -350,13 +367,16 @@ func (p *Pool) Stats() Stats {
 	return st
 }
 
-// RouteStats returns per-route open, idle and in-use counts.
+// RouteStats returns per-route open, idle and in-use counts, of the routes
+// Routes shows.
 func (p *Pool) RouteStats() map[Route][3]int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	out := make(map[Route][3]int, len(p.routes))
 	for r, rs := range p.routes {
-		out[r] = [3]int{rs.open, len(rs.idle), rs.inUse}
+		if rs.accepted {
+			out[r] = [3]int{rs.open, len(rs.idle), rs.inUse}
+		}
 	}
 	return out
 }
@@ -377,12 +397,17 @@ type RouteStat struct {
 	RouteCounters
 }
 
-// Routes returns every route's figures, sorted by database then user.
+// Routes returns the figures of every route the server accepted (one of
+// its connections was opened) and that was used within RouteIdleTimeout,
+// sorted by database then user.
 func (p *Pool) Routes() []RouteStat {
 	now := p.now()
 	p.mu.Lock()
 	out := make([]RouteStat, 0, len(p.routes))
 	for r, rs := range p.routes {
+		if !rs.accepted {
+			continue
+		}
 		st := RouteStat{Route: r, Open: rs.open, Idle: len(rs.idle), InUse: rs.inUse, Opening: rs.opening,
 			Waiting: rs.waiting, Paused: p.pausedLocked(r), RouteCounters: rs.counters}
 		if !rs.pausedSince.IsZero() {
@@ -453,6 +478,40 @@ func (p *Pool) Servers() []ServerInfo {
 // closeNeeded reports whether s will be closed rather than reused.
 func (p *Pool) closeNeeded(s *Server, now time.Time) bool {
 	return s.Broken() || (!s.expires.IsZero() && now.After(s.expires))
+}
+
+// AddClient counts a client logged in for r, until RemoveClient: a route
+// with clients is not forgotten (RouteIdleTimeout). It does not make the
+// route shown; only an opened connection does.
+func (p *Pool) AddClient(r Route) {
+	p.mu.Lock()
+	p.route(r).clients++
+	p.mu.Unlock()
+}
+
+// RemoveClient undoes AddClient.
+func (p *Pool) RemoveClient(r Route) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if rs := p.routes[r]; rs != nil && rs.clients > 0 {
+		rs.clients--
+		p.forgetUnacceptedLocked(r)
+	}
+}
+
+// unused reports whether nothing uses the route: no connection (open,
+// opening, held), no waiting request, no client.
+func (rs *routeState) unused() bool {
+	return rs.open == 0 && rs.opening == 0 && rs.inUse == 0 && rs.waiting == 0 && rs.clients == 0
+}
+
+// forgetUnacceptedLocked forgets r if the server never accepted it and
+// nothing uses it: a login to a database that does not exist leaves
+// nothing behind.
+func (p *Pool) forgetUnacceptedLocked(r Route) {
+	if rs := p.routes[r]; rs != nil && !rs.accepted && rs.unused() {
+		delete(p.routes, r)
+	}
 }
 
 func (p *Pool) route(r Route) *routeState {
@@ -619,7 +678,9 @@ func (p *Pool) waitError(r Route, start time.Time, cause error) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.stats.WaitTimeouts++
-	p.route(r).counters.WaitTimeouts++
+	if rs := p.routes[r]; rs != nil { // not made again once forgotten
+		rs.counters.WaitTimeouts++
+	}
 	if !p.limitSet {
 		cause = p.limitErr
 	}
@@ -627,10 +688,33 @@ func (p *Pool) waitError(r Route, start time.Time, cause error) error {
 		Note: p.limitNote}
 }
 
-// retryable says whether a connect error may go away by itself: the server
-// is full, starting, unreachable for now; or the error says so itself with
-// a Retryable method (a credential source that may recover, such as RDS IAM
-// token minting).
+// retryableSQLStates are the server's answers to a connection attempt
+// that say it cannot take one now, not that it refuses this one: too many
+// connections, a configured limit, starting up or shutting down, a
+// connection lost or refused during startup, terminated by an
+// administrator or after a crash.
+var retryableSQLStates = map[string]bool{
+	"53300": true, // too_many_connections
+	"53400": true, // configuration_limit_exceeded
+	"57P01": true, // admin_shutdown
+	"57P02": true, // crash_shutdown
+	"57P03": true, // cannot_connect_now
+	"08001": true, // sqlclient_unable_to_establish_sqlconnection
+	"08004": true, // sqlserver_rejected_establishment_of_sqlconnection
+	"08006": true, // connection_failure
+}
+
+// retryable says whether a connect error may go away by itself, judged by
+// the error's type, never its text: the error says so itself (a Retryable
+// method: a credential source that may recover, such as RDS IAM token
+// minting); the server answered with a SQLSTATE of retryableSQLStates; the
+// network failed (a net.Error: refused, reset, unreachable, a name not
+// resolved, a timeout; a Unix socket not there yet); the server closed the
+// connection during startup (EOF); pgconn timed out or says nothing was
+// sent (pgconn.Timeout, pgconn.SafeToRetry). A file pggovernor could not
+// read (a certificate, a key: an *fs.PathError) is not retried: waiting
+// does not make it appear. Anything else (a refused password, an unknown
+// database, a certificate that does not verify) is final.
 func retryable(err error) bool {
 	var self interface{ Retryable() bool }
 	if errors.As(err, &self) {
@@ -638,19 +722,17 @@ func retryable(err error) bool {
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
-		switch pgErr.Code {
-		case "53300", "57P03", "53400", "08006", "08001", "08004":
-			return true
-		}
+		return retryableSQLStates[pgErr.Code]
+	}
+	var pathErr *fs.PathError
+	if errors.As(err, &pathErr) {
 		return false
 	}
 	var netErr net.Error
-	if errors.As(err, &netErr) {
-		return true
-	}
-	msg := err.Error()
-	return strings.Contains(msg, "connection refused") || strings.Contains(msg, "no such file") ||
-		strings.Contains(msg, "connection reset") || strings.Contains(msg, "EOF") || strings.Contains(msg, "timeout")
+	return errors.As(err, &netErr) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) ||
+		errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || pgconn.SafeToRetry(err)
 }
 
 // Unavailable reports whether a connect error says the server cannot be
@@ -756,6 +838,7 @@ func (p *Pool) endWait(r Route, since time.Time, timedOut bool) {
 	rs := p.route(r)
 	rs.counters.WaitDuration += d
 	rs.waiting--
+	p.forgetUnacceptedLocked(r)
 	p.mu.Unlock()
 	if f := p.opts.Events.Waited; f != nil {
 		f(d, timedOut)
@@ -788,6 +871,7 @@ func (p *Pool) connect(ctx context.Context, r Route, params map[string]string) (
 		p.mu.Lock()
 		p.stats.ConnectErrors++
 		p.route(r).opening--
+		p.forgetUnacceptedLocked(r)
 		p.mu.Unlock()
 		p.slotFreed()
 		return nil, err
@@ -816,6 +900,7 @@ func (p *Pool) connect(ctx context.Context, r Route, params map[string]string) (
 	}
 	p.mu.Lock()
 	rs := p.route(r)
+	rs.accepted = true
 	rs.opening--
 	rs.open++
 	rs.inUse++
@@ -1042,7 +1127,20 @@ func (p *Pool) reap() {
 	now := p.now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for _, rs := range p.routes {
+	for r, rs := range p.routes {
+		switch {
+		case !rs.unused():
+			rs.unusedSince = time.Time{}
+		case !rs.accepted:
+			delete(p.routes, r)
+			continue
+		case rs.unusedSince.IsZero():
+			rs.unusedSince = now
+		case p.opts.RouteIdleTimeout > 0 && now.Sub(rs.unusedSince) >= p.opts.RouteIdleTimeout:
+			p.logger.Debug("route unused for pool.route_idle_timeout: forgotten", zap.String("db", r.Database), zap.String("user", r.User))
+			delete(p.routes, r)
+			continue
+		}
 		for i := 0; i < len(rs.idle); {
 			s := rs.idle[i]
 			idleTooLong := p.opts.ServerIdle > 0 && now.Sub(s.lastUsed) > p.opts.ServerIdle

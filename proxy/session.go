@@ -187,6 +187,7 @@ func (sess *session) serve() {
 		}
 	}
 	sess.srv.unregister(sess)
+	sess.srv.pool.RemoveClient(sess.route)
 	_ = sess.conn.Close()
 	sess.stopNotifier()
 	outcome := "closed"

@@ -267,10 +267,12 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 	s.assignCancelKey(sess)
 	if err := sess.welcome(ctx); err != nil {
 		// Not served after all: forget the session and its cancel key, or
-		// a drain would wait for it and the maps would keep it.
-		s.unregister(sess)
+		// a drain would wait for it and the maps would keep it; it adds
+		// nothing to its database's totals (the database may not exist).
+		s.dropSession(sess)
 		return err
 	}
+	s.pool.AddClient(sess.route) // until serve ends: the route is kept
 	return nil
 }
 

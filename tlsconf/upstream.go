@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"sync/atomic"
 	"time"
 
@@ -29,6 +30,25 @@ type UpstreamOptions struct {
 	ServerName string
 	// Logger receives reload messages.
 	Logger *zap.Logger
+}
+
+// FileSetting names the setting of the file an error could not read (an
+// *fs.PathError for RootCertFile, CertFile or KeyFile), "" for another
+// error.
+func (o UpstreamOptions) FileSetting(err error) string {
+	var pe *fs.PathError
+	if !errors.As(err, &pe) {
+		return ""
+	}
+	switch pe.Path {
+	case o.RootCertFile:
+		return "upstream.ssl.root_cert_file (sslrootcert)"
+	case o.CertFile:
+		return "upstream.ssl.cert_file (sslcert)"
+	case o.KeyFile:
+		return "upstream.ssl.key_file (sslkey)"
+	}
+	return ""
 }
 
 // Upstream builds the TLS configurations of upstream connections and
@@ -82,6 +102,9 @@ func (u *Upstream) load() (*upstreamTLS, error) {
 		var pe *pgconn.ParseConfigError
 		if errors.As(err, &pe) && pe.Unwrap() != nil {
 			err = pe.Unwrap()
+		}
+		if key := o.FileSetting(err); key != "" {
+			return nil, fmt.Errorf("%s: %w", key, err)
 		}
 		return nil, fmt.Errorf("upstream TLS settings (upstream.ssl.*): %w", err)
 	}

@@ -201,9 +201,9 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 // secret key, what every RDS IAM token holds (its signature parameter), and
 // what every PEM private key holds.
 func testSecrets() []string {
-	return []string{appPass, userPass, "old-pass", "new-pass", "pw-a", "pw-b", "carolpass", "bobpass", "davepass", "coder-env-secret", "erinpass", "lifer-pw", "victim-pw", "loader-pw", "sessauth-pw",
+	return append(leakSecrets, appPass, userPass, "old-pass", "new-pass", "pw-a", "pw-b", "carolpass", "bobpass", "davepass", "coder-env-secret", "erinpass", "lifer-pw", "victim-pw", "loader-pw", "sessauth-pw",
 		hbaSCRAMPass, hbaMD5Pass, hbaClearPass, hbaTLSPass, hbaPlainPass, hbaRejectPass,
-		k8sOldPass, k8sNewPass, newbiePass, clusterPass, clusterSecret, "control-pw-Vb81", awsTestCreds.SecretAccessKey, "X-Amz-Signature", "PRIVATE KEY"}
+		k8sOldPass, k8sNewPass, newbiePass, clusterPass, clusterSecret, "control-pw-Vb81", awsTestCreds.SecretAccessKey, "X-Amz-Signature", "PRIVATE KEY")
 }
 
 var (

@@ -307,6 +307,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		ServerIdle:       cfg.Timeouts.ServerIdle,
 		ServerLifetime:   cfg.Timeouts.ServerLifetime,
 		ServerCheckDelay: cfg.Timeouts.ServerCheckDelay,
+		RouteIdleTimeout: cfg.Pool.RouteIdleTimeout,
 		Events:           events,
 	})
 	var peers clusterPeers
@@ -366,6 +367,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			defer g.bg.Done()
 			budget.Run(bg, budget.Options{
 				Control:  g.control,
+				Timeout:  cfg.Timeouts.ServerConnect,
 				Reserve:  cfg.Budget.Reserve,
 				Interval: cfg.Budget.RefreshInterval,
 				Apply:    g.pool.SetLimit,
@@ -442,6 +444,10 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			return nil, fmt.Errorf("listening on %s (key admin_listen): %w", cfg.AdminListen, err)
 		}
 		g.adminLn = ln
+		if cfg.Admin.Pprof && !config.IsLoopback(cfg.AdminListen) {
+			logger.Warn("admin.pprof is on and admin_listen is not a loopback address: whoever reaches it can profile the process and read its memory statistics; listen on 127.0.0.1 and use kubectl port-forward",
+				zap.String("admin_listen", cfg.AdminListen))
+		}
 		g.admin = &http.Server{
 			Handler:           metrics.NewHandler(metrics.HandlerOptions{Gatherer: g.registry, Ready: g.ready, Pprof: cfg.Admin.Pprof}),
 			ReadHeaderTimeout: 10 * time.Second,

@@ -46,11 +46,17 @@ const iamRegion = "eu-west-3"
 // backend and the file of the CA that signed its certificate.
 func rdsLike(t *testing.T, user string) (*pgtest.CleartextBackend, string) {
 	t.Helper()
+	return rdsLikeWith(t, user, pgtest.CertOptions{CommonName: "rds.test", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
+}
+
+// rdsLikeWith is rdsLike with a certificate for names.
+func rdsLikeWith(t *testing.T, user string, names pgtest.CertOptions) (*pgtest.CleartextBackend, string) {
+	t.Helper()
 	ca, err := pgtest.NewCA("RDS-like test CA")
 	if err != nil {
 		t.Fatal(err)
 	}
-	kp, err := ca.Issue(pgtest.CertOptions{CommonName: "rds.test", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}})
+	kp, err := ca.Issue(names)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,6 +147,55 @@ func TestIAMTokenThroughGovernor(t *testing.T) {
 	}
 	if strings.Contains(p.stderr.String(), "X-Amz-") {
 		t.Fatal("a token reached the log")
+	}
+}
+
+// TestIAMNeedsAVerifiedServer: an RDS IAM token goes only to a server
+// whose certificate was verified. With verify-full and a certificate that
+// does not name the host, the client gets 08006 and the server never sees
+// a token; with verify-ca, accepted only with
+// upstream.ssl.allow_verify_ca_for_iam, the same server gets one.
+func TestIAMNeedsAVerifiedServer(t *testing.T) {
+	rds, caFile := rdsLikeWith(t, "iamuser", pgtest.CertOptions{CommonName: "proxy.internal", DNSNames: []string{"proxy.internal"}})
+	ctx := context.Background()
+	for _, c := range []struct {
+		mode    string
+		allowCA bool
+		want    string // SQLSTATE; "" for a working connection
+	}{
+		{"verify-full", false, "08006"},
+		{"verify-ca", true, ""},
+	} {
+		t.Run(c.mode, func(t *testing.T) {
+			before := len(rds.Logins())
+			g := startGov(t, nil, func(cfg *config.Config) {
+				cfg.Upstream.URL = fmt.Sprintf("postgres://iamuser@127.0.0.1:%d/appdb?sslmode=%s&sslrootcert=%s", rds.Port(), c.mode, caFile)
+				cfg.Upstream.Password = ""
+				cfg.Upstream.Connector = config.ConnectorAWSIAMRDS
+				cfg.Upstream.AWSRegion = iamRegion
+				cfg.Upstream.SSL.AllowVerifyCAForIAM = c.allowCA
+				cfg.Budget.Max = 2
+				cfg.Timeouts.QueryWait = 2 * time.Second
+			}, withAWSCredentials(&switchableCreds{}))
+			err := selectOne(ctx, g.url("alice", userPass, "appdb"))
+			logins := rds.Logins()[before:]
+			if c.want != "" {
+				e := assertCode(t, err, c.want)
+				if !strings.Contains(e.Detail, "certificate") {
+					t.Fatalf("want = the certificate check in the detail, got = %q / %q", e.Message, e.Detail)
+				}
+				if len(logins) != 0 {
+					t.Fatalf("logins upstream: want = none (no token to an unverified server), got = %d", len(logins))
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("verify-ca with upstream.ssl.allow_verify_ca_for_iam: want = connected, got = %v", err)
+			}
+			if len(logins) != 1 || !logins[0].TLS {
+				t.Fatalf("logins upstream: want = 1 over TLS, got = %+v", logins)
+			}
+		})
 	}
 }
 
@@ -282,7 +337,11 @@ func TestStartRefusals(t *testing.T) {
 	}{
 		{"IAM without TLS", noAWS, []string{"--upstream-url=postgres://coder@db.test/coder?sslmode=prefer", "--upstream.connector=awsiamrds", "--upstream.aws-region=" + iamRegion},
 			2, []string{"upstream.ssl.mode", "needs TLS", "cleartext"}},
-		{"IAM without a region", noAWS, []string{"--upstream-url=postgres://coder@db.test/coder?sslmode=require", "--upstream.connector=awsiamrds"},
+		{"IAM over TLS that does not verify the server", noAWS, []string{"--upstream-url=postgres://coder@db.test/coder?sslmode=require", "--upstream.connector=awsiamrds", "--upstream.aws-region=" + iamRegion},
+			2, []string{"upstream.ssl.mode", "man in the middle", "verify-full", "(it is require)"}},
+		{"IAM with verify-ca", noAWS, []string{"--upstream-url=postgres://coder@db.test/coder?sslmode=verify-ca", "--upstream.connector=awsiamrds", "--upstream.aws-region=" + iamRegion},
+			2, []string{"upstream.ssl.mode", "upstream.ssl.allow_verify_ca_for_iam"}},
+		{"IAM without a region", noAWS, []string{"--upstream-url=postgres://coder@db.test/coder?sslmode=verify-full", "--upstream.connector=awsiamrds"},
 			1, []string{"upstream.aws_region", "AWS_REGION"}},
 		{"trust on a listener other clients can reach", nil, []string{"--listen=0.0.0.0:0", "--clients.auth=trust", "--upstream-url=" + shared.URL("app", "", "appdb")},
 			2, []string{"clients.allow_trust_remote"}},

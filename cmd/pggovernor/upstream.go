@@ -142,6 +142,9 @@ func newUpstream(ctx context.Context, c *config.Config, users *auth.Users, logge
 	base, err := pgconn.ParseConfig(cs)
 	if err != nil {
 		if strings.Contains(err.Error(), "configure TLS") {
+			if key := topts.FileSetting(err); key != "" {
+				return nil, fmt.Errorf("key %s: %w", key, errors.Unwrap(err))
+			}
 			return nil, fmt.Errorf("keys upstream.ssl.* (or the URL's sslrootcert, sslcert, sslkey): %w", errors.Unwrap(err))
 		}
 		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, c.Upstream.URL))
@@ -240,14 +243,22 @@ func loadAWS(ctx context.Context, c *config.Config, deps startDeps) (string, aws
 	return acfg.Region, creds, nil
 }
 
-// redactParseError describes a parse failure without the password.
+// redactParseError describes a parse failure without the secrets: pgconn's
+// own message redacts on a best-effort basis only, so the connection string
+// is shown as config.RedactURL shows it, with pgconn's cause. When
+// RedactURL cannot read the string either, a cause that quotes part of it
+// (a stray word taken for a keyword, which may be a password) is left out.
 func redactParseError(err error, raw string) string {
-	msg := err.Error()
 	var pe *pgconn.ParseConfigError
-	if errors.As(err, &pe) {
-		msg = "cannot parse " + config.RedactURL(raw)
-		if pe.Unwrap() != nil {
-			msg += ": " + pe.Unwrap().Error()
+	if !errors.As(err, &pe) {
+		return err.Error()
+	}
+	shown := config.RedactURL(raw)
+	msg := "cannot parse " + shown
+	if cause := pe.Unwrap(); cause != nil {
+		unreadable := strings.HasPrefix(shown, "(unparsable")
+		if c := cause.Error(); !unreadable || !strings.ContainsAny(c, "\"'`") {
+			msg += ": " + c
 		}
 	}
 	return msg

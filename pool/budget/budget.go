@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 )
 
@@ -61,10 +60,20 @@ func Compute(l Limits, reserve int) int {
 	return l.MaxConnections - l.SuperuserReserved - l.Reserved - reserve - ControlConnections
 }
 
+// DefaultReadTimeout bounds one read of the limits when Options.Timeout
+// is not set.
+const DefaultReadTimeout = 10 * time.Second
+
 // Options configure Run.
 type Options struct {
-	// Control is the control-plane pool (one connection).
-	Control *pgxpool.Pool
+	// Control is the control-plane pool (one connection): a
+	// *pgxpool.Pool.
+	Control Querier
+	// Timeout bounds each read of the limits, connecting included
+	// (timeouts.server_connect); DefaultReadTimeout when zero. A server
+	// that stops answering fails the read, which is retried, instead of
+	// holding Run (and the control connection) for ever.
+	Timeout time.Duration
 	// Reserve is budget.reserve.
 	Reserve int
 	// Interval is how often the limits are re-read (budget.refresh_interval).
@@ -78,13 +87,19 @@ type Options struct {
 }
 
 // Run reads the limits now and every Interval until ctx ends, applying the
-// budget when it changes. Failures are retried sooner, with backoff.
+// budget when it changes; each read is bounded by Timeout. Failures are
+// retried sooner, with backoff.
 func Run(ctx context.Context, o Options) {
+	if o.Timeout <= 0 {
+		o.Timeout = DefaultReadTimeout
+	}
 	last := -1
 	delay := o.Interval
 	backoff := 100 * time.Millisecond
 	for {
-		l, err := ReadLimits(ctx, o.Control)
+		rctx, cancel := context.WithTimeout(ctx, o.Timeout)
+		l, err := ReadLimits(rctx, o.Control)
+		cancel()
 		switch {
 		case err != nil && ctx.Err() != nil:
 			return
