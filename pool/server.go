@@ -219,7 +219,7 @@ func (s *Server) idleMessage(typ byte, frame []byte) error {
 		var ps pgproto3.ParameterStatus
 		if err := ps.Decode(frame[wire.HeaderLen:]); err == nil {
 			if now := s.opened.with(ps.Name, ps.Value); !s.pool.opts.Target.Fits(s.opened, now) {
-				s.pool.suspect(s, fmt.Sprintf("the server reported %s = %s", ps.Name, ps.Value))
+				s.pool.suspect(s, fmt.Sprintf("the server reported %s = %s", ps.Name, ps.Value), false)
 			}
 		}
 		return nil
@@ -232,7 +232,7 @@ func (s *Server) idleMessage(typ byte, frame []byte) error {
 				s.terminatedIdle.Store(true)
 			}
 			if er.Code == "57P01" || er.Code == "57P02" {
-				s.pool.suspect(s, "the server terminated an idle connection (SQLSTATE "+er.Code+")")
+				s.pool.suspect(s, "the server terminated an idle connection (SQLSTATE "+er.Code+")", false)
 			}
 			return fmt.Errorf("idle server connection closed by the server: %s (SQLSTATE %s)", er.Message, er.Code)
 		}

@@ -218,7 +218,18 @@ type pendingSwitch struct {
 type suspicion struct {
 	reason   string
 	checking bool // a connection of the address is running RoleQuery
+	// evidence is the connection the evidence came on, which the check
+	// runs on at its release (nil: any connection of the address). It has
+	// seen the change; another connection's backend may not have yet (a
+	// configuration reload reaches each backend at its next command, after
+	// the postmaster signalled it).
+	evidence *Server
+	since    time.Time
 }
+
+// verifyFallback is how long a check waits for the connection the
+// evidence came on before it runs on another connection of the address.
+const verifyFallback = time.Second
 
 // ObserveError is told, by the holder of s, of every ErrorResponse frame
 // the server sent on it (header included). A 25006 (read-only transaction)
@@ -232,10 +243,10 @@ func (s *Server) ObserveError(frame []byte) {
 	switch {
 	case string(code) == "25006":
 		if !s.pool.opts.Target.Fits(s.opened, Role{Known: true, ReadOnly: true}) {
-			s.pool.suspect(s, "a write was refused as read-only (SQLSTATE 25006)")
+			s.pool.suspect(s, "a write was refused as read-only (SQLSTATE 25006)", true)
 		}
 	case string(code) == "57P01" || string(code) == "57P02":
-		s.pool.suspect(s, "the server terminated a connection (SQLSTATE "+string(code)+")")
+		s.pool.suspect(s, "the server terminated a connection (SQLSTATE "+string(code)+")", false)
 	}
 }
 
@@ -249,7 +260,7 @@ func (s *Server) ObserveParameter(name, value string) {
 		return
 	}
 	if now := RoleFromParams(s.Params); !s.pool.opts.Target.Fits(s.opened, now) {
-		s.pool.suspect(s, fmt.Sprintf("the server reported %s = %s", name, value))
+		s.pool.suspect(s, fmt.Sprintf("the server reported %s = %s", name, value), true)
 	}
 }
 
@@ -284,12 +295,14 @@ func errorField(frame []byte, field byte) []byte {
 // verifyTimeout bounds the check of a suspect server.
 const verifyTimeout = 5 * time.Second
 
-// suspect records evidence against the server of s and starts its check
-// on an idle connection of the same address, or, with none idle, on the
+// suspect records evidence against the server of s and has it checked:
+// with onSelf (s itself is healthy and has seen the change), on s at its
+// release, or after verifyFallback on another connection of the address;
+// else (s is lost) at once on an idle connection of the address, or on the
 // next one released. Until the verdict, idle connections of the address
 // are not handed out, so that a client that got the evidence does not get
 // it again on another connection.
-func (p *Pool) suspect(s *Server, reason string) {
+func (p *Pool) suspect(s *Server, reason string, onSelf bool) {
 	p.mu.Lock()
 	if s.retired.Load() || p.closed {
 		p.mu.Unlock()
@@ -300,16 +313,41 @@ func (p *Pool) suspect(s *Server, reason string) {
 		if p.up.suspects == nil {
 			p.up.suspects = map[string]*suspicion{}
 		}
-		sus = &suspicion{reason: reason}
+		sus = &suspicion{reason: reason, since: p.now()}
+		if onSelf {
+			sus.evidence = s
+			addr := s.addr
+			time.AfterFunc(verifyFallback, func() { p.checkIdleOf(addr, sus) })
+		}
 		p.up.suspects[s.addr] = sus
 		p.logger.Info("checking the upstream server: "+reason, zap.String("address", s.addr), zap.Uint64("server_id", s.id))
 	}
 	var check *Server
-	if !sus.checking {
+	if !sus.checking && sus.evidence == nil {
 		if check = p.takeIdleOfLocked(s.addr); check != nil {
 			sus.checking = true
 			p.route(check.route).inUse++
 		}
+	}
+	p.mu.Unlock()
+	if check != nil {
+		go p.verify(check, sus) // owner: the pool; exits after one round trip
+	}
+}
+
+// checkIdleOf runs the check of sus on an idle connection of addr when it
+// has not started on the connection the evidence came on.
+func (p *Pool) checkIdleOf(addr string, sus *suspicion) {
+	p.mu.Lock()
+	if p.up.suspects[addr] != sus || sus.checking || p.closed {
+		p.mu.Unlock()
+		return
+	}
+	sus.evidence = nil // any connection of the address now
+	check := p.takeIdleOfLocked(addr)
+	if check != nil {
+		sus.checking = true
+		p.route(check.route).inUse++
 	}
 	p.mu.Unlock()
 	if check != nil {
@@ -339,7 +377,7 @@ func (p *Pool) takeIdleOfLocked(addr string) *Server {
 // by the check. It reports whether it did.
 func (p *Pool) checkOnReleaseLocked(s *Server, rs *routeState) bool {
 	sus := p.up.suspects[s.addr]
-	if sus == nil || sus.checking {
+	if sus == nil || sus.checking || (sus.evidence != nil && sus.evidence != s) {
 		return false
 	}
 	sus.checking = true
