@@ -288,27 +288,47 @@ func (sess *session) attach() (*pool.Server, error) {
 		return srv, err // the connection a verification gave back
 	}
 	s := sess.srv
-	srv := s.pool.TryAcquire(sess.route) // the common case, without a timer
-	if srv == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.QueryWait)
-		var err error
-		sess.stats.beginWait()
-		srv, err = s.pool.Acquire(ctx, sess.route, nil)
-		sess.stats.endWait()
-		cancel()
-		if err != nil {
-			return nil, err
+	for {
+		srv := s.pool.TryAcquire(sess.route) // the common case, without a timer
+		if srv == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.QueryWait)
+			var err error
+			sess.stats.beginWait()
+			srv, err = s.pool.Acquire(ctx, sess.route, nil)
+			sess.stats.endWait()
+			cancel()
+			if err != nil {
+				return nil, err
+			}
 		}
+		err := sess.attachServer(srv)
+		if !errors.Is(err, errLostAtAttach) {
+			return srv, err
+		}
+		// The connection failed as it was handed over (its backend was
+		// terminated while idle): nothing of the client's was written to
+		// it, so another one serves instead.
+		s.pool.Release(srv)
 	}
-	return srv, sess.attachServer(srv)
 }
+
+// errLostAtAttach: the connection being attached had already failed.
+var errLostAtAttach = errors.New("server connection lost as it was attached")
 
 // attachServer makes srv the client's server connection and brings it to
 // the client's settings.
 func (sess *session) attachServer(srv *pool.Server) error {
 	srv.SetHandler(sess.slot)
-	sess.sw.Reset(srv.Conn())
 	sess.mu.Lock()
+	if srv.Broken() {
+		// Failed before the handler was in place (its reader may have
+		// reported it to nobody); after this check, its loss reaches
+		// ServerLost with the connection the client's.
+		sess.mu.Unlock()
+		srv.SetHandler(nil)
+		return errLostAtAttach
+	}
+	sess.sw.Reset(srv.Conn())
 	sess.server = srv
 	sess.writing = true // the pump writes next (see needServer)
 	sess.beginAttemptLocked()
