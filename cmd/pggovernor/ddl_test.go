@@ -537,3 +537,108 @@ func TestPrepareWhileEveryConnectionIsHeld(t *testing.T) {
 		t.Fatalf("want = 15, got = %v (%v)", res.Rows, res.Err)
 	}
 }
+
+// ddlNobodyPass is the password of the role that may not drop databases
+// (in testSecrets).
+const ddlNobodyPass = "ddl-nobody-pw-4e2"
+
+// TestDatabaseDDLByUnprivilegedClient: a client whose role may not drop
+// or rename a database that others use through the governor sends DROP
+// DATABASE and ALTER DATABASE … RENAME 150 times: it gets the server's
+// 42501 each time, and the governor's connections to that database are
+// not closed — another user's running load keeps its server connection
+// (same backend), and the governor opens none for it. The owner's DROP
+// still succeeds while the governor holds an idle connection to the
+// database.
+func TestDatabaseDDLByUnprivilegedClient(t *testing.T) {
+	ctx := context.Background()
+	if err := shared.CreateRole(ctx, "ddl_nobody", ddlNobodyPass, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := shared.Exec(ctx, "ALTER ROLE app CREATEDB"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := shared.Exec(ctx, "CREATE DATABASE ddl_shared OWNER app"); err != nil {
+		t.Fatal(err)
+	}
+	// Multi-role: each client's own role goes upstream.
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Upstream.URL = fmt.Sprintf("host=%s port=%d dbname=appdb sslmode=disable", shared.Host, shared.Port)
+		c.Upstream.Password = ""
+		c.Budget.Max = 4
+		c.Clients.UsersFile = usersFile(t, fmt.Sprintf("%q %q", "app", appPass), fmt.Sprintf("%q %q", "ddl_nobody", ddlNobodyPass))
+	})
+	// Another user's load on the database, through the governor.
+	user, err := pgx.Connect(ctx, g.url("app", appPass, "ddl_shared"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer user.Close(ctx)
+	pid := func() int {
+		t.Helper()
+		var p int
+		if err := user.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&p); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	before := pid()
+	stop := make(chan struct{})
+	loadDone := make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				loadDone <- nil
+				return
+			default:
+			}
+			if _, err := user.Exec(ctx, "SELECT 1"); err != nil {
+				loadDone <- err
+				return
+			}
+		}
+	}()
+	connects := func() float64 { return mustValue(t, g.scrape(t), "pggovernor_server_connects_total", nil) }
+	connectsBefore := connects()
+
+	nobody, err := pgx.Connect(ctx, g.url("ddl_nobody", ddlNobodyPass, "appdb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nobody.Close(ctx)
+	for i := 0; i < 150; i++ {
+		stmt := "DROP DATABASE ddl_shared"
+		want := "must be owner of database ddl_shared"
+		if i%2 == 1 {
+			stmt, want = "ALTER DATABASE ddl_shared RENAME TO ddl_stolen", "must be owner of database ddl_shared"
+		}
+		_, err := nobody.Exec(ctx, stmt)
+		if e := assertCode(t, err, "42501"); e.Message != want {
+			t.Fatalf("%s: want = the server's %q, got = %q", stmt, want, e.Message)
+		}
+	}
+	close(stop)
+	if err := <-loadDone; err != nil {
+		t.Fatalf("the other user's load: %v", err)
+	}
+	if after := pid(); after != before {
+		t.Fatalf("the other user's server connection: want = the same backend %d, got = %d (closed by another client's refused DDL)", before, after)
+	}
+	// The refused client's own route opened its connection (and the
+	// check's); the other user's none.
+	if n := connects() - connectsBefore; n > 2 {
+		t.Fatalf("server connections opened during the refused statements: want <= 2 (the refused client's), got = %v", n)
+	}
+
+	// The owner may: its DROP succeeds though the governor holds an idle
+	// connection to the database.
+	owner, err := pgx.Connect(ctx, g.url("app", appPass, "appdb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer owner.Close(ctx)
+	if _, err := owner.Exec(ctx, "DROP DATABASE ddl_shared"); err != nil {
+		t.Fatalf("the owner's DROP DATABASE: want = done, got = %v", err)
+	}
+}

@@ -630,8 +630,8 @@ func (g *governor) reload() error {
 	defer g.reloadMu.Unlock()
 	var errs []error
 	if err := g.users.Reload(); err != nil {
-		g.logger.Error("reloading the users file failed; keeping the previous one", zap.Error(err))
-		errs = append(errs, err)
+		// The users file logged what is in force now (it fails closed).
+		errs = append(errs, fmt.Errorf("reloading clients.users_file: %w", err))
 	} else {
 		g.logger.Info("users file reloaded", zap.String("file", g.users.Path()), zap.Int("users", g.users.Current().Len()))
 	}
