@@ -392,8 +392,8 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		proxyPeers = g.cluster
 	}
 	g.proxy = proxy.NewServer(proxy.Options{
-		Config:           cfg,
-		Pool:             g.pool,
+		Config: cfg,
+		Pool:   g.pool,
 		Verifier: auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba),
 			auth.WithPasswordEncryption(cfg.Clients.PasswordEncryption)),
 		TLS:              clientTLS,
