@@ -316,7 +316,7 @@ func (u *Users) failedLocked(err error) {
 	if errors.As(err, &bad) {
 		before := u.inForce.Len()
 		u.inForce = u.inForce.intersect(bad.valid)
-		u.logger.Error("the users file changed but has lines that do not parse: nothing it adds or changes takes effect, and the users it removes or breaks can no longer log in (fix clients.users_file)",
+		u.logger.Error("the users file has lines that do not parse: nothing this version adds or changes takes effect, and the users it removes or breaks can no longer log in (fix clients.users_file)",
 			zap.String("file", u.path), zap.Int("users", u.inForce.Len()), zap.Int("users_before", before), zap.Error(err))
 		return
 	}

@@ -391,11 +391,12 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	if g.cluster != nil {
 		proxyPeers = g.cluster
 	}
+	verifier := auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba),
+		auth.WithPasswordEncryption(cfg.Clients.PasswordEncryption))
 	g.proxy = proxy.NewServer(proxy.Options{
-		Config: cfg,
-		Pool:   g.pool,
-		Verifier: auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba),
-			auth.WithPasswordEncryption(cfg.Clients.PasswordEncryption)),
+		Config:           cfg,
+		Pool:             g.pool,
+		Verifier:         verifier,
 		TLS:              clientTLS,
 		ReplayUnnamed:    deps.replayUnnamed,
 		UpstreamUser:     up.sidecarUser,
