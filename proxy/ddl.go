@@ -26,8 +26,12 @@ import (
 	"go.uber.org/zap"
 )
 
-// maxDDLCheck bounds the privilege check's round trip.
-const maxDDLCheck = 5 * time.Second
+// maxDDLCheck bounds the privilege check's round trip; maxDDLCheckWait the
+// wait for a connection to run it on, for a client that holds one already.
+const (
+	maxDDLCheck     = 5 * time.Second
+	maxDDLCheckWait = time.Second
+)
 
 // databaseDDLCheck is a query that succeeds when the login role of the
 // connection (session_user, the route's user) may run the statement on
@@ -71,12 +75,13 @@ func databaseDDLKind(q []byte) byte {
 }
 
 // mayFreeDatabase reports whether the client may run the database DDL
-// statement q on target, checked on a connection of its route: the one its
-// statement will use when it holds none (in transaction mode, between
-// transactions: acquired as the statement would be, then left idle for
-// it), otherwise an idle one. When it holds one and none is idle, it is
-// not checked, and the governor's connections are not closed: the server
-// then refuses the statement (55006) if they use the database.
+// statement q on target, checked on a connection of its route: when the
+// client holds none (transaction mode, between transactions), the one its
+// statement would wait for anyway, acquired as the statement would be and
+// left idle for it; when it holds one (session mode, a transaction, session
+// state), an idle one or a new one within a short wait. Without an answer
+// the governor's connections are not closed: the server then refuses the
+// statement (55006) if they use the database.
 func (sess *session) mayFreeDatabase(q []byte, target string) bool {
 	s := sess.srv
 	sess.mu.Lock()
@@ -84,16 +89,22 @@ func (sess *session) mayFreeDatabase(q []byte, target string) bool {
 	sess.mu.Unlock()
 	srv := s.pool.TryAcquire(sess.route)
 	if srv == nil {
+		wait := s.cfg.Timeouts.QueryWait
 		if holds {
-			sess.log.Debug("database DDL: no idle connection to check the client's privilege on; pggovernor's connections to the database stay", zap.String("target", target))
-			return false
+			// Its own connection is not free for the check; a new one
+			// may not be either while the budget is in use.
+			wait = min(wait, maxDDLCheckWait)
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.QueryWait)
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		var err error
+		sess.stats.beginWait()
 		srv, err = s.pool.Acquire(ctx, sess.route, nil)
+		sess.stats.endWait()
 		cancel()
 		if err != nil {
-			return false // the statement itself will wait, and say why
+			sess.log.Debug("database DDL: no connection to check the client's privilege on; pggovernor's connections to the database stay",
+				zap.String("target", target), zap.Error(err))
+			return false
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), min(s.cfg.Timeouts.QueryWait, maxDDLCheck))
@@ -107,14 +118,18 @@ func (sess *session) mayFreeDatabase(q []byte, target string) bool {
 	switch {
 	case err == nil:
 		return true
-	case pgErr != nil && pgErr.Code == "22012":
-		sess.log.Info("database DDL by a client that may not run it: pggovernor's connections to the database stay (the server refuses the statement)",
+	case pgErr != nil && pgErr.Code == codeDivisionByZero:
+		sess.log.Debug("database DDL by a client that may not run it, or of a database that does not exist: pggovernor's connections to it stay (the server refuses the statement)",
 			zap.String("target", target))
 	default:
 		sess.log.Warn("database DDL: checking the client's privilege failed; pggovernor's connections to the database stay", zap.String("target", target), zap.Error(err))
 	}
 	return false
 }
+
+// codeDivisionByZero is what databaseDDLCheck fails with for a client
+// that may not run the statement.
+const codeDivisionByZero = "22012"
 
 // freeDatabaseFor runs freeDatabase for a client's database DDL statement q
 // that targets db, if the client may run it.
