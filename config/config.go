@@ -248,8 +248,9 @@ type Clients struct {
 	// dropped, with SQLSTATE 53300 naming this key if it can be written
 	// at once, and counted in
 	// pggovernor_login_failures_total{reason="too_many_pending"}: silent or
-	// stalled connections can never keep a real client out. Each takes
-	// about 30 KiB.
+	// stalled connections can never keep a real client out. Each silent
+	// one takes about 8 KiB of pggovernor's memory (a goroutine and its
+	// session), besides the kernel's socket buffers.
 	MaxPendingLogins int `yaml:"max_pending_logins" min:"1"`
 	// Auth is how clients prove who they are: scram-sha-256 (with
 	// SCRAM-SHA-256-PLUS offered over TLS), md5, cert (the client
