@@ -47,6 +47,11 @@ type Config struct {
 	// UnixSocketDir, when set, is a directory in which pggovernor also
 	// listens on a Unix socket named .s.PGSQL.<port>, as Postgres does.
 	UnixSocketDir string `yaml:"unix_socket_dir"`
+	// UnixSocketMode is the permissions of that socket, in octal (as
+	// Postgres' unix_socket_permissions): connecting needs write
+	// permission, so the default 0770 admits pggovernor's user and group
+	// only; 0777 admits every local user.
+	UnixSocketMode string `yaml:"unix_socket_mode"`
 	// AdminListen is the HTTP address serving /metrics, /healthz and /readyz.
 	// Empty disables the HTTP endpoint.
 	AdminListen string `yaml:"admin_listen"`
@@ -265,9 +270,22 @@ type Pool struct {
 
 // Clients configures the client-facing side.
 type Clients struct {
-	// MaxConnections is the number of client connections accepted at once;
-	// beyond it a client gets SQLSTATE 53300.
+	// MaxConnections is the number of logged-in clients (admin console
+	// included) served at once, as PgBouncer's max_client_conn; a client
+	// that logs in beyond it gets SQLSTATE 53300 naming this key.
+	// Connections still logging in are bounded by MaxPendingLogins, so at
+	// most MaxConnections + MaxPendingLogins client sockets are open.
 	MaxConnections int `yaml:"max_connections" min:"1"`
+	// MaxPendingLogins bounds the connections that have not finished
+	// logging in (TLS handshake, startup packet, password exchange, first
+	// server connection). When one more arrives, the oldest of them is
+	// dropped, with SQLSTATE 53300 naming this key if it can be written
+	// at once, and counted in
+	// pggovernor_login_failures_total{reason="too_many_pending"}: silent or
+	// stalled connections can never keep a real client out. Each silent
+	// one takes about 8 KiB of pggovernor's memory (a goroutine and its
+	// session), besides the kernel's socket buffers.
+	MaxPendingLogins int `yaml:"max_pending_logins" min:"1"`
 	// Auth is how clients prove who they are: scram-sha-256 (with
 	// SCRAM-SHA-256-PLUS offered over TLS), md5, cert (the client
 	// certificate's CN is the user name; needs tls.mode verify-client) or
@@ -291,9 +309,21 @@ type Clients struct {
 	// "user" "password" pair per line, the password in plaintext, md5 or
 	// SCRAM-SHA-256 verifier form. It is read again when it changes
 	// (checked at each login, a Kubernetes ..data swap included) and on
-	// SIGHUP; a version that does not parse is logged and the previous one
-	// kept.
+	// SIGHUP, and fails closed: a version with a line that does not parse
+	// adds and changes nothing, but the users it removes or breaks can no
+	// longer log in (an error names each bad line); a deleted or
+	// unreadable file means no users until it is back. At start, either
+	// stops pggovernor.
 	UsersFile string `yaml:"users_file"`
+	// PasswordEncryption is how Postgres would store the users' passwords
+	// (its password_encryption: scram-sha-256, Postgres' default since 14,
+	// or md5). With the md5 method, a user whose entry is an md5 verifier
+	// gets an md5 exchange and one with a SCRAM verifier gets SCRAM, as in
+	// Postgres; an unknown user, and a plaintext entry, get what a
+	// password stored this way would get, so that the exchange offered
+	// does not tell which users exist. Set it to the server's
+	// password_encryption (pggovernor doctor compares them).
+	PasswordEncryption string `yaml:"password_encryption" enum:"scram-sha-256,md5"`
 	// AllowTrustRemote permits Auth trust on a listener that is not
 	// loopback. Anyone who can reach the port then logs in as anyone.
 	AllowTrustRemote bool `yaml:"allow_trust_remote"`
@@ -400,9 +430,10 @@ func DefaultPeerCIDRs() []string {
 // Default returns the configuration used where nothing else is said.
 func Default() Config {
 	return Config{
-		Listen:      defaultClientListen,
-		AdminListen: defaultAdminListen,
-		PoolMode:    PoolModeTransaction,
+		Listen:         defaultClientListen,
+		UnixSocketMode: "0770",
+		AdminListen:    defaultAdminListen,
+		PoolMode:       PoolModeTransaction,
 		Upstream: Upstream{
 			Connector: ConnectorPassword,
 		},
@@ -418,11 +449,13 @@ func Default() Config {
 		},
 		Pool: Pool{MaxPreparedStatements: 200, SessionStateCheck: SessionStateCheckAuto, RouteIdleTimeout: time.Hour},
 		Clients: Clients{
-			MaxConnections:    10000,
-			Auth:              AuthSCRAM,
-			MaxMessageSize:    1 << 30,
-			NotifyBacklogSize: 1 << 20,
-			TLS:               ClientTLS{Mode: "disable"},
+			MaxConnections:     10000,
+			MaxPendingLogins:   1000,
+			Auth:               AuthSCRAM,
+			PasswordEncryption: AuthSCRAM,
+			MaxMessageSize:     1 << 30,
+			NotifyBacklogSize:  1 << 20,
+			TLS:                ClientTLS{Mode: "disable"},
 		},
 		Timeouts: Timeouts{
 			QueryWait:        30 * time.Second,

@@ -180,10 +180,11 @@ func TestDefaultValues(t *testing.T) {
 // fullWant is what testdata/full.yaml says.
 func fullWant() config.Config {
 	return config.Config{
-		Listen:        "0.0.0.0:7432",
-		UnixSocketDir: "/var/run/pggovernor",
-		AdminListen:   "0.0.0.0:9188",
-		PoolMode:      config.PoolModeSession,
+		Listen:         "0.0.0.0:7432",
+		UnixSocketDir:  "/var/run/pggovernor",
+		UnixSocketMode: "0700",
+		AdminListen:    "0.0.0.0:9188",
+		PoolMode:       config.PoolModeSession,
 		Upstream: config.Upstream{
 			URL:          "postgres://coder@db.internal:5433/coder?sslmode=verify-full",
 			PasswordFile: "/run/secrets/pg-password",
@@ -208,13 +209,15 @@ func fullWant() config.Config {
 		},
 		Pool: config.Pool{MaxPreparedStatements: 50, SessionStateCheck: config.SessionStateCheckAlways, RouteIdleTimeout: 5 * time.Minute},
 		Clients: config.Clients{
-			MaxConnections:    500,
-			Auth:              config.AuthCert,
-			HBAFile:           "/etc/pggovernor/pg_hba.conf",
-			UsersFile:         usersFile,
-			AllowTrustRemote:  true,
-			MaxMessageSize:    1 << 20,
-			NotifyBacklogSize: 256 << 10,
+			MaxConnections:     500,
+			MaxPendingLogins:   64,
+			PasswordEncryption: "md5",
+			Auth:               config.AuthCert,
+			HBAFile:            "/etc/pggovernor/pg_hba.conf",
+			UsersFile:          usersFile,
+			AllowTrustRemote:   true,
+			MaxMessageSize:     1 << 20,
+			NotifyBacklogSize:  256 << 10,
 			TLS: config.ClientTLS{
 				Mode:         "verify-client",
 				CertFile:     "/etc/pggovernor/server.crt",
@@ -565,7 +568,7 @@ func TestLoadErrors(t *testing.T) {
 		{
 			name:    "unknown top-level key",
 			file:    "unknown_top.yaml",
-			wantErr: []string{`line 2: unknown key "listen_addr"`, "known keys here: listen, unix_socket_dir, admin_listen, pool_mode, upstream, budget, pool, clients, timeouts, log", fixture("unknown_top.yaml")},
+			wantErr: []string{`line 2: unknown key "listen_addr"`, "known keys here: listen, unix_socket_dir, unix_socket_mode, admin_listen, pool_mode, upstream, budget, pool, clients, timeouts, log", fixture("unknown_top.yaml")},
 		},
 		{
 			name:    "unknown nested key",
@@ -1704,7 +1707,7 @@ func TestKeysEnvFlags(t *testing.T) {
 	if got, want := config.EnvConfigFile, "PGGOVERNOR_CONFIG"; got != want {
 		t.Errorf("EnvConfigFile: want = %v, got = %v", want, got)
 	}
-	wantOrder := []string{"listen", "unix_socket_dir", "admin_listen", "pool_mode", "upstream.url"}
+	wantOrder := []string{"listen", "unix_socket_dir", "unix_socket_mode", "admin_listen", "pool_mode", "upstream.url"}
 	if diff := cmp.Diff(wantOrder, keys[:len(wantOrder)]); diff != "" {
 		t.Errorf("Keys() order: want = declaration order, got = diff (-want +got):\n%s", diff)
 	}

@@ -55,6 +55,18 @@ type Security struct {
 	Minted, MintFailures uint64
 }
 
+// Logins are the figures of clients logging in.
+type Logins struct {
+	// Pending counts the connections that have not finished logging in
+	// (clients.max_pending_logins).
+	Pending int64
+	// ThrottleDelays counts the failed logins whose answer the throttle
+	// delayed; Throttled is the number of (address, user) pairs whose next
+	// failure will be.
+	ThrottleDelays uint64
+	Throttled      int
+}
+
 // Sources are what the collector reads at scrape time. Nil fields are
 // skipped (their metrics are absent).
 type Sources struct {
@@ -77,6 +89,8 @@ type Sources struct {
 	// Security gives the TLS certificates' expiry and the IAM token
 	// mints.
 	Security func() Security
+	// Logins gives the figures of clients logging in.
+	Logins func() Logins
 	// LoginFailureReasons are started at zero in
 	// pggovernor_login_failures_total.
 	LoginFailureReasons []string
@@ -104,7 +118,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		c.maxIdleClosed, c.maxIdleTimeClosed, c.maxLifetimeClosed, c.clients, c.servers, c.budget, c.budgetShare,
 		c.budgetUsed, c.waitTimeouts, c.connects, c.connectErrors, c.received, c.sent, c.upstreamUp, c.paused,
 		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.rowsIgnored, c.foreignLocks, c.certExpiry, c.iamMints,
-		c.notifyBacklog, c.notifyOverflows} {
+		c.notifyBacklog, c.notifyOverflows, c.pendingLogins, c.throttleDelays, c.throttled} {
 		ch <- d
 	}
 }
@@ -192,6 +206,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			}
 			gauge(c.foreignLocks, float64(cs.ForeignLocks))
 		}
+	}
+	if c.src.Logins != nil {
+		l := c.src.Logins()
+		gauge(c.pendingLogins, float64(l.Pending))
+		counter(c.throttleDelays, float64(l.ThrottleDelays))
+		gauge(c.throttled, float64(l.Throttled))
 	}
 	var sec Security
 	if c.src.Security != nil {

@@ -131,6 +131,7 @@ type scrapeDescs struct {
 	rowsIgnored, foreignLocks                            *prometheus.Desc
 	certExpiry, iamMints                                 *prometheus.Desc
 	notifyBacklog, notifyOverflows                       *prometheus.Desc
+	pendingLogins, throttleDelays, throttled             *prometheus.Desc
 }
 
 func newScrapeDescs() scrapeDescs {
@@ -183,6 +184,12 @@ func newScrapeDescs() scrapeDescs {
 			"Bytes of notifications waiting to be written to listening clients (LISTEN through the shared listener connection), summed over them."),
 		notifyOverflows: own("notify_backlog_overflows_total",
 			"Clients disconnected (SQLSTATE 53200) because more than clients.notify_backlog_size of notifications waited for them."),
+		pendingLogins: own("pending_logins",
+			"Client connections that have not finished logging in; beyond clients.max_pending_logins the oldest is dropped (pggovernor_login_failures_total{reason=\"too_many_pending\"})."),
+		throttleDelays: own("login_throttle_delays_total",
+			"Failed logins whose answer was delayed because the user had failed too often from the client's address."),
+		throttled: own("login_throttled_pairs",
+			"Pairs of client address and user whose next failed login will be answered late."),
 	}
 }
 

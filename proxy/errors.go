@@ -20,7 +20,6 @@ import (
 const (
 	codeProtocolViolation   = "08P01"
 	codeConnectionFailure   = "08006"
-	codeConnectionRejected  = "08004"
 	codeInvalidPassword     = "28P01"
 	codeInvalidAuthSpec     = "28000"
 	codeTooManyConnections  = "53300"
@@ -135,12 +134,6 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 	}
 	if errors.Is(err, auth.ErrCertAuthFailed) {
 		return &clientError{fatal: true, code: codeInvalidAuthSpec, message: msgCertAuthFailed, cause: err}
-	}
-	var throttled *auth.ThrottledError
-	if errors.As(err, &throttled) {
-		return &clientError{fatal: true, code: codeConnectionRejected, message: throttled.Error(), cause: err,
-			hint: fmt.Sprintf("Check the client's credentials. After %d failed logins in a row from one address, each further attempt waits, %s doubling up to %s; a successful login clears the address.",
-				auth.DefaultFreeFailures, auth.DefaultFirstDelay, auth.DefaultMaxDelay)}
 	}
 	var pe *auth.ProtocolError
 	if errors.As(err, &pe) {

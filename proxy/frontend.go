@@ -110,7 +110,7 @@ func (sess *session) query(frame []byte) error {
 	}
 	if eff.databaseDDL {
 		if target, ok := parseDatabaseDDL(text); ok {
-			sess.srv.freeDatabase(target)
+			sess.freeDatabaseFor(text, target) // ddl.go
 		}
 	}
 	srv, ok, err := sess.needServer('Q')

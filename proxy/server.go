@@ -85,7 +85,8 @@ type Server struct {
 	logger  *zap.Logger
 	pool    *pool.Pool
 	nextID  atomic.Uint64
-	clients atomic.Int64
+	clients atomic.Int64 // connected, logged in or not
+	pending pendingLogins
 	// bufs lends the sessions' 8 KiB buffers while they are active.
 	bufs    wire.Pool
 	welcome welcomeCache
@@ -153,13 +154,24 @@ func (s *Server) Listen() error {
 	if dir := s.cfg.UnixSocketDir; dir != "" {
 		port := strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
 		path := filepath.Join(dir, ".s.PGSQL."+port)
+		perm, err := s.cfg.UnixSocketPerm()
+		if err != nil {
+			_ = l.Close()
+			return err
+		}
 		_ = os.Remove(path)
 		ul, err := net.Listen("unix", path)
 		if err != nil {
 			_ = l.Close()
 			return fmt.Errorf("listening on unix socket %s (key unix_socket_dir): %w", path, err)
 		}
-		_ = os.Chmod(path, 0o777)
+		// As Postgres sets unix_socket_permissions: before any client is
+		// accepted (connecting needs write permission on the socket).
+		if err := os.Chmod(path, perm); err != nil {
+			_ = ul.Close()
+			_ = l.Close()
+			return fmt.Errorf("setting the permissions of unix socket %s (key unix_socket_mode): %w", path, err)
+		}
 		s.listeners = append(s.listeners, ul)
 	}
 	return nil
@@ -229,14 +241,21 @@ func isTemporaryAccept(err error) bool {
 	return errors.As(err, &se) && se.Temporary()
 }
 
-func (s *Server) register(sess *session) bool {
+// register makes a session that logged in one of the clients served: it
+// refuses it while draining (57P01), and beyond clients.max_connections
+// (53300).
+func (s *Server) register(sess *session) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.draining {
-		return false
+		return fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down")
+	}
+	if max := s.cfg.Clients.MaxConnections; len(s.sessions) >= max {
+		return fatalf(codeTooManyConnections, "sorry, too many clients already: clients.max_connections (%d) reached", max).
+			withHint("Raise clients.max_connections, or lower the number of client connections.")
 	}
 	s.sessions[sess] = struct{}{}
-	return true
+	return nil
 }
 
 // unregister removes a session that was served, adding its figures to
@@ -377,8 +396,11 @@ type serverStats struct {
 
 // Stats are the proxy's figures for metrics.
 type Stats struct {
-	// Clients is the number of connected clients.
+	// Clients is the number of connected clients, logged in or not.
 	Clients int64
+	// PendingLogins is the number of connections that have not finished
+	// logging in (clients.max_pending_logins).
+	PendingLogins int64
 	// Pinned is the number of clients pinned to a server connection by
 	// session state (transaction mode).
 	Pinned int64
@@ -417,6 +439,7 @@ func (s *Server) notePrepared(hit bool) {
 func (s *Server) Stats() Stats {
 	return Stats{
 		Clients:         s.clients.Load(),
+		PendingLogins:   int64(s.pending.len()),
 		Pinned:          s.stats.pinned.Load(),
 		PrepareHits:     s.stats.prepareHits.Load(),
 		PrepareMisses:   s.stats.prepareMisses.Load(),

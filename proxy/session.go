@@ -52,6 +52,9 @@ type session struct {
 	stats sessionStats
 	// console is set for an admin console session (admin.go).
 	console *console
+	// pending counts the session among the connections logging in until
+	// its welcome (pending.go).
+	pending *pendingLogin
 
 	// Owned by the client pump.
 	rd           *wire.Reader

@@ -228,6 +228,9 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			logger.Warn("clients.auth is not used: clients.hba_file decides each login's method; remove clients.auth")
 		}
 	}
+	for _, err := range exposedSecretFiles(cfg) {
+		logger.Warn("a file holding secrets is readable by others", zap.Error(err))
+	}
 	up, err := newUpstream(ctx, cfg, users, logger, deps)
 	if err != nil {
 		return nil, err
@@ -267,6 +270,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
 		Cluster:  g.clusterStats,
 		Security: g.securityMetrics,
+		Logins:   g.loginFigures,
 		LoginFailureReasons: func() []string {
 			r := proxy.LoginFailureReasons()
 			return r[:]
@@ -390,10 +394,12 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	if g.cluster != nil {
 		proxyPeers = g.cluster
 	}
+	verifier := auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba),
+		auth.WithPasswordEncryption(cfg.Clients.PasswordEncryption))
 	g.proxy = proxy.NewServer(proxy.Options{
 		Config:           cfg,
 		Pool:             g.pool,
-		Verifier:         auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba)),
+		Verifier:         verifier,
 		TLS:              clientTLS,
 		ReplayUnnamed:    deps.replayUnnamed,
 		UpstreamUser:     up.sidecarUser,
@@ -633,8 +639,8 @@ func (g *governor) reload() error {
 	defer g.reloadMu.Unlock()
 	var errs []error
 	if err := g.users.Reload(); err != nil {
-		g.logger.Error("reloading the users file failed; keeping the previous one", zap.Error(err))
-		errs = append(errs, err)
+		// The users file logged what is in force now (it fails closed).
+		errs = append(errs, fmt.Errorf("reloading clients.users_file: %w", err))
 	} else {
 		g.logger.Info("users file reloaded", zap.String("file", g.users.Path()), zap.Int("users", g.users.Current().Len()))
 	}
@@ -664,7 +670,7 @@ func (g *governor) reload() error {
 
 // securityStats are the numbers of the security pieces, kept for the
 // metrics endpoint: the certificates' remaining validity, reloads, IAM
-// token mint results, throttled addresses.
+// token mint results, the login throttle.
 type securityStats struct {
 	UpstreamTLS tlsconf.UpstreamStats
 	ClientTLS   *tlsconf.ServerStats // nil with clients.tls.mode disable
@@ -683,6 +689,40 @@ func (g *governor) securityStats() securityStats {
 		st.IAM = &s
 	}
 	return st
+}
+
+// loginFigures are the figures of clients logging in, for the metrics.
+func (g *governor) loginFigures() metrics.Logins {
+	var l metrics.Logins
+	if g.proxy != nil {
+		l.Pending = g.proxy.Stats().PendingLogins
+	}
+	st := g.throttle.Stats()
+	l.ThrottleDelays, l.Throttled = st.Delayed, st.Throttled
+	return l
+}
+
+// exposedSecretFiles checks the files that hold secrets — the users file,
+// the password files, the private keys, the cluster's key — for others'
+// read access (auth.CheckSecretMode): a warning at start and in doctor.
+func exposedSecretFiles(cfg *config.Config) []error {
+	var errs []error
+	for _, f := range [...][2]string{
+		{"clients.users_file", cfg.Clients.UsersFile},
+		{"upstream.password_file", cfg.Upstream.PasswordFile},
+		{"budget.cluster.control_password_file", cfg.Budget.Cluster.ControlPasswordFile},
+		{"budget.cluster.secret_file", cfg.Budget.Cluster.SecretFile},
+		{"clients.tls.key_file", cfg.Clients.TLS.KeyFile},
+		{"upstream.ssl.key_file", cfg.Upstream.SSL.KeyFile},
+	} {
+		if f[1] == "" {
+			continue
+		}
+		if err := auth.CheckSecretMode(f[0], f[1]); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errs
 }
 
 // securityMetrics turns the TLS and IAM figures into what the metrics
