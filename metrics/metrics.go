@@ -131,6 +131,7 @@ type scrapeDescs struct {
 	rowsIgnored, foreignLocks                            *prometheus.Desc
 	certExpiry, iamMints                                 *prometheus.Desc
 	notifyBacklog, notifyOverflows                       *prometheus.Desc
+	buffered, bufferRefusals, stmtRefusals               *prometheus.Desc
 }
 
 func newScrapeDescs() scrapeDescs {
@@ -183,6 +184,12 @@ func newScrapeDescs() scrapeDescs {
 			"Bytes of notifications waiting to be written to listening clients (LISTEN through the shared listener connection), summed over them."),
 		notifyOverflows: own("notify_backlog_overflows_total",
 			"Clients disconnected (SQLSTATE 53200) because more than clients.notify_backlog_size of notifications waited for them."),
+		buffered: own("buffered_bytes",
+			"Bytes held for clients' messages beyond the connections' 8 KiB buffers (Query and Parse messages being read, kept statement texts, requests kept for a retry), counted against limits.max_buffered_bytes."),
+		bufferRefusals: own("buffer_refusals_total",
+			"Client messages refused with SQLSTATE 53200 because holding them would have taken pggovernor_buffered_bytes over limits.max_buffered_bytes."),
+		stmtRefusals: own("client_statement_refusals_total",
+			"Parse messages refused with SQLSTATE 53400 because the client held pool.max_client_statements named prepared statements already."),
 	}
 }
 

@@ -146,6 +146,12 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 	if errors.As(err, &pe) {
 		return &clientError{fatal: true, code: codeProtocolViolation, message: pe.Msg, cause: err}
 	}
+	var be *wire.BudgetError
+	if errors.As(err, &be) {
+		return &clientError{fatal: true, code: codeOutOfMemory, cause: err,
+			message: fmt.Sprintf("out of memory: holding this message would take what pggovernor holds for clients' messages over limits.max_buffered_bytes (%d bytes)", be.Limit),
+			hint:    "Raise limits.max_buffered_bytes."}
+	}
 	var fe *wire.FrameError
 	if errors.As(err, &fe) {
 		e := &clientError{fatal: true, code: codeProtocolViolation, message: "invalid message length", cause: err}
