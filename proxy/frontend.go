@@ -206,7 +206,7 @@ func (sess *session) parse(frame []byte) error {
 		return sess.failExtended(sess.tooManyStatements())
 	}
 	key := sess.srv.hasher.key(rest)
-	kept, ok := sess.srv.texts.hold(key, rest)
+	kept, ok := sess.keepStmtText(key, rest)
 	if !ok {
 		return sess.refuseBuffer('P', len(frame), false)
 	}
@@ -256,7 +256,7 @@ func (sess *session) parse(frame []byte) error {
 // so that a Bind after a Sync (lib/pq) finds it on whichever connection
 // serves the client then.
 func (sess *session) parseUnnamed(frame, rest []byte, eff sqlEffects) error {
-	if !sess.reserveUnnamed(len(rest)) {
+	if !sess.reserveUnnamed(rest) {
 		return sess.refuseBuffer('P', len(frame), false)
 	}
 	srv, ok, err := sess.needServer('P')

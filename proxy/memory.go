@@ -84,12 +84,28 @@ func (sess *session) refuseBuffer(typ byte, n int, unread bool) error {
 		sess.sendError(ce)
 		return ce
 	}
-	if unread {
-		if err := sess.rd.Stream(nil, n); err != nil {
-			return err
-		}
-		sess.rd.Shrink()
+	if err := sess.answerRefused(typ, n); err != nil {
+		return err
 	}
+	if !unread {
+		return nil
+	}
+	// The answer is on its way (the client may read it while it sends the
+	// rest); the message's bytes are skipped before the next one is read,
+	// so the responses stay in order.
+	if err := sess.flushServer(); err != nil {
+		return err
+	}
+	if err := sess.rd.Stream(nil, n); err != nil {
+		return err
+	}
+	sess.rd.Shrink()
+	return nil
+}
+
+// answerRefused answers a refused Query or Parse in its place: see
+// refuseBuffer.
+func (sess *session) answerRefused(typ byte, n int) error {
 	msg := string(sess.srv.appendError(nil, sess.bufferError(typ, n, false), sess.user))
 	sess.mu.Lock()
 	attached := sess.server != nil
@@ -189,32 +205,52 @@ func (sess *session) forgetUnstored(cs *clientStmt) {
 	sess.mu.Unlock()
 }
 
-// reserveUnnamed takes, for a body of n bytes of the client's unnamed
-// Parse, what keeping it costs beyond 8 KiB (nothing up to 8 KiB), before
-// the Parse is sent: false when the budget refuses. keepUnnamedLocked then
-// keeps the body; releaseUnnamedReservation gives an unused one back.
-func (sess *session) reserveUnnamed(n int) bool {
-	if n <= wire.BufferSize {
+// keepStmtText keeps body, the text of the named Parse just read, for the
+// statement keyed k: the reader's buffer itself when it grew for the
+// message (no copy), else a copy; false when the budget refuses a copy.
+func (sess *session) keepStmtText(k stmtKey, body []byte) ([]byte, bool) {
+	if len(body) > wire.BufferSize {
+		if _, held, ok := sess.rd.TakeBuffer(); ok {
+			return sess.srv.texts.holdOwned(k, body, held), true
+		}
+	}
+	return sess.srv.texts.hold(k, body)
+}
+
+// reserveUnnamed provides, before the client's unnamed Parse of body (just
+// read) is sent, for keeping body beyond 8 KiB: the reader's buffer taken
+// whole when it grew for the message, else a reservation for a copy; false
+// when the budget refuses it. keepUnnamedLocked then keeps body;
+// releaseUnnamedReservation gives back what was not used. Nothing is
+// needed up to 8 KiB (a reused buffer).
+func (sess *session) reserveUnnamed(body []byte) bool {
+	sess.unnamedTaken = false
+	if len(body) <= wire.BufferSize {
 		return true
 	}
-	if !sess.srv.buffers.Reserve(n) {
+	if _, held, ok := sess.rd.TakeBuffer(); ok {
+		sess.unnamedPending, sess.unnamedTaken = held, true
+		return true
+	}
+	if !sess.srv.buffers.Reserve(len(body)) {
 		return false
 	}
-	sess.unnamedPending = n
+	sess.unnamedPending = len(body)
 	return true
 }
 
 func (sess *session) releaseUnnamedReservation() {
 	sess.srv.buffers.Return(sess.unnamedPending)
-	sess.unnamedPending = 0
+	sess.unnamedPending, sess.unnamedTaken = 0, false
 }
 
 // keepUnnamedLocked keeps body as the client's last unnamed Parse (after
-// its name), in a reused buffer up to 8 KiB, in one of its own (counted,
-// reserved by reserveUnnamed) beyond. Called with mu held.
+// its name): in a reused buffer up to 8 KiB; beyond, in what
+// reserveUnnamed provided, counted. Called with mu held.
 func (sess *session) keepUnnamedLocked(body []byte) {
 	if len(body) <= wire.BufferSize {
 		if sess.unnamedHeld > 0 {
+			// Never reuse a large one: it may be a reader's buffer.
 			sess.srv.buffers.Return(sess.unnamedHeld)
 			sess.unnamedHeld = 0
 			sess.unnamedParse = nil
@@ -223,8 +259,13 @@ func (sess *session) keepUnnamedLocked(body []byte) {
 		return
 	}
 	sess.srv.buffers.Return(sess.unnamedHeld)
-	sess.unnamedHeld, sess.unnamedPending = sess.unnamedPending, 0
-	sess.unnamedParse = append([]byte(nil), body...)
+	sess.unnamedHeld = sess.unnamedPending
+	if sess.unnamedTaken {
+		sess.unnamedParse = body // the reader's buffer, the session's now
+	} else {
+		sess.unnamedParse = append([]byte(nil), body...)
+	}
+	sess.unnamedPending, sess.unnamedTaken = 0, false
 }
 
 // keepReplay appends b to the request kept for a retry: its buffer beyond

@@ -70,6 +70,7 @@ type session struct {
 	// size, when over 8 KiB), unnamedPending what was reserved for the
 	// next one (memory.go); guarded by mu.
 	unnamedHeld, unnamedPending int
+	unnamedTaken                bool // unnamedPending is a reader's buffer taken whole
 	// verifyCh carries the server's answer to a statement the pump
 	// prepared again and waits for (resolve); quit is closed when the
 	// session is terminated, so that such a wait ends.

@@ -258,8 +258,9 @@ type stmtTexts struct {
 }
 
 type stmtText struct {
-	body []byte
-	refs int
+	body    []byte
+	refs    int
+	counted int // what the budget counts for it
 }
 
 func newStmtTexts(budget *wire.Budget) *stmtTexts {
@@ -285,8 +286,23 @@ func (t *stmtTexts) hold(k stmtKey, body []byte) (kept []byte, ok bool) {
 		t.budget.Return(len(body))
 		return st.body, true
 	}
-	t.m[k] = &stmtText{body: own, refs: 1}
+	t.m[k] = &stmtText{body: own, refs: 1, counted: len(body)}
 	return own, true
+}
+
+// holdOwned is hold for a body the caller hands over, with counted bytes
+// the budget counts for it already (a reader's buffer taken whole): it is
+// kept as it is, or given back if a copy is kept already.
+func (t *stmtTexts) holdOwned(k stmtKey, body []byte, counted int) []byte {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if st := t.m[k]; st != nil {
+		st.refs++
+		t.budget.Return(counted)
+		return st.body
+	}
+	t.m[k] = &stmtText{body: body, refs: 1, counted: counted}
+	return body
 }
 
 // ref takes a reference to the kept copy of k, if there is one.
@@ -311,7 +327,7 @@ func (t *stmtTexts) release(k stmtKey) {
 	}
 	if st.refs--; st.refs == 0 {
 		delete(t.m, k)
-		t.budget.Return(len(st.body))
+		t.budget.Return(st.counted)
 	}
 }
 

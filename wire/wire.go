@@ -448,6 +448,27 @@ func (r *Reader) Prepend(b []byte) {
 	copy(r.buf, b)
 }
 
+// TakeBuffer hands a grown buffer that holds nothing unread to the caller —
+// a frame just read from it stays valid, and is the caller's from now on —
+// with the bytes the budget counts for it (all of it, from now on), which
+// the caller gives back
+// (Budget.Return) when it lets the buffer go. The Reader goes back to a
+// base buffer. ok is false, and nothing changes, for a buffer that is not
+// grown or still holds unread bytes. This keeps a large message without
+// copying it.
+func (r *Reader) TakeBuffer() (buf []byte, held int, ok bool) {
+	if len(r.buf) <= r.base || r.Buffered() > 0 {
+		return nil, 0, false
+	}
+	// Its first base-size bytes are counted from now on too: the Reader
+	// takes a new base buffer.
+	r.budget.Force(r.base)
+	buf, held = r.buf, r.held+r.base
+	r.held = 0
+	r.buf, r.r, r.w = r.baseBuffer(), 0, 0
+	return buf, held, true
+}
+
 // Shrink returns a grown buffer to the base size once it holds nothing
 // unread, so one large message does not pin memory, and gives back what
 // the budget counted for it.
