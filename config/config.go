@@ -328,9 +328,9 @@ type Limits struct {
 	// pggovernor_buffer_refusals_total; pggovernor_buffered_bytes shows the
 	// total. A single Query or Parse longer than this is always refused:
 	// send large values as parameters (Bind), which stream. The default,
-	// 64 MiB, keeps the process (whose peak memory is about twice what it
-	// holds, plus its own ~40 MiB) well under a 256 MiB container memory
-	// limit.
+	// 64 MiB, keeps the process under a 256 MiB container memory limit: its
+	// peak was measured at about three times what it holds (Go's garbage
+	// collector at its defaults; README, Operations, Memory).
 	MaxBufferedBytes int `yaml:"max_buffered_bytes" min:"1048576"`
 }
 

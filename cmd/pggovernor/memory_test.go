@@ -466,3 +466,101 @@ func TestMaxClientStatements(t *testing.T) {
 		return held < mib
 	})
 }
+
+// TestRefusedMessageAbortsTheTransaction: a Query or Parse refused for
+// limits.max_buffered_bytes while the client holds a server connection
+// fails there too, so that the transaction it was part of — explicit, or
+// the implicit one of an extended-protocol batch — is rolled back, as a
+// direct Postgres does when it cannot allocate a message: nothing before
+// the refused message is committed.
+func TestRefusedMessageAbortsTheTransaction(t *testing.T) {
+	ctx := context.Background()
+	if _, err := shared.ExecIn(ctx, "appdb", "DROP TABLE IF EXISTS refused_tx; CREATE TABLE refused_tx (mode text, n int); GRANT ALL ON refused_tx TO app"); err != nil {
+		t.Fatal(err)
+	}
+	huge := func(typ byte) []byte { // 2 MiB, over the 1 MiB limit
+		var body []byte
+		if typ == 'P' {
+			body = append(body, "big\x00"...)
+		}
+		body = append(append(append(body, "SELECT '"...), bytes.Repeat([]byte("z"), 2*mib)...), "'\x00"...)
+		if typ == 'P' {
+			body = append(body, 0, 0)
+		}
+		return append(binary.BigEndian.AppendUint32([]byte{typ}, uint32(4+len(body))), body...)
+	}
+	enc := func(msgs ...pgproto3.FrontendMessage) []byte {
+		var out []byte
+		for _, m := range msgs {
+			out, _ = m.Encode(out)
+		}
+		return out
+	}
+	// exchange writes b and reads up to ReadyForQuery: the messages' types,
+	// the error, the transaction status.
+	exchange := func(t *testing.T, c net.Conn, fe *pgproto3.Frontend, b []byte) (types string, er *pgproto3.ErrorResponse, status byte) {
+		t.Helper()
+		if _, err := c.Write(b); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			msg, err := fe.Receive()
+			if err != nil {
+				t.Fatalf("after %q: %v", types, err)
+			}
+			switch msg := msg.(type) {
+			case *pgproto3.ErrorResponse:
+				e := *msg
+				er = &e
+				types += "E"
+			case *pgproto3.ReadyForQuery:
+				return types, er, msg.TxStatus
+			case *pgproto3.ParseComplete:
+				types += "1"
+			case *pgproto3.BindComplete:
+				types += "2"
+			case *pgproto3.CommandComplete:
+				types += "C"
+			}
+		}
+	}
+	for _, mode := range []string{config.PoolModeTransaction, config.PoolModeSession} {
+		t.Run(mode, func(t *testing.T) {
+			g := startGov(t, nil, func(c *config.Config) { c.PoolMode = mode; c.Limits.MaxBufferedBytes = mib; c.Budget.Max = 4 })
+			c := rawConn(t, g)
+			_ = c.SetDeadline(time.Now().Add(time.Minute))
+			fe := pgproto3.NewFrontend(bufio.NewReader(c), c)
+			loginRaw(t, c, fe, "alice", userPass)
+
+			// An explicit transaction: the refused Query aborts it.
+			exchange(t, c, fe, enc(&pgproto3.Query{String: "BEGIN"}))
+			exchange(t, c, fe, enc(&pgproto3.Query{String: "INSERT INTO refused_tx VALUES ('" + mode + "', 1)"}))
+			types, er, status := exchange(t, c, fe, huge('Q'))
+			if err := refusedForMemory(er); err != nil || types != "E" || status != 'E' {
+				t.Fatalf("a 2 MiB Query in a transaction: want = the error then ReadyForQuery 'E', got = %q %q (%v)", types, status, err)
+			}
+			if _, _, status := exchange(t, c, fe, enc(&pgproto3.Query{String: "COMMIT"})); status != 'I' {
+				t.Fatalf("COMMIT: status %q", status)
+			}
+
+			// An extended-protocol batch: the refused Parse aborts its
+			// implicit transaction, the INSERT before it included.
+			batch := enc(&pgproto3.Parse{Query: "INSERT INTO refused_tx VALUES ('" + mode + "', 2)"}, &pgproto3.Bind{}, &pgproto3.Execute{})
+			batch = append(batch, huge('P')...)
+			batch = append(batch, enc(&pgproto3.Bind{PreparedStatement: "big"}, &pgproto3.Execute{}, &pgproto3.Sync{})...)
+			types, er, status = exchange(t, c, fe, batch)
+			if err := refusedForMemory(er); err != nil || types != "12CE" || status != 'I' {
+				t.Fatalf("a 2 MiB Parse in a batch: want = ParseComplete, BindComplete, CommandComplete, the error, ReadyForQuery 'I', got = %q %q (%v)", types, status, err)
+			}
+
+			// The session goes on.
+			if types, er, _ := exchange(t, c, fe, enc(&pgproto3.Query{String: "SELECT 1"})); er != nil || types != "C" {
+				t.Fatalf("SELECT 1 afterwards: %q %v", types, er)
+			}
+			rows, err := shared.ExecIn(ctx, "appdb", "SELECT count(*) FROM refused_tx WHERE mode = '"+mode+"'")
+			if err != nil || len(rows) != 1 || rows[0][0] != "0" {
+				t.Fatalf("rows committed around a refused message: want = 0, got = %v (%v)", rows, err)
+			}
+		})
+	}
+}
