@@ -730,16 +730,12 @@ func (sess *session) plain(typ byte, frame []byte, eff sqlEffects) error {
 	return sess.serverWriteErr(err)
 }
 
-// failExtended reports an error the governor detects in an
-// extended-protocol message, in its place in the pipeline, then skips the
-// client's messages up to Sync, as the server would.
-// NOTE: the server's transaction is not aborted by such an error.
+// failExtended reports an error the governor detects in a Parse, in its
+// place in the pipeline, then skips the client's messages up to Sync, as
+// the server would; a server connection the client holds fails in the
+// message's place too, so that its transaction aborts (failInPlace).
 func (sess *session) failExtended(ce *clientError) error {
-	sess.mu.Lock()
-	sess.pushSynthetic(string(sess.srv.appendError(nil, ce, sess.user)))
-	sess.mu.Unlock()
-	sess.skipToSync = true
-	return nil
+	return sess.failInPlace('P', ce)
 }
 
 // sending records that the pump has bytes for the server (a release waits

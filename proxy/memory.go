@@ -28,8 +28,8 @@ const codeConfigLimitExceeded = "53400"
 
 // refusedText is what the server is sent in place of a message the
 // governor refused: a text that fails at the parser, whatever the
-// transaction's state, and names the setting in the server's log.
-const refusedText = "pggovernor refused this message: limits.max_buffered_bytes"
+// transaction's state, and says in the server's log where it came from.
+const refusedText = "pggovernor refused this message (its error went to the client)"
 
 // refusedStmtName names the statement of the failing Parse sent in place
 // of a refused one (nothing is ever prepared under it: its text does not
@@ -84,7 +84,7 @@ func (sess *session) refuseBuffer(typ byte, n int, unread bool) error {
 		sess.sendError(ce)
 		return ce
 	}
-	if err := sess.answerRefused(typ, n); err != nil {
+	if err := sess.failInPlace(typ, sess.bufferError(typ, n, false)); err != nil {
 		return err
 	}
 	if !unread {
@@ -103,10 +103,17 @@ func (sess *session) refuseBuffer(typ byte, n int, unread bool) error {
 	return nil
 }
 
-// answerRefused answers a refused Query or Parse in its place: see
-// refuseBuffer.
-func (sess *session) answerRefused(typ byte, n int) error {
-	msg := string(sess.srv.appendError(nil, sess.bufferError(typ, n, false), sess.user))
+// failInPlace answers a Query or Parse (typ) the governor refuses with the
+// error ce, in the message's place, as the server would have answered it
+// had it failed there: for a client that holds no server connection, ce
+// (and ReadyForQuery after a Query); otherwise the server is sent, in the
+// message's place, a Query or Parse that fails (refusedText), its error
+// replaced by ce, so that the server's transaction — explicit, or the
+// implicit one of an extended-protocol batch — aborts where Postgres'
+// would have, and its ReadyForQuery says so. After a Parse the pump skips
+// to the next Sync, as the server does.
+func (sess *session) failInPlace(typ byte, ce *clientError) error {
+	msg := string(sess.srv.appendError(nil, ce, sess.user))
 	sess.mu.Lock()
 	attached := sess.server != nil
 	if !attached {

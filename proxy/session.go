@@ -68,7 +68,8 @@ type session struct {
 	unnamedParse []byte // the client's last unnamed Parse, after its name
 	// unnamedHeld is what unnamedParse holds in the Server's budget (its
 	// size, when over 8 KiB), unnamedPending what was reserved for the
-	// next one (memory.go); guarded by mu.
+	// next one (memory.go); written by the pump, under mu where the
+	// reader may look (unnamedParse).
 	unnamedHeld, unnamedPending int
 	unnamedTaken                bool // unnamedPending is a reader's buffer taken whole
 	// verifyCh carries the server's answer to a statement the pump

@@ -472,7 +472,8 @@ func TestMaxClientStatements(t *testing.T) {
 // fails there too, so that the transaction it was part of — explicit, or
 // the implicit one of an extended-protocol batch — is rolled back, as a
 // direct Postgres does when it cannot allocate a message: nothing before
-// the refused message is committed.
+// the refused message is committed. The same holds for the governor's
+// other refusals of a Parse (pool.max_client_statements, a name in use).
 func TestRefusedMessageAbortsTheTransaction(t *testing.T) {
 	ctx := context.Background()
 	if _, err := shared.ExecIn(ctx, "appdb", "DROP TABLE IF EXISTS refused_tx; CREATE TABLE refused_tx (mode text, n int); GRANT ALL ON refused_tx TO app"); err != nil {
@@ -526,7 +527,9 @@ func TestRefusedMessageAbortsTheTransaction(t *testing.T) {
 	}
 	for _, mode := range []string{config.PoolModeTransaction, config.PoolModeSession} {
 		t.Run(mode, func(t *testing.T) {
-			g := startGov(t, nil, func(c *config.Config) { c.PoolMode = mode; c.Limits.MaxBufferedBytes = mib; c.Budget.Max = 4 })
+			g := startGov(t, nil, func(c *config.Config) {
+				c.PoolMode, c.Limits.MaxBufferedBytes, c.Pool.MaxClientStatements, c.Budget.Max = mode, mib, 1, 4
+			})
 			c := rawConn(t, g)
 			_ = c.SetDeadline(time.Now().Add(time.Minute))
 			fe := pgproto3.NewFrontend(bufio.NewReader(c), c)
@@ -553,6 +556,23 @@ func TestRefusedMessageAbortsTheTransaction(t *testing.T) {
 				t.Fatalf("a 2 MiB Parse in a batch: want = ParseComplete, BindComplete, CommandComplete, the error, ReadyForQuery 'I', got = %q %q (%v)", types, status, err)
 			}
 
+			if mode == config.PoolModeTransaction {
+				// So do the governor's own refusals of a Parse: one
+				// statement beyond pool.max_client_statements (53400),
+				// and one whose name the client holds already (42P05).
+				if types, er, _ := exchange(t, c, fe, enc(&pgproto3.Parse{Name: "one", Query: "SELECT 1"}, &pgproto3.Sync{})); er != nil || types != "1" {
+					t.Fatalf("preparing one: %q %v", types, er)
+				}
+				for _, tc := range []struct{ name, code string }{{"two", "53400"}, {"one", "42P05"}} {
+					batch := enc(&pgproto3.Parse{Query: "INSERT INTO refused_tx VALUES ('" + mode + "', 3)"}, &pgproto3.Bind{}, &pgproto3.Execute{},
+						&pgproto3.Parse{Name: tc.name, Query: "SELECT 2"}, &pgproto3.Sync{})
+					types, er, status := exchange(t, c, fe, batch)
+					if er == nil || er.Code != tc.code || types != "12CE" || status != 'I' {
+						t.Fatalf("a Parse refused with %s in a batch: want = ParseComplete, BindComplete, CommandComplete, the error, ReadyForQuery 'I', got = %q %q %+v", tc.code, types, status, er)
+					}
+				}
+			}
+
 			// The session goes on.
 			if types, er, _ := exchange(t, c, fe, enc(&pgproto3.Query{String: "SELECT 1"})); er != nil || types != "C" {
 				t.Fatalf("SELECT 1 afterwards: %q %v", types, er)
@@ -561,6 +581,45 @@ func TestRefusedMessageAbortsTheTransaction(t *testing.T) {
 			if err != nil || len(rows) != 1 || rows[0][0] != "0" {
 				t.Fatalf("rows committed around a refused message: want = 0, got = %v (%v)", rows, err)
 			}
+		})
+	}
+}
+
+// TestLargeStatementHeldOnce: a large statement text is held once — in the
+// buffer it was read into — not copied for keeping: with
+// limits.max_buffered_bytes at 48 MiB, a 32 MiB named statement (pgx's
+// Prepare) and a 32 MiB unnamed one (pgx's describe-exec mode) are
+// accepted and run, which a copy next to the buffer (64 MiB) would not be.
+func TestLargeStatementHeldOnce(t *testing.T) {
+	g := startGov(t, nil, func(c *config.Config) { c.Limits.MaxBufferedBytes = 48 * mib; c.Budget.Max = 4 })
+	ctx := context.Background()
+	const size = 32 * mib
+	text := "SELECT length('" + strings.Repeat("w", size) + "')"
+	for _, named := range []bool{true, false} {
+		conn, err := pgx.Connect(ctx, g.url("alice", userPass, "appdb"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var n int
+		if named {
+			if _, err := conn.Prepare(ctx, "big", text); err != nil {
+				t.Fatalf("a 32 MiB Parse under a 48 MiB limit: %v", err)
+			}
+			err = conn.QueryRow(ctx, "big").Scan(&n)
+		} else {
+			err = conn.QueryRow(ctx, text, pgx.QueryExecModeDescribeExec).Scan(&n)
+		}
+		if err != nil || n != size {
+			t.Fatalf("named %v: want = %d, got = %d (%v)", named, size, n, err)
+		}
+		held := mustValue(t, g.scrape(t), "pggovernor_buffered_bytes", nil)
+		if held < size || held > size+mib {
+			t.Fatalf("named %v: want = the text held once (~32 MiB), got = %.0f bytes", named, held)
+		}
+		conn.Close(ctx)
+		waitFor(t, 10*time.Second, "the text given back", func() bool {
+			held, _ := value(g.scrape(t), "pggovernor_buffered_bytes", nil)
+			return held == 0
 		})
 	}
 }
