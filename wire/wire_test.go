@@ -1137,6 +1137,34 @@ func TestBudgetBoundsReaders(t *testing.T) {
 		t.Fatalf("after Free: budget holds %d", b.Held())
 	}
 
+	// TakeBuffer hands a grown buffer over, its count with it (all of it
+	// now), and the frame read from it stays valid.
+	g := newReader(big, next)
+	fr, err := g.Frame(len(big))
+	if err != nil {
+		t.Fatal(err)
+	}
+	taken, held, ok := g.TakeBuffer()
+	if !ok || held != len(taken) {
+		t.Fatalf("TakeBuffer of a grown buffer holding nothing unread: ok %v, %d bytes counted for %d", ok, held, len(taken))
+	}
+	if !bytes.Equal(fr, big) {
+		t.Fatal("the frame changed after TakeBuffer")
+	}
+	if g.Held() != 0 || len(g.Buffer()) != base || b.Held() != int64(held) {
+		t.Fatalf("after TakeBuffer: reader holds %d (buffer %d bytes), budget %d", g.Held(), len(g.Buffer()), b.Held())
+	}
+	if f, err := g.Frame(len(next)); err != nil || !bytes.Equal(f, next) {
+		t.Fatalf("reading on after TakeBuffer: %q, %v", f, err)
+	}
+	if _, _, ok := g.TakeBuffer(); ok {
+		t.Fatal("TakeBuffer of a base buffer succeeded")
+	}
+	b.Return(held)
+	if b.Held() != 0 {
+		t.Fatalf("after the taken buffer's count was given back: budget holds %d", b.Held())
+	}
+
 	// A pooled Reader released while grown and empty gives its count back.
 	var pool wire.Pool
 	f := wire.NewPooledReader(bytes.NewReader(big), &pool, 1<<30)
