@@ -25,6 +25,7 @@ const (
 	codeInvalidAuthSpec     = "28000"
 	codeTooManyConnections  = "53300"
 	codeOutOfMemory         = "53200"
+	codeConfigLimitExceeded = "53400"
 	codeAdminShutdown       = "57P01"
 	codeQueryCanceled       = "57014"
 	codeFeatureNotSupported = "0A000"

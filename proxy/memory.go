@@ -24,8 +24,6 @@ import (
 	"github.com/pggovernor/pggovernor/wire"
 )
 
-const codeConfigLimitExceeded = "53400"
-
 // refusedText is what the server is sent in place of a message the
 // governor refused: a text that fails at the parser, whatever the
 // transaction's state, and says in the server's log where it came from.
