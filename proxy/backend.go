@@ -20,14 +20,14 @@ import (
 // Entry flags.
 const (
 	entSuppress     uint16 = 1 << iota // the governor's own message: its responses are not forwarded
-	entSynthetic                      // no server response: the governor answers with synth
-	entUnnamed                        // a Parse or statement Describe of the unnamed statement
-	entOwnParse                       // the client's own Parse (its failure is the client's)
-	entShape                          // a statement Describe whose answer gives the statement's shape
-	entVerify                         // the pump waits for this Describe's answer (verifyCh)
-	entForwardError                   // suppressed, but an error is the client's: it answers the client's next message
-	entReplaceError                   // the server's error is replaced by synth (the error Postgres would give)
-	entParams                         // a suppressed statement whose ParameterStatus messages reach the client
+	entSynthetic                       // no server response: the governor answers with synth
+	entUnnamed                         // a Parse or statement Describe of the unnamed statement
+	entOwnParse                        // the client's own Parse (its failure is the client's)
+	entShape                           // a statement Describe whose answer gives the statement's shape
+	entVerify                          // the pump waits for this Describe's answer (verifyCh)
+	entForwardError                    // suppressed, but an error is the client's: it answers the client's next message
+	entReplaceError                    // the server's error is replaced by synth (the error Postgres would give)
+	entParams                          // a suppressed statement whose ParameterStatus messages reach the client
 )
 
 // entry is one expected response, in the order the server sends them.
