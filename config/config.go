@@ -66,6 +66,8 @@ type Config struct {
 	Pool Pool `yaml:"pool"`
 	// Clients configures the client-facing side.
 	Clients Clients `yaml:"clients"`
+	// Limits bound the memory clients can make pggovernor hold.
+	Limits Limits `yaml:"limits"`
 	// Timeouts bound every wait.
 	Timeouts Timeouts `yaml:"timeouts"`
 	// Log configures logging.
@@ -266,6 +268,16 @@ type Pool struct {
 	// once a server connection to its database has been opened, so logins
 	// to databases that do not exist leave none behind.
 	RouteIdleTimeout time.Duration `yaml:"route_idle_timeout" min:"1s"`
+	// MaxClientStatements bounds the named prepared statements one client
+	// may hold at once in transaction mode, where pggovernor keeps each
+	// one's text to prepare it on whichever server connection serves the
+	// client. A Parse beyond it gets SQLSTATE 53400
+	// (configuration_limit_exceeded, as Postgres answers a PREPARE
+	// TRANSACTION beyond max_prepared_transactions) naming this setting;
+	// the session goes on. Counted in
+	// pggovernor_client_statement_refusals_total. pgx's statement cache
+	// holds at most 512 per connection by default.
+	MaxClientStatements int `yaml:"max_client_statements" min:"1"`
 }
 
 // Clients configures the client-facing side.
@@ -327,8 +339,13 @@ type Clients struct {
 	// AllowTrustRemote permits Auth trust on a listener that is not
 	// loopback. Anyone who can reach the port then logs in as anyone.
 	AllowTrustRemote bool `yaml:"allow_trust_remote"`
-	// MaxMessageSize bounds one protocol message from a client, in bytes.
-	// Postgres itself accepts up to 1 GiB.
+	// MaxMessageSize bounds one protocol message from a client, in bytes;
+	// a longer one ends the session with SQLSTATE 08P01 before its body is
+	// read. The default is Postgres' own limit (1 GiB), so that whatever a
+	// server accepts passes: messages that stream through pggovernor
+	// (Bind with its parameters, COPY data, function calls) cost no memory
+	// whatever their size, and those it must hold whole (Query, Parse) are
+	// bounded by limits.max_buffered_bytes instead.
 	MaxMessageSize int `yaml:"max_message_size" min:"1024"`
 	// NotifyBacklogSize bounds, in bytes, the notifications waiting to be
 	// written to one listening client (transaction mode, where LISTEN goes
@@ -340,6 +357,27 @@ type Clients struct {
 	NotifyBacklogSize int `yaml:"notify_backlog_size" min:"16384"`
 	// TLS configures TLS termination for clients.
 	TLS ClientTLS `yaml:"tls"`
+}
+
+// Limits bound the memory clients can make pggovernor hold.
+type Limits struct {
+	// MaxBufferedBytes bounds, over all clients together, the memory
+	// pggovernor holds for the contents of their messages beyond each
+	// connection's fixed 8 KiB buffers: a Query or Parse (or another
+	// message read whole) while it is read, the text of each distinct named
+	// prepared statement kept to prepare it on another server connection
+	// (transaction mode), a client's last unnamed statement text and the
+	// request kept for a retry where they are over 8 KiB. A message that
+	// would take the total over it gets SQLSTATE 53200 (out of memory)
+	// naming this setting — an ERROR, after which the session goes on, as
+	// Postgres answers a message it cannot allocate — counted in
+	// pggovernor_buffer_refusals_total; pggovernor_buffered_bytes shows the
+	// total. A single Query or Parse longer than this is always refused:
+	// send large values as parameters (Bind), which stream. The default,
+	// 64 MiB, keeps the process under a 256 MiB container memory limit: its
+	// peak was measured at about three times what it holds (Go's garbage
+	// collector at its defaults; README, Operations, Memory).
+	MaxBufferedBytes int `yaml:"max_buffered_bytes" min:"1048576"`
 }
 
 // ClientTLS configures TLS termination for clients.
@@ -447,7 +485,7 @@ func Default() Config {
 				PeerCIDRs:         DefaultPeerCIDRs(),
 			},
 		},
-		Pool: Pool{MaxPreparedStatements: 200, SessionStateCheck: SessionStateCheckAuto, RouteIdleTimeout: time.Hour},
+		Pool: Pool{MaxPreparedStatements: 200, SessionStateCheck: SessionStateCheckAuto, RouteIdleTimeout: time.Hour, MaxClientStatements: 1000},
 		Clients: Clients{
 			MaxConnections:     10000,
 			MaxPendingLogins:   1000,
@@ -457,6 +495,7 @@ func Default() Config {
 			NotifyBacklogSize:  1 << 20,
 			TLS:                ClientTLS{Mode: "disable"},
 		},
+		Limits: Limits{MaxBufferedBytes: 64 << 20},
 		Timeouts: Timeouts{
 			QueryWait:        30 * time.Second,
 			ClientLogin:      15 * time.Second,

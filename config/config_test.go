@@ -165,6 +165,8 @@ func TestDefaultValues(t *testing.T) {
 		{"clients.auth", d.Clients.Auth, config.AuthSCRAM},
 		{"clients.max_message_size", d.Clients.MaxMessageSize, 1 << 30},
 		{"clients.notify_backlog_size", d.Clients.NotifyBacklogSize, 1 << 20},
+		{"limits.max_buffered_bytes", d.Limits.MaxBufferedBytes, 64 << 20},
+		{"pool.max_client_statements", d.Pool.MaxClientStatements, 1000},
 		{"clients.tls.mode", d.Clients.TLS.Mode, "disable"},
 		{"timeouts.query_wait", d.Timeouts.QueryWait, 30 * time.Second},
 		{"timeouts.server_lifetime", d.Timeouts.ServerLifetime, time.Hour},
@@ -207,7 +209,8 @@ func fullWant() config.Config {
 				PeerCIDRs: []string{"10.0.0.0/8", "fd00::/8"}, SecretFile: "/run/secrets/pggovernor-cluster",
 				ControlUser: "pggovernor_control", ControlPasswordFile: "/run/secrets/pggovernor-control-password"},
 		},
-		Pool: config.Pool{MaxPreparedStatements: 50, SessionStateCheck: config.SessionStateCheckAlways, RouteIdleTimeout: 5 * time.Minute},
+		Pool:   config.Pool{MaxPreparedStatements: 50, SessionStateCheck: config.SessionStateCheckAlways, RouteIdleTimeout: 5 * time.Minute, MaxClientStatements: 100},
+		Limits: config.Limits{MaxBufferedBytes: 32 << 20},
 		Clients: config.Clients{
 			MaxConnections:     500,
 			MaxPendingLogins:   64,
@@ -568,7 +571,7 @@ func TestLoadErrors(t *testing.T) {
 		{
 			name:    "unknown top-level key",
 			file:    "unknown_top.yaml",
-			wantErr: []string{`line 2: unknown key "listen_addr"`, "known keys here: listen, unix_socket_dir, unix_socket_mode, admin_listen, pool_mode, upstream, budget, pool, clients, timeouts, log", fixture("unknown_top.yaml")},
+			wantErr: []string{`line 2: unknown key "listen_addr"`, "known keys here: listen, unix_socket_dir, unix_socket_mode, admin_listen, pool_mode, upstream, budget, pool, clients, limits, timeouts, log", fixture("unknown_top.yaml")},
 		},
 		{
 			name:    "unknown nested key",

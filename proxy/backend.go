@@ -255,7 +255,7 @@ func (sess *session) serverError(srv *pool.Server, data []byte) {
 				ss.drop(head.key, false)
 			}
 			if head.stmt != nil && sess.stmts[head.stmt.name] == head.stmt {
-				delete(sess.stmts, head.stmt.name)
+				sess.dropStmtLocked(head.stmt.name)
 			}
 		case head.flags&entReplaceError != 0:
 			// The governor's own substitute for a stale statement.
@@ -346,7 +346,7 @@ func (sess *session) skipped(srv *pool.Server, e entry) {
 		}
 	}
 	if e.stmt != nil && sess.stmts[e.stmt.name] == e.stmt {
-		delete(sess.stmts, e.stmt.name)
+		sess.dropStmtLocked(e.stmt.name)
 	}
 }
 

@@ -52,6 +52,7 @@ const maxRetries = 3
 func (sess *session) capture(n int) error {
 	sess.curCaptured = false
 	if !sess.txMode || sess.answered.Load() {
+		sess.freeReplay() // nothing is kept until the next attachment
 		return nil
 	}
 	if len(sess.replayBuf)+n > replayLimit {
@@ -59,15 +60,24 @@ func (sess *session) capture(n int) error {
 		sess.setReplayable(false)
 	}
 	sess.curStart = len(sess.replayBuf)
-	sess.curCaptured = n <= replayLimit
-	if !sess.curCaptured {
+	if n > replayLimit {
 		sess.setReplayable(false)
 		return nil
 	}
 	if err := sess.rd.Ensure(n); err != nil {
+		if isBudgetError(err) {
+			// Not kept: the message itself is refused, or streamed,
+			// where it is handled.
+			sess.setReplayable(false)
+			return nil
+		}
 		return err
 	}
-	sess.replayBuf = append(sess.replayBuf, sess.rd.Bytes()[:n]...)
+	if !sess.keepReplay(sess.rd.Bytes()[:n]) {
+		sess.setReplayable(false)
+		return nil
+	}
+	sess.curCaptured = true
 	return nil
 }
 
@@ -77,6 +87,9 @@ func (sess *session) capture(n int) error {
 func (sess *session) beginAttemptLocked() {
 	sess.answered.Store(false)
 	sess.relinked = false
+	for _, cs := range sess.removed {
+		sess.forgetStmtLocked(cs) // closed for good: no retry puts it back
+	}
 	sess.added, sess.removed = sess.added[:0], sess.removed[:0]
 	if !sess.txMode || !sess.curCaptured || sess.pins != 0 {
 		sess.replayable = false
@@ -145,7 +158,7 @@ func (sess *session) takeRetry() {
 	sess.linger, sess.unsynced, sess.copyIn, sess.batchError = false, false, false, false
 	sess.writing, sess.releaseDeferred = false, false
 	for _, name := range sess.added {
-		delete(sess.stmts, name)
+		sess.dropStmtLocked(name) // the request parses it again
 	}
 	for _, cs := range sess.removed {
 		sess.stmts[cs.name] = cs

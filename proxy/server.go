@@ -92,6 +92,13 @@ type Server struct {
 	welcome welcomeCache
 	hasher  stmtHasher
 	stats   serverStats
+	// buffers counts what the sessions hold for clients' messages beyond
+	// their 8 KiB buffers, against limits.max_buffered_bytes; texts keeps
+	// the bodies of clients' named statements, counted there too.
+	buffers *wire.Budget
+	texts   *stmtTexts
+	// stmtIDs numbers client statements (clientStmt.id).
+	stmtIDs atomic.Uint64
 
 	mu        sync.Mutex
 	listeners []net.Listener
@@ -129,6 +136,10 @@ func NewServer(opts Options) *Server {
 		hasher:   newStmtHasher(),
 		ended:    map[string]*Totals{},
 	}
+	if n := opts.Config.Limits.MaxBufferedBytes; n > 0 {
+		s.buffers = wire.NewBudget(int64(n))
+	}
+	s.texts = newStmtTexts(s.buffers)
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
 	s.live.Store(opts.Config)
 	return s
@@ -392,6 +403,8 @@ type serverStats struct {
 	retries         atomic.Int64
 	stateChecks     atomic.Int64
 	stateFound      atomic.Int64
+	bufferRefusals  atomic.Int64
+	stmtRefusals    atomic.Int64
 }
 
 // Stats are the proxy's figures for metrics.
@@ -422,6 +435,15 @@ type Stats struct {
 	// state before its release (transaction mode); StateFound those that
 	// found state (or could not tell) and kept the client pinned.
 	StateChecks, StateFound int64
+	// BufferedBytes is what the sessions hold now for clients' messages
+	// beyond their 8 KiB buffers (limits.max_buffered_bytes counts it);
+	// BufferRefusals counts client messages refused (SQLSTATE 53200)
+	// because holding them would have taken it over the limit.
+	BufferedBytes, BufferRefusals int64
+	// StatementRefusals counts Parse messages refused (SQLSTATE 53400)
+	// because the client held pool.max_client_statements named
+	// statements already.
+	StatementRefusals int64
 }
 
 // notePrepared counts a statement found prepared (hit) or prepared anew
@@ -448,6 +470,10 @@ func (s *Server) Stats() Stats {
 		Retries:         s.stats.retries.Load(),
 		StateChecks:     s.stats.stateChecks.Load(),
 		StateFound:      s.stats.stateFound.Load(),
+
+		BufferedBytes:     s.buffers.Held(),
+		BufferRefusals:    s.stats.bufferRefusals.Load(),
+		StatementRefusals: s.stats.stmtRefusals.Load(),
 	}
 }
 

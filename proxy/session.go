@@ -57,14 +57,24 @@ type session struct {
 	pending *pendingLogin
 
 	// Owned by the client pump.
-	rd           *wire.Reader
-	sw           *wire.Writer // to the attached server
-	skipToSync   bool         // an error was reported mid-pipeline: drop until Sync
-	pinLogged    bool
-	inject       []byte // messages the governor adds before the client's, reused
+	rd         *wire.Reader
+	sw         *wire.Writer // to the attached server
+	skipToSync bool         // an error was reported mid-pipeline: drop until Sync
+	pinLogged  bool
+	inject     []byte // messages the governor adds before the client's, reused
+	// injectBig is a large Parse body written in inject's place at
+	// injectAt, instead of being copied into it (memory.go).
+	injectBig    []byte
+	injectAt     int
 	scratch      []byte // a rewritten header, reused
 	synthOut     []byte // governor responses due before the pump next blocks
 	unnamedParse []byte // the client's last unnamed Parse, after its name
+	// unnamedHeld is what unnamedParse holds in the Server's budget (its
+	// size, when over 8 KiB), unnamedPending what was reserved for the
+	// next one (memory.go); written by the pump, under mu where the
+	// reader may look (unnamedParse).
+	unnamedHeld, unnamedPending int
+	unnamedTaken                bool // unnamedPending is a reader's buffer taken whole
 	// verifyCh carries the server's answer to a statement the pump
 	// prepared again and waits for (resolve); quit is closed when the
 	// session is terminated, so that such a wait ends.
@@ -77,6 +87,7 @@ type session struct {
 	// it was kept; added and removed are the named statements the request
 	// added or removed (under mu).
 	replayBuf   []byte
+	replayHeld  int // what replayBuf holds in the Server's budget
 	curStart    int
 	curCaptured bool
 	added       []string
@@ -228,8 +239,10 @@ func (sess *session) pump() error {
 			sess.mu.Unlock()
 			if idle && sess.rd.Buffered() == 0 {
 				// Nothing in flight and no server: the client may stay
-				// idle for long, so it holds no buffer meanwhile.
+				// idle for long, so it holds no buffer meanwhile (nor a
+				// request kept for a retry: none is in progress).
 				sess.releaseBuffers()
+				sess.freeReplay()
 			}
 			if err := sess.rd.Fill(); err != nil {
 				if sess.retryPending.Load() {

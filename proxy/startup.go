@@ -65,9 +65,11 @@ func (s *Server) serveConn(c net.Conn) {
 	// Buffers are lent while the session is active: an idle client holds
 	// none (see pump).
 	sess.rd = wire.NewPooledReader(c, &s.bufs, s.cfg.Clients.MaxMessageSize)
+	sess.rd.SetBudget(s.buffers)
 	sess.cw = wire.NewPooledWriter(c, &s.bufs)
 	sess.sw = wire.NewPooledWriter(nil, &s.bufs)
 	defer sess.releaseBuffers()
+	defer sess.releaseHeld()
 
 	_ = c.SetDeadline(time.Now().Add(s.cfg.Timeouts.ClientLogin))
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.ClientLogin)

@@ -267,6 +267,13 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			st := g.proxy.Stats()
 			return st.NotifyBacklog, st.NotifyOverflows
 		},
+		Memory: func() (int64, int64, int64) {
+			if g.proxy == nil {
+				return 0, 0, 0
+			}
+			st := g.proxy.Stats()
+			return st.BufferedBytes, st.BufferRefusals, st.StatementRefusals
+		},
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
 		Cluster:  g.clusterStats,
 		Security: g.securityMetrics,
