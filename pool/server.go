@@ -238,22 +238,47 @@ const terminateTimeout = 5 * time.Second
 
 // close asks the backend to exit (Terminate) and lets the reader wait for
 // the server to close its end, so the budget slot is freed only once the
-// backend is gone from pg_stat_activity. Idempotent.
+// backend is gone from pg_stat_activity. Idempotent. It writes to the
+// server: never call it with the pool's lock held; under the lock, retire
+// the connection and terminate it after unlocking.
 func (s *Server) close() {
+	if s.retire() {
+		s.terminate()
+	}
+}
+
+// retire marks the connection as closing: from now on it serves nobody and
+// counts among the closing connections (closingN). It reports whether this
+// call retired it, in which case the caller must call terminate, after
+// releasing the pool's lock. No I/O: safe under the lock.
+func (s *Server) retire() bool {
 	s.lifeMu.Lock()
+	defer s.lifeMu.Unlock()
 	if s.closing.Load() || s.gone {
-		s.lifeMu.Unlock()
-		return
+		return false
 	}
 	s.closing.Store(true)
 	s.pool.closingN.Add(1)
-	s.lifeMu.Unlock()
 	s.broken.Store(true)
+	return true
+}
+
+// terminate writes Terminate (giving up after a second) and gives the
+// backend terminateTimeout to exit. Called once, after retire.
+func (s *Server) terminate() {
 	s.writeMu.Lock()
 	_ = s.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	_, _ = s.conn.Write([]byte{'X', 0, 0, 0, 4})
 	s.writeMu.Unlock()
 	_ = s.conn.SetReadDeadline(time.Now().Add(terminateTimeout))
+}
+
+// terminateAll terminates the connections retired under the pool's lock;
+// called after releasing it.
+func terminateAll(retired []*Server) {
+	for _, s := range retired {
+		s.terminate()
+	}
 }
 
 // Cancel sends a CancelRequest for this backend's current query to the
