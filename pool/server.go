@@ -290,6 +290,30 @@ func (s *Server) Cancel(ctx context.Context) error {
 	if s.closing.Load() {
 		return nil
 	}
+	return s.sendCancel(ctx)
+}
+
+// Abort ends a held connection at once, for a holder that cannot wait for
+// it to finish (the forced end of a drain): its socket is closed, so its
+// reader stops at once and the holder learns it was lost (ServerLost);
+// with cancel, a CancelRequest is sent too (bounded by ctx), so that a
+// backend that is not writing to it (pg_sleep, a lock wait) does not run
+// on after it. The holder still releases it; the release waits for the
+// cancel.
+func (s *Server) Abort(ctx context.Context, cancel bool) {
+	s.MarkBroken()
+	s.cancelMu.Lock()
+	defer s.cancelMu.Unlock()
+	_ = s.conn.Close()
+	if cancel {
+		_ = s.sendCancel(ctx)
+	}
+}
+
+// sendCancel sends a CancelRequest for the backend and waits for the
+// postmaster to close the connection (it has signalled the backend then).
+// Called with cancelMu held.
+func (s *Server) sendCancel(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	var d net.Dialer

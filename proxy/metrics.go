@@ -153,6 +153,7 @@ func (sess *session) noteRequestLocked() {
 	if st.txStart.IsZero() {
 		st.txStart = now
 	}
+	sess.watchRequestLocked(now)
 }
 
 // noteReadyLocked records a ReadyForQuery forwarded to the client, with
@@ -183,6 +184,7 @@ func (sess *session) noteReadyLocked(status byte) {
 			st.txStart = now
 		}
 	}
+	sess.watchReadyLocked(status, now, pipelined)
 }
 
 // Totals are cumulative figures of the client sessions of one database,

@@ -62,6 +62,9 @@ func (s *Server) serveConn(c net.Conn) {
 	sess.virtual = sess.txMode
 	sess.linkUnnamed = !s.opts.ReplayUnnamed
 	sess.slot = pool.NewHandlerSlot(sess)
+	if rc, ok := c.(*rawsock.Conn); ok && s.cfg.Timeouts.ClientWrite > 0 {
+		rc.SetWriteTimeout(s.cfg.Timeouts.ClientWrite, sess.clientWriteTimedOut)
+	}
 	// Buffers are lent while the session is active: an idle client holds
 	// none (see pump).
 	sess.rd = wire.NewPooledReader(c, &s.bufs, s.cfg.Clients.MaxMessageSize)
@@ -70,8 +73,12 @@ func (s *Server) serveConn(c net.Conn) {
 	defer sess.releaseBuffers()
 
 	_ = c.SetDeadline(time.Now().Add(s.cfg.Timeouts.ClientLogin))
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.ClientLogin)
+	// A login in progress when the shutdown begins ends then: it would be
+	// refused, and nothing may wait on a client that is slow to log in.
+	ctx, cancel := context.WithTimeout(s.stopCtx, s.cfg.Timeouts.ClientLogin)
+	stopCut := context.AfterFunc(s.stopCtx, func() { _ = c.SetDeadline(time.Now()) })
 	err := sess.startup(ctx, n)
+	stopCut()
 	cancel()
 	if err != nil {
 		if !errors.Is(err, errCancelRequest) {
