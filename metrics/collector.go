@@ -68,6 +68,10 @@ type Sources struct {
 	// written to listening clients, and how many clients were disconnected
 	// because more than clients.notify_backlog_size waited for them.
 	Notifications func() (backlogBytes, overflows int64)
+	// Timeouts returns how many clients were disconnected for
+	// timeouts.client_write and timeouts.idle_in_transaction, and how many
+	// requests were cancelled for timeouts.query.
+	Timeouts func() (clientWrite, idleInTransaction, query int64)
 	// Upstream reports whether the upstream server answered the last
 	// health probe; known is false before any evidence.
 	Upstream func() (up, known bool)
@@ -102,7 +106,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		c.maxIdleClosed, c.maxIdleTimeClosed, c.maxLifetimeClosed, c.clients, c.servers, c.budget, c.budgetShare,
 		c.budgetUsed, c.waitTimeouts, c.connects, c.connectErrors, c.received, c.sent, c.upstreamUp, c.paused,
 		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.rowsIgnored, c.foreignLocks, c.certExpiry, c.iamMints,
-		c.notifyBacklog, c.notifyOverflows} {
+		c.notifyBacklog, c.notifyOverflows, c.clientTimeouts} {
 		ch <- d
 	}
 }
@@ -168,6 +172,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		backlog, overflows := c.src.Notifications()
 		gauge(c.notifyBacklog, float64(backlog))
 		counter(c.notifyOverflows, float64(overflows))
+	}
+	if c.src.Timeouts != nil {
+		write, idleTx, query := c.src.Timeouts()
+		counter(c.clientTimeouts, float64(write), "client_write")
+		counter(c.clientTimeouts, float64(idleTx), "idle_in_transaction")
+		counter(c.clientTimeouts, float64(query), "query")
 	}
 	if c.src.Upstream != nil {
 		if up, known := c.src.Upstream(); known {

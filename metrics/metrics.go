@@ -125,6 +125,7 @@ type scrapeDescs struct {
 	rowsIgnored, foreignLocks                            *prometheus.Desc
 	certExpiry, iamMints                                 *prometheus.Desc
 	notifyBacklog, notifyOverflows                       *prometheus.Desc
+	clientTimeouts                                       *prometheus.Desc
 }
 
 func newScrapeDescs() scrapeDescs {
@@ -177,6 +178,8 @@ func newScrapeDescs() scrapeDescs {
 			"Bytes of notifications waiting to be written to listening clients (LISTEN through the shared listener connection), summed over them."),
 		notifyOverflows: own("notify_backlog_overflows_total",
 			"Clients disconnected (SQLSTATE 53200) because more than clients.notify_backlog_size of notifications waited for them."),
+		clientTimeouts: own("client_timeouts_total",
+			"Clients cut off by a timeout, by setting: client_write (disconnected: took nothing written to it for timeouts.client_write), idle_in_transaction (disconnected with 25P03 after timeouts.idle_in_transaction idle in a transaction), query (request cancelled with 57014 after timeouts.query).", "timeout"),
 	}
 }
 

@@ -264,6 +264,13 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			st := g.proxy.Stats()
 			return st.NotifyBacklog, st.NotifyOverflows
 		},
+		Timeouts: func() (int64, int64, int64) {
+			if g.proxy == nil {
+				return 0, 0, 0
+			}
+			st := g.proxy.Stats()
+			return st.ClientWriteTimeouts, st.IdleInTransactionTimeouts, st.QueryTimeouts
+		},
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
 		Cluster:  g.clusterStats,
 		Security: g.securityMetrics,
