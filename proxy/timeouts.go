@@ -216,7 +216,8 @@ func (sess *session) watchFired() {
 func (sess *session) cancelForTimeout(srv *pool.Server, done chan struct{}) {
 	sess.srv.stats.queryTimeouts.Add(1)
 	sess.log.Warn("request cancelled: it ran longer than timeouts.query", zap.Duration("query", sess.srv.cfg.Timeouts.Query))
-	ctx, cancel := context.WithTimeout(context.Background(), timeoutCancelWait)
+	// A forced drain cuts it short: the connection is aborted then.
+	ctx, cancel := context.WithTimeout(sess.srv.forceCtx, timeoutCancelWait)
 	if err := srv.Cancel(ctx); err != nil {
 		sess.log.Info("cancel request for timeouts.query failed", zap.Error(err))
 	}
