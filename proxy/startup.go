@@ -448,6 +448,8 @@ func (sess *session) loginFailed(err error) {
 	}
 	var ce *clientError
 	switch {
+	case sess.srv.stopCtx.Err() != nil:
+		ce = errShuttingDown() // the shutdown cut the login short
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		ce = fatalf(codeQueryCanceled, "canceling authentication due to timeout").
 			withHint(fmt.Sprintf("The client did not finish logging in within timeouts.client_login (%s).", sess.srv.cfg.Timeouts.ClientLogin))
@@ -455,7 +457,11 @@ func (sess *session) loginFailed(err error) {
 		ce = toClientError(err, true, sess.srv.cfg.Timeouts.QueryWait)
 	}
 	ce.fatal = true
-	sess.srv.opts.Metrics.loginFailed(loginFailureReason(err, ce))
+	reason := loginFailureReason(err, ce)
+	if ce.code == codeAdminShutdown {
+		reason = LoginFailureShutdown
+	}
+	sess.srv.opts.Metrics.loginFailed(reason)
 	level := zap.InfoLevel
 	var throttled *auth.ThrottledError
 	if errors.Is(err, auth.ErrAuthFailed) || errors.Is(err, auth.ErrCertAuthFailed) || errors.As(err, &throttled) {

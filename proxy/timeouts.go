@@ -218,15 +218,22 @@ func (sess *session) cancelForTimeout(srv *pool.Server, done chan struct{}) {
 	sess.log.Warn("request cancelled: it ran longer than timeouts.query", zap.Duration("query", sess.srv.cfg.Timeouts.Query))
 	// A forced drain cuts it short: the connection is aborted then.
 	ctx, cancel := context.WithTimeout(sess.srv.forceCtx, timeoutCancelWait)
-	if err := srv.Cancel(ctx); err != nil {
+	err := srv.Cancel(ctx)
+	cancel()
+	if err != nil {
 		sess.log.Info("cancel request for timeouts.query failed", zap.Error(err))
 	}
-	cancel()
 	sess.mu.Lock()
 	close(done)
 	sess.wd.cancelling = nil
-	if sess.stats.batchStart.IsZero() {
+	switch {
+	case sess.stats.batchStart.IsZero():
 		sess.wd.timedOut = false // the request ended before the cancel landed
+	case err != nil && sess.server == srv:
+		// Not delivered: tried again after another timeouts.query.
+		sess.wd.timedOut = false
+		now := time.Now()
+		sess.armWatchLocked(now, now.Add(sess.srv.cfg.Timeouts.Query))
 	}
 	held := sess.server == srv
 	sess.mu.Unlock()

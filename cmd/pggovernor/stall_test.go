@@ -108,10 +108,10 @@ func countBackends(t *testing.T, prefix, waitEvent string) int {
 // shutdown up. 45 clients send a query with a 100 MB result and never
 // read it (their server connections blocked writing to the governor, the
 // governor's writes to them blocked), one stops in the middle of a COPY
-// FROM STDIN, while well-behaved clients commit transactions. After
-// SIGTERM the process exits within timeouts.shutdown_drain + 1 s, every
-// acknowledged commit is in the database, and no backend of the stalled
-// clients is left.
+// FROM STDIN, two never finish logging in, while well-behaved clients
+// commit transactions. After SIGTERM the process exits within
+// timeouts.shutdown_drain + 1 s, every acknowledged commit is in the
+// database, and no backend of the stalled clients is left.
 func TestSIGTERMWithStalledClients(t *testing.T) {
 	ctx := context.Background()
 	if _, err := shared.ExecIn(ctx, "appdb", "DROP TABLE IF EXISTS drained_stall, copied_stall; CREATE TABLE drained_stall (client int, n int); CREATE TABLE copied_stall (line text); GRANT ALL ON drained_stall, copied_stall TO app"); err != nil {
@@ -130,6 +130,13 @@ func TestSIGTERMWithStalledClients(t *testing.T) {
 		stallAfterQuery(t, p.addr, bigResult)
 	}
 	stallMidCopy(t, p.addr, "copied_stall")
+	// Two clients that never finish logging in: one sends nothing, one
+	// sends its startup packet and never answers the password request.
+	dialSmallWindow(t, p.addr)
+	midLogin := dialSmallWindow(t, p.addr)
+	if _, err := midLogin.Write(startupPacket(map[string]string{"user": "alice", "database": "appdb"})); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, 60*time.Second, "every stalled client's backend to block writing its result", func() bool {
 		return countBackends(t, "SELECT repeat", "ClientWrite") == stalled && countBackends(t, "COPY copied_stall", "ClientRead") == 1
 	})
