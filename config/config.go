@@ -419,8 +419,28 @@ type Timeouts struct {
 	// it is checked with a round trip before reuse.
 	ServerCheckDelay time.Duration `yaml:"server_check_delay" min:"0s"`
 	// ShutdownDrain is how long in-flight transactions may run after
-	// SIGTERM before the remaining clients are disconnected.
+	// SIGTERM before the remaining clients are disconnected; the process
+	// exits within a second after that, whatever the clients do.
 	ShutdownDrain time.Duration `yaml:"shutdown_drain" min:"0s"`
+	// ClientWrite disconnects a client that takes none of the bytes
+	// pggovernor writes to it for this long (it stopped reading, with its
+	// socket full), so that it cannot hold its server connection: counted
+	// in pggovernor_client_timeouts_total{timeout="client_write"} and
+	// logged; no error can reach such a client. A client that reads
+	// slowly but steadily is not cut off. 0 never disconnects.
+	ClientWrite time.Duration `yaml:"client_write" min:"0s"`
+	// IdleInTransaction disconnects a client that sends nothing for this
+	// long while inside a transaction (as Postgres'
+	// idle_in_transaction_session_timeout: FATAL 25P03), and rolls back
+	// and returns its server connection, so that idle transactions cannot
+	// hold the budget. 0 (the default) never does.
+	IdleInTransaction time.Duration `yaml:"idle_in_transaction" min:"0s"`
+	// Query cancels a request (a simple query, or an extended-protocol
+	// batch up to its Sync) that runs longer than this, from its first
+	// message to its ReadyForQuery, with a CancelRequest to the server:
+	// the client gets 57014 "canceling statement due to statement
+	// timeout". 0 (the default) never does.
+	Query time.Duration `yaml:"query" min:"0s"`
 }
 
 // Log configures logging.
@@ -504,6 +524,7 @@ func Default() Config {
 			ServerLifetime:   time.Hour,
 			ServerCheckDelay: 30 * time.Second,
 			ShutdownDrain:    30 * time.Second,
+			ClientWrite:      30 * time.Second,
 		},
 		Log:   Log{Level: "info", Format: "json", RepeatInterval: 10 * time.Second},
 		Admin: Admin{ProbeInterval: 5 * time.Second},

@@ -85,6 +85,10 @@ type Sources struct {
 	// many client messages were refused for limits.max_buffered_bytes and
 	// for pool.max_client_statements.
 	Memory func() (bufferedBytes, bufferRefusals, statementRefusals int64)
+	// Timeouts returns how many clients were disconnected for
+	// timeouts.client_write and timeouts.idle_in_transaction, and how many
+	// requests were cancelled for timeouts.query.
+	Timeouts func() (clientWrite, idleInTransaction, query int64)
 	// Upstream reports whether the upstream server answered the last
 	// health probe; known is false before any evidence.
 	Upstream func() (up, known bool)
@@ -123,7 +127,8 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		c.maxIdleClosed, c.maxIdleTimeClosed, c.maxLifetimeClosed, c.clients, c.servers, c.budget, c.budgetShare,
 		c.budgetUsed, c.waitTimeouts, c.connects, c.connectErrors, c.received, c.sent, c.upstreamUp, c.paused,
 		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.rowsIgnored, c.foreignLocks, c.certExpiry, c.iamMints,
-		c.notifyBacklog, c.notifyOverflows, c.pendingLogins, c.throttleDelays, c.throttled, c.buffered, c.bufferRefusals, c.stmtRefusals} {
+		c.notifyBacklog, c.notifyOverflows, c.pendingLogins, c.throttleDelays, c.throttled, c.buffered, c.bufferRefusals, c.stmtRefusals,
+		c.clientTimeouts} {
 		ch <- d
 	}
 }
@@ -195,6 +200,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.buffered, float64(held))
 		counter(c.bufferRefusals, float64(refused))
 		counter(c.stmtRefusals, float64(stmts))
+	}
+	if c.src.Timeouts != nil {
+		write, idleTx, query := c.src.Timeouts()
+		counter(c.clientTimeouts, float64(write), "client_write")
+		counter(c.clientTimeouts, float64(idleTx), "idle_in_transaction")
+		counter(c.clientTimeouts, float64(query), "query")
 	}
 	if c.src.Upstream != nil {
 		if up, known := c.src.Upstream(); known {

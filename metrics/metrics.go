@@ -133,6 +133,7 @@ type scrapeDescs struct {
 	notifyBacklog, notifyOverflows                       *prometheus.Desc
 	pendingLogins, throttleDelays, throttled             *prometheus.Desc
 	buffered, bufferRefusals, stmtRefusals               *prometheus.Desc
+	clientTimeouts                                       *prometheus.Desc
 }
 
 func newScrapeDescs() scrapeDescs {
@@ -197,6 +198,8 @@ func newScrapeDescs() scrapeDescs {
 			"Client messages refused with SQLSTATE 53200 because holding them would have taken pggovernor_buffered_bytes over limits.max_buffered_bytes."),
 		stmtRefusals: own("client_statement_refusals_total",
 			"Parse messages refused with SQLSTATE 53400 because the client held pool.max_client_statements named prepared statements already."),
+		clientTimeouts: own("client_timeouts_total",
+			"Clients cut off by a timeout, by setting: client_write (disconnected: took nothing written to it for timeouts.client_write), idle_in_transaction (disconnected with 25P03 after timeouts.idle_in_transaction idle in a transaction), query (request cancelled with 57014 after timeouts.query).", "timeout"),
 	}
 }
 

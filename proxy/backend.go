@@ -87,6 +87,9 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 		// The server's last word is the client's, whatever it answers.
 		suppress, replaced = false, ""
 	}
+	if typ == 'E' && more == 0 && sess.wd.timedOut && !suppress && replaced == "" {
+		replaced = sess.queryTimeoutErrorLocked(data) // timeouts.query cancelled the request
+	}
 	release := false
 	sess.synthBefore, sess.synthAfter = sess.synthBefore[:0], sess.synthAfter[:0]
 	if more == 0 {

@@ -74,6 +74,7 @@ func (sess *session) clientMessage(typ byte, n int) error {
 // had; the client has then been told, and the message must be dropped.
 func (sess *session) needServer(typ byte) (srv *pool.Server, ok bool, err error) {
 	sess.mu.Lock()
+	sess.awaitTimeoutCancelLocked()
 	srv = sess.server
 	if srv != nil {
 		// The pump is about to write to it: a release waits for the

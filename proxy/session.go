@@ -111,6 +111,10 @@ type session struct {
 	// nq is the backlog of notifications from the listen hub (notify.go).
 	nq notifyQueue
 
+	// wd enforces timeouts.query and timeouts.idle_in_transaction
+	// (timeouts.go); under mu.
+	wd watchdog
+
 	wmu        sync.Mutex
 	cw         *wire.Writer // to the client
 	clientDead bool         // writing to the client failed or it was terminated
@@ -191,6 +195,7 @@ func (q *queue) pop() {
 // then leaves the server connection (if any) clean.
 func (sess *session) serve() {
 	err := sess.pump()
+	sess.stopWatch()
 	// Nothing more is written to the client: a write blocked on a client
 	// that stopped reading gives up, so that finish can take wmu.
 	_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
@@ -307,13 +312,19 @@ func (sess *session) attach() (*pool.Server, error) {
 	for {
 		srv := s.pool.TryAcquire(sess.route) // the common case, without a timer
 		if srv == nil {
-			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.QueryWait)
+			// A wait ends when the shutdown begins: a client that holds
+			// no server connection is not in a transaction, so it is
+			// disconnected at once.
+			ctx, cancel := context.WithTimeout(s.stopCtx, s.cfg.Timeouts.QueryWait)
 			var err error
 			sess.stats.beginWait()
 			srv, err = s.pool.Acquire(ctx, sess.route, nil)
 			sess.stats.endWait()
 			cancel()
 			if err != nil {
+				if s.stopCtx.Err() != nil {
+					err = pool.ErrClosed
+				}
 				return nil, err
 			}
 		}
@@ -500,7 +511,8 @@ func (sess *session) lingerExpired() {
 // at a safe point, with no session state, or with state only a
 // verification can tell is gone.
 func (sess *session) releasableLocked() bool {
-	return sess.txMode && sess.q.empty() && sess.tx == 'I' && !sess.linger && (sess.pins == 0 || sess.checkDueLocked())
+	return sess.txMode && sess.q.empty() && sess.tx == 'I' && !sess.linger && sess.wd.cancelling == nil &&
+		(sess.pins == 0 || sess.checkDueLocked())
 }
 
 // afterIdle runs when the attached server connection became idle with
@@ -573,16 +585,28 @@ func (sess *session) closeClient() {
 	_ = sess.conn.Close()
 }
 
-// drain is called at shutdown: an idle client is disconnected now; one in
-// a transaction when it finishes (or now, if force).
-func (sess *session) drain(force bool) {
+// drain is called at shutdown: it reports whether the client is idle, to
+// be disconnected now (terminateAll); one in a transaction is disconnected
+// when it finishes.
+func (sess *session) drain() (idle bool) {
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	sess.draining = true
+	return (sess.txMode && sess.server == nil) || (!sess.txMode && sess.q.empty() && sess.tx == 'I')
+}
+
+// drainNow disconnects the client at the forced end of a drain, giving up
+// writing at by.
+func (sess *session) drainNow(by time.Time) {
 	sess.mu.Lock()
 	sess.draining = true
-	idle := (sess.txMode && sess.server == nil) || (!sess.txMode && sess.q.empty() && sess.tx == 'I')
 	sess.mu.Unlock()
-	if idle || force {
-		sess.terminate(fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down"))
-	}
+	sess.terminateBy(errShuttingDown(), by)
+}
+
+// errShuttingDown is the error that ends a client's session at shutdown.
+func errShuttingDown() *clientError {
+	return fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down")
 }
 
 // sendError writes an ErrorResponse to the client.
@@ -648,6 +672,13 @@ func (sess *session) finish(cause error) {
 		sess.mu.Unlock()
 		return
 	}
+	if sess.srv.forced.Load() {
+		// The end of a forced drain: closed, not cleaned.
+		sess.detachLocked()
+		sess.mu.Unlock()
+		sess.finishForced(srv)
+		return
+	}
 	// Complete what the client left half-done so the server comes back
 	// to ReadyForQuery: end a COPY FROM STDIN, close an extended batch.
 	var tail []byte
@@ -667,7 +698,8 @@ func (sess *session) finish(cause error) {
 		sess.qEmpty = wait
 	}
 	sess.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	// A forced drain cuts the cleanup short: the connection is closed.
+	ctx, cancel := context.WithTimeout(sess.srv.forceCtx, cleanupTimeout)
 	defer cancel()
 	// Complete frames the client sent are delivered, as a direct server
 	// would have received them; then the tail.

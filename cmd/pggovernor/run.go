@@ -274,6 +274,13 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			st := g.proxy.Stats()
 			return st.BufferedBytes, st.BufferRefusals, st.StatementRefusals
 		},
+		Timeouts: func() (int64, int64, int64) {
+			if g.proxy == nil {
+				return 0, 0, 0
+			}
+			st := g.proxy.Stats()
+			return st.ClientWriteTimeouts, st.IdleInTransactionTimeouts, st.QueryTimeouts
+		},
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
 		Cluster:  g.clusterStats,
 		Security: g.securityMetrics,
@@ -751,9 +758,16 @@ func (g *governor) securityMetrics() metrics.Security {
 	return out
 }
 
+// stopGrace is how long the stop may take after the drain: the process
+// exits within timeouts.shutdown_drain + 1 s of the signal, whatever the
+// clients do (the proxy's forced drain takes at most 600 ms of it).
+const stopGrace = 900 * time.Millisecond
+
 // stop shuts down in order: readiness off and listeners closed, clients
-// drained for up to drain, then server connections closed.
+// drained for up to drain, then server connections closed. It returns
+// within drain + stopGrace.
 func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
+	exitBy := time.Now().Add(drain + stopGrace)
 	if err := g.pool.Resume(""); err == nil {
 		logger.Info("shutting down: paused databases resumed so that their clients can be drained")
 	}
@@ -764,7 +778,7 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 		}
 		cancel()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithDeadline(context.Background(), exitBy)
 	defer cancel()
 	g.pool.Close(ctx)
 	if err := g.pool.Wait(ctx); err != nil {
@@ -776,7 +790,9 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 		g.control.Close()
 	}
 	if g.admin != nil {
-		_ = g.admin.Shutdown(ctx)
+		if err := g.admin.Shutdown(ctx); err != nil {
+			_ = g.admin.Close() // a scrape still running is cut off
+		}
 	}
 	logger.Info("pggovernor stopped")
 }
