@@ -90,7 +90,7 @@ type soak struct {
 // clients driving it.
 type slot struct {
 	role   string
-	proc   *harness.Process // nil while a fault has it down
+	proc   *harness.Process       // nil while a fault has it down
 	addr   atomic.Pointer[string] // "" while a fault has it down
 	epoch  atomic.Int64           // bumped when a fault ends the process
 	active atomic.Int64           // clients that run transactions (the rest idle)
