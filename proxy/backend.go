@@ -448,6 +448,12 @@ func (sess *session) ServerLost(srv *pool.Server, err error) {
 	}
 	idle := sess.idleOnLocked()
 	sess.detachLocked()
+	if !idle {
+		// With the detach, under mu: the pump attaches no other
+		// connection for what the client sent before (needServer), as a
+		// server that went away runs nothing more of it.
+		sess.quitOnce.Do(func() { close(sess.quit) })
+	}
 	sess.verified(verifyResult{failed: true})
 	sess.mu.Unlock()
 	sess.srv.pool.Release(srv)
