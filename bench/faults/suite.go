@@ -80,17 +80,17 @@ type env struct {
 
 // result is one row of the table.
 type result struct {
-	fault                                  string
-	round                                  int
-	acked, missing, unknown, unknownInDB   int
-	aborted, phantom                       int
-	errs                                   map[string]int
-	examples                               map[string][]string
-	first, all                             time.Duration
-	recovered                              bool
-	budget                                 harness.Summary
-	violations                             []string
-	took                                   time.Duration
+	fault                                string
+	round                                int
+	acked, missing, unknown, unknownInDB int
+	aborted, phantom                     int
+	errs                                 map[string]int
+	examples                             map[string][]string
+	first, all                           time.Duration
+	recovered                            bool
+	budget                               harness.Summary
+	violations                           []string
+	took                                 time.Duration
 }
 
 // suite is one run: a Postgres, the binary, the faults.
