@@ -56,6 +56,26 @@ func (s *suite) faults() []fault {
 			heal: func(ctx context.Context, e *env) error { return e.govs[0].link.heal() },
 		},
 		{
+			// Longer than every deadline of the governor's (the control
+			// connection's probe gives up after timeouts.server_connect,
+			// an idle connection's check after 5 s, a silent server after
+			// timeouts.server_unreachable): the governor replaces
+			// connections whose server end it cannot close, which the
+			// server must have dropped by then for the budget to hold.
+			name:     "long black-hole to postgres (" + s.dropKind() + ")",
+			replicas: 1,
+			full:     true,
+			links:    dropLink,
+			inject: func(ctx context.Context, e *env) error {
+				if err := e.govs[0].link.drop(); err != nil {
+					return err
+				}
+				hold(ctx, 4*e.s.o.hold)
+				return nil
+			},
+			heal: func(ctx context.Context, e *env) error { return e.govs[0].link.heal() },
+		},
+		{
 			name:     "hard cut to postgres (forwarder resets)",
 			replicas: 1,
 			inject: func(ctx context.Context, e *env) error {

@@ -72,6 +72,7 @@ func main() {
 			o.recovery = s.recovery
 		}
 		o.opTimeout = s.opTimeout
+		o.short = true
 	}
 	o.out = os.Stdout
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

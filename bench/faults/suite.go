@@ -20,6 +20,7 @@ import (
 
 // options shape one run of the suite.
 type options struct {
+	short     bool          // make test's suite: the faults marked full are left out
 	clients   int           // writer clients of a case (shared out among replicas)
 	hold      time.Duration // how long a fault lasts
 	partition time.Duration // how long the partition of a replica lasts
@@ -39,7 +40,7 @@ type options struct {
 
 // shortOptions are make test's: each fault once, briefly.
 func shortOptions() options {
-	return options{clients: 12, hold: 1500 * time.Millisecond, partition: 6 * time.Second, rounds: 1,
+	return options{short: true, clients: 12, hold: 1500 * time.Millisecond, partition: 6 * time.Second, rounds: 1,
 		recovery: 20 * time.Second, queryWait: 10 * time.Second, opTimeout: 30 * time.Second, netns: "auto", logLevel: "info", out: io.Discard}
 }
 
@@ -60,6 +61,9 @@ type fault struct {
 	// replicas is the number of governors, sharing a budget
 	// (budget.cluster) when more than one.
 	replicas int
+	// full is set on the faults only make faults runs (too long for make
+	// test's short suite).
+	full bool
 	// links makes the link of each replica (index i); nil: a forwarder for
 	// a governor alone, direct for replicas.
 	links  func(s *suite, i int) (link, error)
@@ -88,6 +92,7 @@ type result struct {
 	examples                             map[string][]string
 	first, all                           time.Duration
 	recovered                            bool
+	longest                              time.Duration // the longest client operation
 	budget                               harness.Summary
 	violations                           []string
 	took                                 time.Duration
@@ -346,6 +351,7 @@ func (s *suite) account(ctx context.Context, e *env, r *result, violate func(str
 	r.errs, r.examples = w.errs, w.example
 	w.mu.Unlock()
 	r.acked, r.unknown, r.aborted = len(acked), len(unknown), len(aborted)
+	r.longest = time.Duration(w.longest.Load())
 	conn, err := pgx.Connect(ctx, s.pg.SuperuserDSN(database))
 	if err != nil {
 		violate("reading the table: %v", err)
@@ -447,7 +453,7 @@ func (s *suite) run(ctx context.Context, faults []fault) []result {
 	var out []result
 	for round := 1; round <= s.o.rounds; round++ {
 		for _, f := range faults {
-			if s.o.only != "" && !strings.Contains(f.name, s.o.only) {
+			if s.o.only != "" && !strings.Contains(f.name, s.o.only) || f.full && s.o.short {
 				continue
 			}
 			if ctx.Err() != nil {
@@ -477,8 +483,8 @@ func (s *suite) run(ctx context.Context, faults []fault) []result {
 
 // table writes the results as a Markdown table.
 func table(w io.Writer, rs []result) {
-	fmt.Fprintln(w, "| fault | round | acknowledged | missing | unknown (in table) | aborted (in table) | errors by SQLSTATE | recovery: first / every client | peak servers / all (limit) | result |")
-	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|---|")
+	fmt.Fprintln(w, "| fault | round | acknowledged | missing | unknown (in table) | aborted (in table) | errors by SQLSTATE | recovery: first / every client | longest operation | peak servers / all (limit) | result |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, r := range rs {
 		rec := "—"
 		switch {
@@ -491,8 +497,8 @@ func table(w io.Writer, rs []result) {
 		if len(r.violations) > 0 {
 			status = fmt.Sprintf("**%d violation(s)**", len(r.violations))
 		}
-		fmt.Fprintf(w, "| %s | %d | %d | %d | %d (%d) | %d (%d) | %s | %s | %d / %d (%d) | %s |\n", r.fault, r.round, r.acked, r.missing,
-			r.unknown, r.unknownInDB, r.aborted, r.phantom, formatErrors(r.errs, nil), rec,
+		fmt.Fprintf(w, "| %s | %d | %d | %d | %d (%d) | %d (%d) | %s | %s | %s | %d / %d (%d) | %s |\n", r.fault, r.round, r.acked, r.missing,
+			r.unknown, r.unknownInDB, r.aborted, r.phantom, formatErrors(r.errs, nil), rec, r.longest.Round(time.Millisecond),
 			r.budget.MaxServers, r.budget.MaxGovernors, capacity, status)
 	}
 }

@@ -42,6 +42,8 @@ type workload struct {
 	nextID    atomic.Int64
 	commits   atomic.Int64
 	healedAt  atomic.Int64 // UnixNano of the end of the fault; 0 before
+	longest   atomic.Int64 // the longest operation (connect, transaction), in ns
+	longWhat  atomic.Pointer[string]
 
 	mu      sync.Mutex
 	acked   []int64
@@ -231,8 +233,10 @@ func (w *workload) runPgx(c *writer) {
 	for n := 0; !w.stopped(); n++ {
 		if conn == nil || conn.IsClosed() {
 			ctx, cancel := context.WithTimeout(context.Background(), w.opTimeout)
+			began := time.Now()
 			var err error
 			conn, err = pgx.Connect(ctx, c.dsn)
+			w.took(c, -1, began)
 			cancel()
 			if err != nil {
 				conn = nil
@@ -242,11 +246,13 @@ func (w *workload) runPgx(c *writer) {
 			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), w.opTimeout)
+		began := time.Now()
 		if n%2 == 0 {
 			w.pgxSingle(ctx, c, conn)
 		} else {
 			w.pgxTx(ctx, c, conn)
 		}
+		w.took(c, n, began)
 		cancel()
 	}
 }
@@ -301,11 +307,13 @@ func (w *workload) runPq(c *writer) {
 	db.SetMaxIdleConns(1)
 	for n := 0; !w.stopped(); n++ {
 		ctx, cancel := context.WithTimeout(context.Background(), w.opTimeout)
+		began := time.Now()
 		if n%2 == 0 {
 			w.pqSingle(ctx, c, db)
 		} else {
 			w.pqTx(ctx, c, db)
 		}
+		w.took(c, n, began)
 		cancel()
 	}
 }
@@ -344,6 +352,30 @@ func (w *workload) pqTx(ctx context.Context, c *writer, db *sql.DB) {
 	default:
 		w.record(c, "COMMIT", ids, "unknown", err)
 		w.pause()
+	}
+}
+
+// took records how long an operation that began then took (with the
+// pause after an error).
+func (w *workload) took(c *writer, n int, began time.Time) {
+	d := int64(time.Since(began))
+	for {
+		cur := w.longest.Load()
+		if d <= cur {
+			return
+		}
+		if w.longest.CompareAndSwap(cur, d) {
+			what := "a transaction"
+			switch {
+			case n < 0:
+				what = "connecting"
+			case n%2 == 0:
+				what = "an autocommit INSERT"
+			}
+			desc := fmt.Sprintf("client %d (%s), %s from %s", c.n, c.driver, what, began.Format("15:04:05.000"))
+			w.longWhat.Store(&desc)
+			return
+		}
 	}
 }
 
