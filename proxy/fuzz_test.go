@@ -114,7 +114,9 @@ func FuzzSession(f *testing.F) {
 	cat := func(parts ...[]byte) []byte { return bytes.Join(parts, nil) }
 	q := func(s string) []byte { return msg(&pgproto3.Query{String: s}) }
 	parse := func(name, s string) []byte { return msg(&pgproto3.Parse{Name: name, Query: s}) }
-	bind := func(portal, name string) []byte { return msg(&pgproto3.Bind{DestinationPortal: portal, PreparedStatement: name}) }
+	bind := func(portal, name string) []byte {
+		return msg(&pgproto3.Bind{DestinationPortal: portal, PreparedStatement: name})
+	}
 	exec := msg(&pgproto3.Execute{})
 	sync := msg(&pgproto3.Sync{})
 	f.Add(q("SELECT 1"))
