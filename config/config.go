@@ -441,6 +441,22 @@ type Timeouts struct {
 	// the client gets 57014 "canceling statement due to statement
 	// timeout". 0 (the default) never does.
 	Query time.Duration `yaml:"query" min:"0s"`
+	// ServerUnreachable is how long the server's host may stay silent — a
+	// network black-hole, a host gone without closing its sockets — before
+	// pggovernor gives up a server connection or its control connection
+	// (TCP keepalives and TCP_USER_TIMEOUT on its sockets; 3 s at least):
+	// a request in flight then fails instead of waiting for TCP's own
+	// limit (about 15 minutes). The server is asked, with
+	// tcp_keepalives_idle, tcp_keepalives_interval, tcp_keepalives_count
+	// and tcp_user_timeout in the startup packet, to drop the connections
+	// of a pggovernor it cannot reach within half of this (3 s at least),
+	// so that by the time pggovernor replaces one the server has let go of
+	// it and the budget holds (otherwise an abandoned backend can hold its
+	// slot of max_connections for hours). 0 leaves both to the operating
+	// systems. In cluster mode budget.cluster.member_timeout sets them
+	// instead. An upstream that refuses these startup parameters (PgBouncer
+	// without ignore_startup_parameters) needs 0.
+	ServerUnreachable time.Duration `yaml:"server_unreachable" min:"0s"`
 }
 
 // Log configures logging.
@@ -517,14 +533,15 @@ func Default() Config {
 		},
 		Limits: Limits{MaxBufferedBytes: 64 << 20},
 		Timeouts: Timeouts{
-			QueryWait:        30 * time.Second,
-			ClientLogin:      15 * time.Second,
-			ServerConnect:    10 * time.Second,
-			ServerIdle:       10 * time.Minute,
-			ServerLifetime:   time.Hour,
-			ServerCheckDelay: 30 * time.Second,
-			ShutdownDrain:    30 * time.Second,
-			ClientWrite:      30 * time.Second,
+			QueryWait:         30 * time.Second,
+			ClientLogin:       15 * time.Second,
+			ServerConnect:     10 * time.Second,
+			ServerIdle:        10 * time.Minute,
+			ServerLifetime:    time.Hour,
+			ServerCheckDelay:  30 * time.Second,
+			ShutdownDrain:     30 * time.Second,
+			ClientWrite:       30 * time.Second,
+			ServerUnreachable: 10 * time.Second,
 		},
 		Log:   Log{Level: "info", Format: "json", RepeatInterval: 10 * time.Second},
 		Admin: Admin{ProbeInterval: 5 * time.Second},

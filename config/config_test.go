@@ -239,6 +239,7 @@ func fullWant() config.Config {
 			ClientWrite:       45 * time.Second,
 			IdleInTransaction: 2 * time.Minute,
 			Query:             90 * time.Second,
+			ServerUnreachable: 20 * time.Second,
 		},
 		Log:   config.Log{Level: "debug", Format: "console", RepeatInterval: time.Minute},
 		Admin: config.Admin{Users: []string{"ops", "exporter"}, Pprof: true, ProbeInterval: 250 * time.Millisecond},

@@ -84,6 +84,12 @@ func (sess *session) needServer(typ byte) (srv *pool.Server, ok bool, err error)
 			sess.relinked = false
 			sess.beginAttemptLocked()
 		}
+	} else if sess.terminated() {
+		// The client was disconnected (its server connection lost
+		// under a request, or terminated): nothing it sent before runs
+		// on another connection.
+		sess.mu.Unlock()
+		return nil, false, net.ErrClosed
 	}
 	sess.mu.Unlock()
 	if srv != nil {
@@ -460,6 +466,16 @@ func init() {
 	fields := "SERROR\x00VERROR\x00C0A000\x00Mcached plan must not change result type\x00Fplancache.c\x00RRevalidateCachedQuery\x00\x00"
 	b := wire.AppendHeader(nil, 'E', len(fields))
 	cachedPlanChanged = string(append(b, fields...))
+}
+
+// terminated reports whether the session was terminated (quit closed).
+func (sess *session) terminated() bool {
+	select {
+	case <-sess.quit:
+		return true
+	default:
+		return false
+	}
 }
 
 // awaitVerify waits for the answer to a statement the pump prepared again.

@@ -679,6 +679,15 @@ func (sess *session) finish(cause error) {
 		sess.finishForced(srv)
 		return
 	}
+	if srv.Broken() {
+		// Part of a frame reached it (the client left in the middle of
+		// one), or it cannot be written: nothing it answers can make it
+		// clean, so it is closed now rather than waited for.
+		sess.detachLocked()
+		sess.mu.Unlock()
+		sess.srv.pool.Release(srv)
+		return
+	}
 	// Complete what the client left half-done so the server comes back
 	// to ReadyForQuery: end a COPY FROM STDIN, close an extended batch.
 	var tail []byte

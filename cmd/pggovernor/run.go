@@ -312,11 +312,19 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		}
 	}
 	base := up.base
-	if clustered {
+	switch u := cfg.Timeouts.ServerUnreachable; {
+	case clustered:
 		// The server drops a vanished replica's connections before the
 		// others may take its leases (pool/cluster's keepalive bound).
 		base = up.base.Copy()
 		maps.Copy(base.RuntimeParams, cluster.ServerParams(cfg.Budget.Cluster.MemberTimeout))
+	case u > 0:
+		// A silent server is given up within u, and the server drops what
+		// it cannot reach within u/2: before a connection given up is
+		// replaced (timeouts.server_unreachable).
+		base = up.base.Copy()
+		maps.Copy(base.RuntimeParams, cluster.ServerParams(u))
+		base.DialFunc = cluster.Dialer(2 * u).DialContext
 	}
 	g.pool = pool.New(pool.Options{
 		Connector: &pool.UpstreamConnector{Base: base, Password: up.password, Prepare: up.prepare,
@@ -841,6 +849,9 @@ func newControlPool(ctx context.Context, cfg *config.Config, up *upstream, id *c
 	if c := cfg.Budget.Cluster; c.Enabled {
 		maps.Copy(pcfg.ConnConfig.RuntimeParams, cluster.ServerParams(c.MemberTimeout))
 		pcfg.ConnConfig.DialFunc = cluster.Dialer(c.MemberTimeout).DialContext
+	} else if u := cfg.Timeouts.ServerUnreachable; u > 0 {
+		maps.Copy(pcfg.ConnConfig.RuntimeParams, cluster.ServerParams(u))
+		pcfg.ConnConfig.DialFunc = cluster.Dialer(2 * u).DialContext
 	}
 	pw := id.password
 	user := id.user
