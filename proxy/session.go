@@ -679,6 +679,13 @@ func (sess *session) finish(cause error) {
 		sess.finishForced(srv)
 		return
 	}
+	if sess.unsynced {
+		// The client left in the middle of an extended-protocol batch:
+		// Postgres would abort its implicit transaction (the backend
+		// exits at the client's EOF), and a Sync sent in its place would
+		// commit what it had executed. Closed, never completed.
+		srv.MarkBroken()
+	}
 	if srv.Broken() {
 		// Part of a frame reached it (the client left in the middle of
 		// one), or it cannot be written: nothing it answers can make it
@@ -689,17 +696,13 @@ func (sess *session) finish(cause error) {
 		return
 	}
 	// Complete what the client left half-done so the server comes back
-	// to ReadyForQuery: end a COPY FROM STDIN, close an extended batch.
+	// to ReadyForQuery: end a COPY FROM STDIN (an unsynced batch was
+	// closed above).
 	var tail []byte
 	if sess.copyIn {
 		msg := "client disconnected during COPY"
 		tail = wire.AppendHeader(tail, 'f', len(msg)+1)
 		tail = append(append(tail, msg...), 0)
-	}
-	if sess.unsynced {
-		tail = append(tail, 'S', 0, 0, 0, 4)
-		sess.q.push(entry{kind: 'S'})
-		sess.unsynced = false
 	}
 	var wait chan struct{}
 	if !sess.q.empty() {
