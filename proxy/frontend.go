@@ -232,7 +232,7 @@ func (sess *session) parse(frame []byte) error {
 	sess.mu.Lock()
 	sess.stmts[cs.name] = cs
 	if !sess.answered.Load() {
-		sess.added = append(sess.added, cs.name)
+		sess.stmtLog = append(sess.stmtLog, stmtChange{name: cs.name})
 	}
 	ss := sess.stmtsOf(srv)
 	sess.resetInject()
@@ -653,7 +653,7 @@ func (sess *session) closeMsg(frame []byte) error {
 		} else if cs := sess.stmts[string(name)]; cs != nil {
 			delete(sess.stmts, string(name))
 			if sess.server != nil && !sess.answered.Load() {
-				sess.removed = append(sess.removed, cs) // its body is kept for a retry
+				sess.stmtLog = append(sess.stmtLog, stmtChange{name: cs.name, closed: cs}) // its body is kept for a retry
 			} else {
 				sess.forgetStmtLocked(cs)
 			}

@@ -312,9 +312,7 @@ func (sess *session) releaseHeld() {
 	for _, cs := range sess.stmts {
 		sess.forgetStmtLocked(cs)
 	}
-	for _, cs := range sess.removed {
-		sess.forgetStmtLocked(cs)
-	}
+	sess.settleStmtLogLocked()
 	sess.srv.buffers.Return(sess.unnamedHeld)
 	sess.unnamedHeld, sess.unnamedParse = 0, nil
 	sess.releaseUnnamedReservation()

@@ -84,14 +84,13 @@ type session struct {
 	// The request of the current attachment, kept for a retry on another
 	// connection (retry.go): replayBuf holds its messages; curStart and
 	// curCaptured say where the message being handled starts and whether
-	// it was kept; added and removed are the named statements the request
-	// added or removed (under mu).
+	// it was kept; stmtLog is what the request did to the client's named
+	// statements, in order (under mu).
 	replayBuf   []byte
 	replayHeld  int // what replayBuf holds in the Server's budget
 	curStart    int
 	curCaptured bool
-	added       []string
-	removed     []*clientStmt
+	stmtLog     []stmtChange
 	// answered is false from an attachment until the server's first
 	// answer on it; retryPending asks the pump to retry the request.
 	answered     atomic.Bool
