@@ -95,8 +95,7 @@ func TestPasswordFileErrorsAtStart(t *testing.T) {
 }
 
 // TestUsersFileReloadsOnChange: a users file swapped like a Kubernetes
-// ConfigMap or Secret is read again at the next lookup; one that does not
-// parse keeps the previous list, with one error.
+// ConfigMap or Secret is read again at the next lookup.
 func TestUsersFileReloadsOnChange(t *testing.T) {
 	m, err := pgtest.NewSecretMount(t.TempDir(), map[string][]byte{"userlist.txt": []byte(`"alice" "pw1"` + "\n")})
 	if err != nil {
@@ -116,15 +115,99 @@ func TestUsersFileReloadsOnChange(t *testing.T) {
 	if s, ok := u.Current().Lookup("bob"); !ok || s.Plain != "pw2" {
 		t.Fatal("bob after the swap: want = known, got = unknown")
 	}
-	if err := m.Update(map[string][]byte{"userlist.txt": []byte(`"carol" "unterminated` + "\n")}); err != nil {
-		t.Fatal(err)
+	if n := logs.FilterMessageSnippet("reloaded").Len(); n != 1 {
+		t.Fatalf("reloads logged: want = 1, got = %d", n)
 	}
-	for i := 0; i < 3; i++ {
-		if _, ok := u.Current().Lookup("bob"); !ok {
-			t.Fatal("after a broken update: want = the previous list, got = bob unknown")
+}
+
+// TestUsersFileFailsClosed: a new version with a line that does not parse
+// adds and changes nothing, but what it removes or breaks is gone; a
+// deleted or unreadable file means no users; each failure is logged once,
+// naming the file and line; a good version restores the list; a broken
+// file stops the start.
+func TestUsersFileFailsClosed(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "userlist.txt")
+	write := func(lines ...string) {
+		t.Helper()
+		tmp := path + ".tmp"
+		if err := os.WriteFile(tmp, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, path); err != nil {
+			t.Fatal(err)
 		}
 	}
-	if n := logs.FilterMessageSnippet("cannot be used").Len(); n != 1 {
-		t.Fatalf("errors for the broken file: want = 1, got = %d", n)
+	core, logs := observer.New(zapcore.DebugLevel)
+	write(`"alice" "pw-a"`, `"bob" "pw-b"`, `"carol" "pw-c"`, `"dave" "pw-d"`)
+	u, err := NewUsers(path, WithUsersLogger(zap.New(core)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	has := func(want map[string]string) {
+		t.Helper()
+		ul := u.Current()
+		for _, name := range []string{"alice", "bob", "carol", "dave", "erin"} {
+			s, ok := ul.Lookup(name)
+			pw, wantOK := want[name]
+			if ok != wantOK || (ok && s.Plain != pw) {
+				t.Fatalf("%s: want = known %v %q, got = known %v %v", name, wantOK, pw, ok, s)
+			}
+		}
+		if ul.Len() != len(want) {
+			t.Fatalf("users: want = %d, got = %d", len(want), ul.Len())
+		}
+	}
+	has(map[string]string{"alice": "pw-a", "bob": "pw-b", "carol": "pw-c", "dave": "pw-d"})
+
+	// One edit removes bob, changes carol's password, breaks dave's line,
+	// adds erin, and has a line that does not parse: only alice is left.
+	write(`"alice" "pw-a"`, `"carol" "pw-c2"`, `"dave" "unterminated`, `"erin" "pw-e"`, `"broken`)
+	has(map[string]string{"alice": "pw-a"})
+	has(map[string]string{"alice": "pw-a"}) // reported once
+	bad := logs.FilterMessageSnippet("do not parse")
+	if bad.Len() != 1 || !strings.Contains(fmt.Sprint(bad.All()[0].ContextMap()["error"]), path+":3:") ||
+		!strings.Contains(fmt.Sprint(bad.All()[0].ContextMap()["error"]), path+":5:") {
+		t.Fatalf("want = one error naming %s:3 and %s:5, got = %v", path, path, bad.All())
+	}
+	if err := u.Reload(); err == nil || !strings.Contains(err.Error(), path+":3:") {
+		t.Fatalf("SIGHUP on the broken version: want = its error, got = %v", err)
+	}
+	has(map[string]string{"alice": "pw-a"})
+
+	// A good version is taken as it is.
+	write(`"alice" "pw-a"`, `"bob" "pw-b"`, `"erin" "pw-e"`)
+	has(map[string]string{"alice": "pw-a", "bob": "pw-b", "erin": "pw-e"})
+
+	// Deleted: no users, until it is back.
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	has(map[string]string{})
+	has(map[string]string{})
+	if n := logs.FilterMessageSnippet("cannot be read").Len(); n != 1 {
+		t.Fatalf("errors for the deleted file: want = 1, got = %d", n)
+	}
+	// A broken version after that grants nothing either.
+	write(`"alice" "pw-a"`, `"broken`)
+	has(map[string]string{})
+	write(`"alice" "pw-a"`)
+	has(map[string]string{"alice": "pw-a"})
+
+	// Unreadable: no users.
+	if os.Geteuid() != 0 { // root reads anything
+		if err := os.Chmod(path, 0); err != nil {
+			t.Fatal(err)
+		}
+		has(map[string]string{})
+		if err := os.Chmod(path, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// At start, a broken file is an error naming its line.
+	write(`"alice" "pw-a"`, `"broken`)
+	if _, err := NewUsers(path); err == nil || !strings.Contains(err.Error(), path+":2:") {
+		t.Fatalf("start with a broken file: want = an error naming %s:2, got = %v", path, err)
 	}
 }

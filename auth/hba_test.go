@@ -436,7 +436,7 @@ host all all 127.0.0.1/32 password
 			wantErr: `password authentication failed for user "scrammed"`, wantFailed: true},
 		{name: "password, unknown user", login: tcp("127.0.0.1", "mallory", "db"), password: "nope", wantReq: "*pgproto3.AuthenticationCleartextPassword",
 			wantErr: `password authentication failed for user "mallory"`, wantFailed: true},
-		{name: "md5 line, SCRAM entry: SCRAM", login: tcp("127.0.0.1", "md5y", "db"), wantReq: "*pgproto3.AuthenticationMD5Password",
+		{name: "md5 line, unknown user: SCRAM, as Postgres with password_encryption scram-sha-256", login: tcp("127.0.0.1", "md5y", "db"), wantReq: "*pgproto3.AuthenticationSASL",
 			wantErr: `password authentication failed for user "md5y"`, wantFailed: true},
 		{name: "reject line", login: tcp("127.0.0.1", "rejected", "db"), wantReq: "none",
 			wantErr: `pg_hba.conf rejects connection for host "127.0.0.1", user "rejected", database "db", no encryption`, wantCode: "28000"},
@@ -489,29 +489,33 @@ host all all 127.0.0.1/32 password
 }
 
 // TestVerifierHBAThrottle: failed logins through hba lines are throttled
-// as without them; hba refusals are neither throttled nor counted.
+// as without them (the answers beyond the free failures are delayed, a
+// correct password never is); hba refusals are neither throttled nor
+// counted.
 func TestVerifierHBAThrottle(t *testing.T) {
 	clock := newFakeClock()
-	th := NewThrottle(ThrottleOptions{FreeFailures: 2, Clock: clock})
+	th := NewThrottle(ThrottleOptions{FreeFailures: 2, FirstDelay: time.Millisecond, Clock: clock})
 	v, _ := hbaVerifier(t, "host all nobody 127.0.0.1/32 reject\nhost all all 127.0.0.1/32 password\n", `"alice" "pw"`+"\n", WithThrottle(th))
 	ctx := context.Background()
 	login := tcp("127.0.0.1", "alice", "db")
-	for i := 0; i < 2; i++ {
-		if _, err := v.Authenticate(ctx, &authConnScript{user: "alice", password: "wrong"}, login); !errors.Is(err, ErrAuthFailed) {
-			t.Fatalf("attempt %d: want = failed, got = %v", i, err)
+	for i := 0; i < 3; i++ {
+		_, err := v.Authenticate(ctx, &authConnScript{user: "alice", password: "wrong"}, login)
+		var delayed *DelayedError
+		if !errors.Is(err, ErrAuthFailed) || errors.As(err, &delayed) != (i == 2) {
+			t.Fatalf("attempt %d: want = failed, delayed only beyond the 2 free failures, got = %v", i, err)
 		}
 	}
-	var throttled *ThrottledError
-	if _, err := v.Authenticate(ctx, &authConnScript{user: "alice", password: "pw"}, login); !errors.As(err, &throttled) {
-		t.Fatalf("after 2 failures: want = throttled, got = %v", err)
+	for i := 0; i < 3; i++ {
+		var re *RefusedError
+		if _, err := v.Authenticate(ctx, &authConnScript{}, tcp("127.0.0.1", "nobody", "db")); !errors.As(err, &re) || !re.Rules {
+			t.Fatalf("reject line: want = the hba refusal, got = %v", err)
+		}
 	}
-	var re *RefusedError
-	if _, err := v.Authenticate(ctx, &authConnScript{}, tcp("127.0.0.1", "nobody", "db")); !errors.As(err, &re) || !re.Rules {
-		t.Fatalf("reject line while throttled: want = the hba refusal, got = %v", err)
-	}
-	clock.Advance(time.Minute)
 	if _, err := v.Authenticate(ctx, &authConnScript{user: "alice", password: "pw"}, login); err != nil {
-		t.Fatalf("after the wait: want = logged in, got = %v", err)
+		t.Fatalf("the right password after failures: want = logged in, got = %v", err)
+	}
+	if st := th.Stats(); st.Delayed != 1 || st.Entries != 1 {
+		t.Fatalf("want = one delayed failure, of the one pair (the refusals not counted), got = %+v", st)
 	}
 }
 

@@ -1,8 +1,12 @@
 package auth
 
 import (
+	"container/list"
+	"context"
 	"fmt"
+	"hash/maphash"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -19,50 +23,73 @@ func (SystemClock) Now() time.Time { return time.Now() }
 
 // Defaults of the failed-login throttle.
 const (
-	// DefaultFreeFailures is how many consecutive failed logins an address
-	// may have before its attempts are slowed down.
+	// DefaultFreeFailures is how many failed logins of one user from one
+	// address are answered at once before the answers to further ones are
+	// delayed.
 	DefaultFreeFailures = 10
-	// DefaultFirstDelay is the wait after the first failure beyond the free
+	// DefaultFirstDelay is the delay of the first failure beyond the free
 	// ones; it doubles with each further failure.
 	DefaultFirstDelay = 500 * time.Millisecond
-	// DefaultMaxDelay bounds the wait.
+	// DefaultMaxDelay bounds the delay.
 	DefaultMaxDelay = 10 * time.Second
-	// defaultForget is how long an address with no attempt is remembered.
-	defaultForget = 15 * time.Minute
-	// maxThrottleEntries bounds the memory the throttle uses.
+	// DefaultForget is how long after its last failure a user and address
+	// are forgotten.
+	DefaultForget = 15 * time.Minute
+	// maxThrottleEntries bounds the memory the throttle uses: about 100
+	// bytes an entry, whatever the length of the names.
 	maxThrottleEntries = 100_000
+	// LocalAddr is the address of a client on the Unix socket, as
+	// Postgres names it.
+	LocalAddr = "[local]"
 )
 
 // ThrottleOptions configure a Throttle; zero fields take the defaults.
 type ThrottleOptions struct {
-	// FreeFailures is how many consecutive failures an address may have
-	// before it must wait between attempts.
+	// FreeFailures is how many failures of one user from one address are
+	// answered at once.
 	FreeFailures int
-	// FirstDelay is the first wait; it doubles with each further failure,
-	// up to MaxDelay.
+	// FirstDelay is the first delay; it doubles with each further
+	// failure, up to MaxDelay.
 	FirstDelay, MaxDelay time.Duration
-	// Clock is the time source; nil is the system clock.
+	// Forget is how long after the last failure the count starts again.
+	Forget time.Duration
+	// Clock is the time source of the counts; nil is the system clock.
+	// The delays themselves are real time.
 	Clock Clock
 }
 
-// Throttle slows down password guessing from one source address. After
-// FreeFailures consecutive failed logins, an address must wait before its
-// next attempt (FirstDelay, doubling with each failure, up to MaxDelay)
-// and may have only one attempt in progress at a time. A successful login
-// clears the address. Addresses are forgotten after 15 minutes without an
-// attempt. Clients at other addresses are never affected. Its methods are
-// safe for concurrent use.
+// Throttle slows down password guessing, as Postgres' auth_delay does but
+// only beyond a number of free failures: it counts failed logins per
+// source address and user name, and after FreeFailures of them the answer
+// to each further failure of that user from that address is delayed
+// (FirstDelay, doubling with each failure, up to MaxDelay), the failing
+// connection held open meanwhile. The count starts again Forget after the
+// last failure.
+//
+// It never refuses or delays an attempt before its credentials are
+// checked, and never delays a success: a correct password logs in at its
+// usual cost whatever others failed, so that nobody can lock a user out by
+// failing logins in their name, or hold anything by stalling an exchange.
+// Every user name has its own count, whether or not the user exists, so
+// failures as one name never touch another, and the delays do not tell
+// which users exist. Its methods are safe for concurrent use.
 type Throttle struct {
 	opts ThrottleOptions
-	mu   sync.Mutex
-	m    map[string]*throttleEntry
+	seed maphash.Seed
+
+	mu struct {
+		sync.Mutex
+		entries map[uint64]*list.Element // of *throttleEntry
+		lru     list.List                // least recently failed first
+	}
+	delayed atomic.Uint64 // failures answered after a delay
+	holding atomic.Int64  // failures being delayed now
 }
 
 type throttleEntry struct {
+	key      uint64
 	failures int
-	inFlight int
-	last     time.Time // of the last attempt or failure
-	until    time.Time // attempts before this are refused
+	last     time.Time // of the last failure
 }
 
 // NewThrottle returns a throttle.
@@ -76,128 +103,144 @@ func NewThrottle(o ThrottleOptions) *Throttle {
 	if o.MaxDelay <= 0 {
 		o.MaxDelay = DefaultMaxDelay
 	}
+	if o.Forget <= 0 {
+		o.Forget = DefaultForget
+	}
 	if o.Clock == nil {
 		o.Clock = SystemClock{}
 	}
-	return &Throttle{opts: o, m: map[string]*throttleEntry{}}
+	t := &Throttle{opts: o, seed: maphash.MakeSeed()}
+	t.mu.entries = map[uint64]*list.Element{}
+	return t
 }
 
-// ThrottledError refuses a login attempt from an address with too many
-// recent failures.
-type ThrottledError struct {
-	// Addr is the source address.
-	Addr string
-	// Wait is how long until the next attempt is accepted (0: when the
-	// attempt in progress ends).
-	Wait time.Duration
-	// Failures is the number of consecutive failures.
+// key hashes an address and a user name into a fixed-size key: the memory
+// an entry takes does not depend on what the client sent. Two pairs that
+// collide (one chance in 2^64) share a count.
+func (t *Throttle) key(addr, user string) uint64 {
+	var h maphash.Hash
+	h.SetSeed(t.seed)
+	_, _ = h.WriteString(addr)
+	_ = h.WriteByte(0)
+	_, _ = h.WriteString(user)
+	return h.Sum64()
+}
+
+// Failed records a failed login of user from addr ("" is the Unix socket,
+// counted as LocalAddr) and returns how long its answer must be delayed (0
+// for the free failures) and the number of failures counted so far.
+func (t *Throttle) Failed(addr, user string) (delay time.Duration, failures int) {
+	if t == nil {
+		return 0, 0
+	}
+	if addr == "" {
+		addr = LocalAddr
+	}
+	k := t.key(addr, user)
+	now := t.opts.Clock.Now()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.forgetLocked(now)
+	var e *throttleEntry
+	if el, ok := t.mu.entries[k]; ok {
+		e = el.Value.(*throttleEntry)
+		t.mu.lru.MoveToBack(el)
+	} else {
+		if len(t.mu.entries) >= maxThrottleEntries {
+			oldest := t.mu.lru.Front()
+			delete(t.mu.entries, oldest.Value.(*throttleEntry).key)
+			t.mu.lru.Remove(oldest)
+		}
+		e = &throttleEntry{key: k}
+		t.mu.entries[k] = t.mu.lru.PushBack(e)
+	}
+	e.failures++
+	e.last = now
+	over := e.failures - t.opts.FreeFailures
+	if over <= 0 {
+		return 0, e.failures
+	}
+	d := t.opts.FirstDelay
+	for i := 1; i < over && d < t.opts.MaxDelay; i++ {
+		d *= 2
+	}
+	return min(d, t.opts.MaxDelay), e.failures
+}
+
+// forgetLocked drops the entries whose last failure is older than Forget:
+// the least recently failed come first.
+func (t *Throttle) forgetLocked(now time.Time) {
+	for el := t.mu.lru.Front(); el != nil; el = t.mu.lru.Front() {
+		e := el.Value.(*throttleEntry)
+		if now.Sub(e.last) <= t.opts.Forget {
+			return
+		}
+		delete(t.mu.entries, e.key)
+		t.mu.lru.Remove(el)
+	}
+}
+
+// Hold waits d (the delay Failed returned) or until ctx ends, counting the
+// failure as delayed.
+func (t *Throttle) Hold(ctx context.Context, d time.Duration) {
+	if t == nil || d <= 0 {
+		return
+	}
+	t.delayed.Add(1)
+	t.holding.Add(1)
+	defer t.holding.Add(-1)
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+	case <-ctx.Done():
+	}
+}
+
+// DelayedError is a failed login whose answer the throttle delayed. It
+// wraps the failure (ErrAuthFailed, ErrCertAuthFailed, a *RefusedError):
+// the client gets the same answer as for any failure, only later.
+type DelayedError struct {
+	// Err is the failure.
+	Err error
+	// Delay is how long the answer was held; Failures the failures of
+	// this user from this address counted then.
+	Delay    time.Duration
 	Failures int
 }
 
-func (e *ThrottledError) Error() string {
-	if e.Wait <= 0 {
-		return fmt.Sprintf("too many failed login attempts from %s (%d in a row): one attempt at a time", e.Addr, e.Failures)
-	}
-	return fmt.Sprintf("too many failed login attempts from %s (%d in a row): next attempt accepted in %s", e.Addr, e.Failures, e.Wait.Round(time.Millisecond))
+func (e *DelayedError) Error() string {
+	return fmt.Sprintf("%v (answered after %s: %d failed logins of this user from this address)", e.Err, e.Delay.Round(time.Millisecond), e.Failures)
 }
 
-// Begin starts a login attempt from addr ("" is never throttled). It
-// returns a *ThrottledError when the address must wait; otherwise the
-// caller must call the returned end function with the outcome once it is
-// known: failed true for wrong credentials.
-func (t *Throttle) Begin(addr string) (end func(failed bool), err error) {
-	if t == nil || addr == "" {
-		return func(bool) {}, nil
-	}
-	now := t.opts.Clock.Now()
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	e := t.m[addr]
-	if e != nil && now.Sub(e.last) > defaultForget && e.inFlight == 0 {
-		delete(t.m, addr)
-		e = nil
-	}
-	if e != nil && e.failures >= t.opts.FreeFailures {
-		if wait := e.until.Sub(now); wait > 0 {
-			return nil, &ThrottledError{Addr: addr, Wait: wait, Failures: e.failures}
-		}
-		if e.inFlight > 0 {
-			return nil, &ThrottledError{Addr: addr, Failures: e.failures}
-		}
-	}
-	if e == nil {
-		t.pruneLocked(now)
-		e = &throttleEntry{}
-		t.m[addr] = e
-	}
-	e.inFlight++
-	e.last = now
-	var once sync.Once
-	return func(failed bool) { once.Do(func() { t.end(addr, e, failed) }) }, nil
-}
-
-func (t *Throttle) end(addr string, e *throttleEntry, failed bool) {
-	now := t.opts.Clock.Now()
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	e.inFlight--
-	e.last = now
-	if !failed {
-		if t.m[addr] == e && e.inFlight == 0 {
-			delete(t.m, addr)
-		} else {
-			e.failures, e.until = 0, time.Time{}
-		}
-		return
-	}
-	e.failures++
-	if over := e.failures - t.opts.FreeFailures; over >= 0 {
-		d := t.opts.FirstDelay
-		for i := 0; i < over && d < t.opts.MaxDelay; i++ {
-			d *= 2
-		}
-		d = min(d, t.opts.MaxDelay)
-		e.until = now.Add(d)
-	}
-}
-
-// pruneLocked forgets stale addresses when the map is full.
-func (t *Throttle) pruneLocked(now time.Time) {
-	if len(t.m) < maxThrottleEntries {
-		return
-	}
-	for a, e := range t.m {
-		if e.inFlight == 0 && (now.Sub(e.last) > defaultForget || e.failures < t.opts.FreeFailures) {
-			delete(t.m, a)
-		}
-	}
-	for a, e := range t.m { // still full: forget any idle address
-		if len(t.m) < maxThrottleEntries {
-			break
-		}
-		if e.inFlight == 0 {
-			delete(t.m, a)
-		}
-	}
-}
+func (e *DelayedError) Unwrap() error { return e.Err }
 
 // ThrottleStats are the throttle's numbers, kept for metrics.
 type ThrottleStats struct {
-	// Addresses is the number of addresses remembered; Throttled how many
-	// of them must wait now.
-	Addresses, Throttled int
+	// Entries is the number of (address, user) pairs remembered;
+	// Throttled how many of them have used their free failures (their
+	// next failure is delayed).
+	Entries, Throttled int
+	// Delayed counts the failures whose answer was delayed; Holding is the
+	// number being delayed now.
+	Delayed uint64
+	Holding int64
 }
 
 // Stats returns the current numbers.
 func (t *Throttle) Stats() ThrottleStats {
+	if t == nil {
+		return ThrottleStats{}
+	}
 	now := t.opts.Clock.Now()
 	t.mu.Lock()
-	defer t.mu.Unlock()
-	s := ThrottleStats{Addresses: len(t.m)}
-	for _, e := range t.m {
-		if e.failures >= t.opts.FreeFailures && e.until.After(now) {
+	s := ThrottleStats{Entries: len(t.mu.entries)}
+	for _, el := range t.mu.entries {
+		if e := el.Value.(*throttleEntry); e.failures >= t.opts.FreeFailures && now.Sub(e.last) <= t.opts.Forget {
 			s.Throttled++
 		}
 	}
+	t.mu.Unlock()
+	s.Delayed, s.Holding = t.delayed.Load(), t.holding.Load()
 	return s
 }

@@ -2,8 +2,9 @@
 //
 // Client side: SCRAM-SHA-256 (and SCRAM-SHA-256-PLUS over TLS), md5 and
 // trust against a users file in PgBouncer's userlist.txt format, which is
-// read again when it changes; cert (the client certificate's CN is the
-// user); failed-login throttling per source address.
+// read again when it changes and fails closed; cert (the client
+// certificate's CN is the user); failed-login throttling per source
+// address and user.
 //
 // Upstream side: a static password, a password file read again when it
 // changes (following a Kubernetes ..data symlink swap), RDS IAM tokens
@@ -16,6 +17,7 @@ package auth
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/md5" //nolint:gosec // md5 is the Postgres md5 auth method, not our choice
 	"encoding/base64"
 	"encoding/hex"
@@ -28,6 +30,9 @@ import (
 	"sync"
 
 	"github.com/xdg-go/scram"
+	"go.uber.org/zap"
+
+	"github.com/pggovernor/pggovernor/internal/filestamp"
 )
 
 // Secret is one user's entry in the users file. Exactly one form is set.
@@ -112,29 +117,41 @@ func (u *UserList) Len() int {
 	return len(u.users)
 }
 
-// LoadUserList reads a users file.
+// LoadUserList reads a users file. A file with lines that do not parse is
+// an error naming each as path:line; the entries of the lines that do
+// parse are still returned with it (see Users for what is done with them).
 func LoadUserList(path string) (*UserList, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("opening users file: %w", err)
 	}
 	defer f.Close()
-	ul, err := ParseUserList(f)
-	if err != nil {
-		return nil, fmt.Errorf("users file %s: %w", path, err)
-	}
-	return ul, nil
+	return parseUserList(f, path)
 }
 
 // ParseUserList parses PgBouncer's userlist.txt format: each line holds two
 // double-quoted fields, user and password ("" inside a field is a quote);
 // further fields are ignored, and lines that do not start with a quote are
 // comments. The password is plaintext, "md5" + 32 hex digits, or
-// "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>".
-func ParseUserList(r io.Reader) (*UserList, error) {
+// "SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>". A later line
+// for the same user replaces an earlier one. Lines that do not parse are
+// an error naming each one; the entries of the others are returned with
+// it.
+func ParseUserList(r io.Reader) (*UserList, error) { return parseUserList(r, "") }
+
+// parseUserList parses a users file, naming the lines that do not parse
+// name:line ("line n" without a name).
+func parseUserList(r io.Reader, name string) (*UserList, error) {
+	at := func(n int) string {
+		if name == "" {
+			return fmt.Sprintf("line %d", n)
+		}
+		return fmt.Sprintf("%s:%d", name, n)
+	}
 	ul := &UserList{users: map[string]*Secret{}}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 4096), 1<<20)
+	var errs []error
 	lineNo := 0
 	for sc.Scan() {
 		lineNo++
@@ -144,23 +161,168 @@ func ParseUserList(r io.Reader) (*UserList, error) {
 		}
 		user, rest, err := quotedField(line)
 		if err != nil {
-			return nil, fmt.Errorf("line %d: %w", lineNo, err)
+			errs = append(errs, fmt.Errorf("%s: %w", at(lineNo), err))
+			continue
 		}
 		rest = strings.TrimLeft(rest, " \t")
 		password, _, err := quotedField(rest)
 		if err != nil {
-			return nil, fmt.Errorf("line %d: user %q: %w", lineNo, user, err)
+			errs = append(errs, fmt.Errorf("%s: user %q: %w", at(lineNo), user, err))
+			delete(ul.users, user) // its entry is not what the file says
+			continue
 		}
 		secret, err := parseSecret(password)
 		if err != nil {
-			return nil, fmt.Errorf("line %d: user %q: %w", lineNo, user, err)
+			errs = append(errs, fmt.Errorf("%s: user %q: %w", at(lineNo), user, err))
+			delete(ul.users, user)
+			continue
 		}
 		ul.users[user] = secret
 	}
 	if err := sc.Err(); err != nil {
-		return nil, err
+		errs = append(errs, fmt.Errorf("%s: %w", at(lineNo+1), err))
+	}
+	if len(errs) > 0 {
+		return ul, &userListError{err: errors.Join(errs...), valid: ul}
 	}
 	return ul, nil
+}
+
+// userListError is a users file with lines that do not parse, and the
+// entries of the lines that do.
+type userListError struct {
+	err   error
+	valid *UserList
+}
+
+func (e *userListError) Error() string { return e.err.Error() }
+func (e *userListError) Unwrap() error { return e.err }
+
+// intersect returns the entries that u and o both hold, with the same
+// secret: what neither grants is not granted. u's secrets are kept (a
+// plaintext entry keeps the SCRAM keys derived from it).
+func (u *UserList) intersect(o *UserList) *UserList {
+	out := &UserList{users: map[string]*Secret{}}
+	for name, s := range u.users {
+		if t, ok := o.users[name]; ok && s.equal(t) {
+			out.users[name] = s
+		}
+	}
+	return out
+}
+
+// equal reports whether two secrets are the same password in the same
+// form.
+func (s *Secret) equal(o *Secret) bool {
+	switch {
+	case s.Plain != "" || o.Plain != "":
+		return s.Plain == o.Plain
+	case s.MD5 != "" || o.MD5 != "":
+		return s.MD5 == o.MD5
+	case s.SCRAM != nil && o.SCRAM != nil:
+		return s.SCRAM.Salt == o.SCRAM.Salt && s.SCRAM.Iters == o.SCRAM.Iters &&
+			bytes.Equal(s.SCRAM.StoredKey, o.SCRAM.StoredKey) && bytes.Equal(s.SCRAM.ServerKey, o.SCRAM.ServerKey)
+	}
+	return false
+}
+
+// Users holds the users file in force. It is read again, on use, when the
+// file changed (a write in place or a Kubernetes ..data symlink swap), and
+// on Reload (SIGHUP). It fails closed:
+//
+//   - a new version with lines that do not parse is refused: nothing it
+//     adds or changes takes effect, and an error names each bad line
+//     (file:line). What stays in force is what both the version in force
+//     and the new one grant: the entries the new version keeps, unchanged,
+//     on lines that parse. A user it removes, or whose line it breaks or
+//     changes, can no longer log in;
+//   - a file that is deleted or cannot be read means no users until it is
+//     back, logged as an error;
+//   - at start (NewUsers), a file that is missing or does not parse is an
+//     error.
+//
+// Each failure is logged once per version of the file.
+type Users struct {
+	path   string
+	logger *zap.Logger
+	r      *filestamp.Reloader[*UserList]
+
+	mu      sync.Mutex // serialises updates of inForce with the reads of the file
+	inForce *UserList
+}
+
+// UsersOption adjusts NewUsers.
+type UsersOption func(*Users)
+
+// WithUsersLogger sets where reloads of the users file are reported.
+func WithUsersLogger(l *zap.Logger) UsersOption { return func(u *Users) { u.logger = l } }
+
+// NewUsers loads a users file; an empty path yields an empty list.
+func NewUsers(path string, opts ...UsersOption) (*Users, error) {
+	u := &Users{path: path, logger: zap.NewNop()}
+	for _, o := range opts {
+		o(u)
+	}
+	load := func() (*UserList, error) {
+		if path == "" {
+			return &UserList{users: map[string]*Secret{}}, nil
+		}
+		return LoadUserList(path)
+	}
+	r, err := filestamp.NewReloader(load, path)
+	if err != nil {
+		return nil, err
+	}
+	u.r, u.inForce = r, r.Current()
+	return u, nil
+}
+
+// Reload re-reads the users file (SIGHUP). A version that cannot be used
+// is handled as on use (see Users) and its error returned.
+func (u *Users) Reload() error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if err := u.r.Reload(); err != nil {
+		u.failedLocked(err)
+		return err
+	}
+	u.inForce = u.r.Current()
+	return nil
+}
+
+// Path is the users file's path.
+func (u *Users) Path() string { return u.path }
+
+// Current returns the list in force, read again first if the file changed.
+func (u *Users) Current() *UserList {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	ul, reloaded, err := u.r.Get()
+	switch {
+	case err != nil:
+		u.failedLocked(err)
+	case reloaded:
+		u.inForce = ul
+		u.logger.Info("users file changed and was reloaded", zap.String("file", u.path), zap.Int("users", ul.Len()))
+	}
+	return u.inForce
+}
+
+// failedLocked applies a version of the file that cannot be used: one with
+// lines that do not parse leaves what both versions grant; one that cannot
+// be read leaves no users.
+func (u *Users) failedLocked(err error) {
+	var bad *userListError
+	if errors.As(err, &bad) {
+		before := u.inForce.Len()
+		u.inForce = u.inForce.intersect(bad.valid)
+		u.logger.Error("the users file has lines that do not parse: nothing this version adds or changes takes effect, and the users it removes or breaks can no longer log in (fix clients.users_file)",
+			zap.String("file", u.path), zap.Int("users", u.inForce.Len()), zap.Int("users_before", before), zap.Error(err))
+		return
+	}
+	u.inForce = &UserList{users: map[string]*Secret{}}
+	u.logger.Error("the users file cannot be read: no user can log in with a password until it is back (clients.users_file)",
+		zap.String("file", u.path), zap.Error(err))
 }
 
 func quotedField(s string) (field, rest string, err error) {

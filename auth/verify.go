@@ -15,9 +15,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/xdg-go/scram"
-	"go.uber.org/zap"
-
-	"github.com/pggovernor/pggovernor/internal/filestamp"
 )
 
 // ErrAuthFailed is returned (wrapped) when a client's credentials do not
@@ -49,7 +46,7 @@ type Login struct {
 	// User is the user name of the StartupMessage.
 	User string
 	// Addr is the client's IP address, "" for a Unix socket. Failed logins
-	// are throttled per address.
+	// are throttled per address and user (LocalAddr for the Unix socket).
 	Addr string
 	// TLS is the client connection's TLS state, nil in plaintext.
 	TLS *tls.ConnectionState
@@ -61,77 +58,39 @@ type Login struct {
 	Database string
 }
 
-// Users holds the current users file. It is read again, on use, when the
-// file changed (a write in place or a Kubernetes ..data symlink swap), and
-// on Reload (SIGHUP); a file that fails to parse is logged once and the
-// previous list stays.
-type Users struct {
-	path   string
-	logger *zap.Logger
-	r      *filestamp.Reloader[*UserList]
-}
-
-// UsersOption adjusts NewUsers.
-type UsersOption func(*Users)
-
-// WithUsersLogger sets where reloads of the users file are reported.
-func WithUsersLogger(l *zap.Logger) UsersOption { return func(u *Users) { u.logger = l } }
-
-// NewUsers loads a users file; an empty path yields an empty list.
-func NewUsers(path string, opts ...UsersOption) (*Users, error) {
-	u := &Users{path: path, logger: zap.NewNop()}
-	for _, o := range opts {
-		o(u)
-	}
-	load := func() (*UserList, error) {
-		if path == "" {
-			return &UserList{users: map[string]*Secret{}}, nil
-		}
-		return LoadUserList(path)
-	}
-	r, err := filestamp.NewReloader(load, path)
-	if err != nil {
-		return nil, err
-	}
-	u.r = r
-	return u, nil
-}
-
-// Reload re-reads the users file. On error the previous list stays.
-func (u *Users) Reload() error { return u.r.Reload() }
-
-// Path is the users file's path.
-func (u *Users) Path() string { return u.path }
-
-// Current returns the list in force, read again first if the file changed.
-func (u *Users) Current() *UserList {
-	ul, reloaded, err := u.r.Get()
-	switch {
-	case err != nil:
-		u.logger.Error("the users file changed but cannot be used; keeping the previous one (fix clients.users_file)", zap.Error(err))
-	case reloaded:
-		u.logger.Info("users file changed and was reloaded", zap.String("file", u.path), zap.Int("users", ul.Len()))
-	}
-	return ul
-}
-
 // Verifier authenticates clients: with one method for everyone
 // (clients.auth), or, with hba rules (clients.hba_file), with the method of
 // the first line that matches the login. Its methods are safe for
 // concurrent use.
 type Verifier struct {
-	method   string
-	hba      *HBA // nil without clients.hba_file
-	users    *Users
-	throttle *Throttle
-	mockKey  []byte
+	method             string
+	hba                *HBA // nil without clients.hba_file
+	users              *Users
+	throttle           *Throttle
+	passwordEncryption string
+	mockKey            []byte
 }
+
+// Values of WithPasswordEncryption, as Postgres' password_encryption.
+const (
+	PasswordEncryptionSCRAM = "scram-sha-256"
+	PasswordEncryptionMD5   = "md5"
+)
 
 // VerifierOption adjusts NewVerifier.
 type VerifierOption func(*Verifier)
 
-// WithThrottle slows down repeated failed logins from one address.
+// WithThrottle delays the answers to repeated failed logins of one user
+// from one address.
 func WithThrottle(t *Throttle) VerifierOption { return func(v *Verifier) { v.throttle = t } }
+
+// WithPasswordEncryption says how Postgres would store the users'
+// passwords (its password_encryption: PasswordEncryptionSCRAM, the
+// default, or PasswordEncryptionMD5), which decides, for the md5 method,
+// the exchange of unknown users and plaintext entries.
+func WithPasswordEncryption(enc string) VerifierOption {
+	return func(v *Verifier) { v.passwordEncryption = enc }
+}
 
 // WithHBA makes the hba rules decide each login's method instead of the
 // verifier's one method: the first line that matches the connection type,
@@ -142,7 +101,7 @@ func WithHBA(h *HBA) VerifierOption { return func(v *Verifier) { v.hba = h } }
 // NewVerifier returns a verifier for method (scram-sha-256, md5, cert or
 // trust; with WithHBA the rules' methods are used instead).
 func NewVerifier(method string, users *Users, opts ...VerifierOption) *Verifier {
-	v := &Verifier{method: method, users: users, mockKey: randomBytes(32)}
+	v := &Verifier{method: method, users: users, passwordEncryption: PasswordEncryptionSCRAM, mockKey: randomBytes(32)}
 	for _, o := range opts {
 		o(v)
 	}
@@ -215,10 +174,12 @@ type rule struct {
 // once the client has proved who it is, having sent nothing final: the
 // caller sends AuthenticationOk. Failures wrap ErrAuthFailed or
 // ErrCertAuthFailed, or are a *RefusedError (hba rules, client
-// certificates), a *ProtocolError, or a *ThrottledError when the client's
-// address has failed too often to try now. With hba rules the rules are
-// consulted first: their refusals are not throttled and do not count as
-// failures (they reveal nothing about passwords).
+// certificates) or a *ProtocolError. A failure of a user who failed too
+// often from the client's address is answered late (a *DelayedError
+// wrapping it, returned after the throttle's delay or when ctx ends); a
+// success never waits. With hba rules the rules are consulted first: their
+// refusals are not throttled and do not count as failures (they reveal
+// nothing about passwords).
 func (v *Verifier) Authenticate(ctx context.Context, c Conn, login Login) (Result, error) {
 	r := rule{method: v.method}
 	if v.hba != nil {
@@ -231,14 +192,33 @@ func (v *Verifier) Authenticate(ctx context.Context, c Conn, login Login) (Resul
 		}
 		r = rule{method: line.Method, clientCert: line.clientCert, name: line.String()}
 	}
-	end, err := v.throttle.Begin(login.Addr)
-	if err != nil {
-		return Result{Rule: r.name}, err
-	}
 	res, err := v.authenticate(ctx, c, login, r)
-	end(errors.Is(err, ErrAuthFailed) || errors.Is(err, ErrCertAuthFailed))
 	res.Rule = r.name
+	if errors.Is(err, ErrAuthFailed) || errors.Is(err, ErrCertAuthFailed) {
+		if delay, n := v.throttle.Failed(login.Addr, login.User); delay > 0 {
+			v.throttle.Hold(ctx, delay)
+			err = &DelayedError{Err: err, Delay: delay, Failures: n}
+		}
+	}
 	return res, err
+}
+
+// md5Exchange decides, for the md5 method, whether the client gets an md5
+// exchange (AuthenticationMD5Password) or SCRAM, as Postgres does
+// (auth.c, CheckPWChallengeAuth): md5 only for a password stored as md5.
+// A SCRAM verifier cannot check an md5 response, so its user gets SCRAM;
+// an unknown user gets what a user whose password is stored as
+// password_encryption says would get, so that the exchange offered does
+// not tell which users exist; a plaintext entry counts as a password
+// stored that way too (Postgres stores none in plaintext).
+func (v *Verifier) md5Exchange(secret *Secret, known bool) bool {
+	switch {
+	case known && secret.MD5 != "":
+		return true
+	case known && secret.SCRAM != nil:
+		return false
+	}
+	return v.passwordEncryption == PasswordEncryptionMD5
 }
 
 func (v *Verifier) authenticate(ctx context.Context, c Conn, login Login, r rule) (Result, error) {
@@ -256,12 +236,10 @@ func (v *Verifier) authenticate(ctx context.Context, c Conn, login Login, r rule
 	case HBACert:
 		return v.cert(login, secret)
 	case HBAMD5:
-		if known && secret.SCRAM != nil {
-			// As Postgres and PgBouncer do: a SCRAM verifier cannot check
-			// an md5 response, so such users log in with SCRAM instead.
-			res, err = v.scram(ctx, c, login, secret, known)
-		} else {
+		if v.md5Exchange(secret, known) {
 			res, err = v.md5(ctx, c, user, secret, known)
+		} else {
+			res, err = v.scram(ctx, c, login, secret, known)
 		}
 	case HBASCRAM:
 		res, err = v.scram(ctx, c, login, secret, known)

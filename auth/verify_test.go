@@ -5,9 +5,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -196,33 +198,114 @@ func TestCertMethod(t *testing.T) {
 	}
 }
 
-// TestVerifierThrottles: after the free failures from one address, the
-// next attempt is refused before any exchange; other addresses log in.
+// TestVerifierThrottles: after the free failures of one user from one
+// address, the answers to its further failures are delayed; its correct
+// password is never delayed, and logs in; another user at the same address
+// (unknown or not) is not affected.
 func TestVerifierThrottles(t *testing.T) {
 	clock := newFakeClock()
-	th := NewThrottle(ThrottleOptions{FreeFailures: 2, FirstDelay: time.Second, Clock: clock})
+	th := NewThrottle(ThrottleOptions{FreeFailures: 2, FirstDelay: time.Millisecond, Clock: clock})
 	v := NewVerifier("scram-sha-256", testUsers(t), WithThrottle(th))
-	attempt := func(addr, pw string) (*scramClient, error) {
-		cl, _ := scram.SHA256.NewClient("alice", pw, "")
+	attempt := func(addr, user, pw string) error {
+		cl, _ := scram.SHA256.NewClient(user, pw, "")
 		c := &scramClient{mech: mechSCRAM, conv: cl.NewConversation()}
-		_, err := v.Authenticate(context.Background(), c, Login{User: "alice", Addr: addr})
-		return c, err
+		_, err := v.Authenticate(context.Background(), c, Login{User: user, Addr: addr})
+		return err
 	}
-	for i := 0; i < 2; i++ {
-		if _, err := attempt("192.0.2.9", "wrong"); !errors.Is(err, ErrAuthFailed) {
-			t.Fatalf("failure %d: want = ErrAuthFailed, got = %v", i+1, err)
+	for i := 0; i < 3; i++ {
+		err := attempt("192.0.2.9", "alice", "wrong")
+		var de *DelayedError
+		if !errors.Is(err, ErrAuthFailed) || errors.As(err, &de) != (i == 2) {
+			t.Fatalf("failure %d: want = ErrAuthFailed, delayed only beyond the free failures, got = %v", i+1, err)
 		}
 	}
-	c, err := attempt("192.0.2.9", "alice-pw")
-	var te *ThrottledError
-	if !errors.As(err, &te) || c.sent != 0 {
-		t.Fatalf("third attempt: want = refused before any exchange, got = %v after %d messages", err, c.sent)
+	if err := attempt("192.0.2.9", "alice", "alice-pw"); err != nil {
+		t.Fatalf("the right password: want = logged in, got = %v", err)
 	}
-	if _, err := attempt("192.0.2.10", "alice-pw"); err != nil {
-		t.Fatalf("another address: want = logged in, got = %v", err)
+	if st := th.Stats(); st.Delayed != 1 {
+		t.Fatalf("delayed answers: want = 1 (the failure, not the success), got = %+v", st)
 	}
-	clock.Advance(time.Second)
-	if _, err := attempt("192.0.2.9", "alice-pw"); err != nil {
-		t.Fatalf("after the wait: want = logged in, got = %v", err)
+	for i := 0; i < 2; i++ {
+		var de *DelayedError
+		if err := attempt("192.0.2.9", "mallory", "x"); !errors.Is(err, ErrAuthFailed) || errors.As(err, &de) {
+			t.Fatalf("an unknown user at the same address: want = its own free failures, got = %v", err)
+		}
+	}
+}
+
+// TestMD5MethodExchange: with the md5 method, the exchange is chosen as
+// Postgres chooses it (CheckPWChallengeAuth): md5 for an md5 entry, SCRAM
+// for a SCRAM entry, and for an unknown user what password_encryption
+// says, as for a plaintext entry; each logs in with its password (and
+// fails with another) whatever the exchange.
+func TestMD5MethodExchange(t *testing.T) {
+	users := fmt.Sprintf("%q %q\n%q %q\n%q %q\n", "plain", "pw-plain", "hashed", "md5"+md5hexOf("pw-hashed"+"hashed"),
+		"scrammed", scramVerifierOf(t, "pw-scrammed"))
+	p := filepath.Join(t.TempDir(), "userlist.txt")
+	if err := os.WriteFile(p, []byte(users), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	u, err := NewUsers(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const sasl, md5req = "*pgproto3.AuthenticationSASL", "*pgproto3.AuthenticationMD5Password"
+	for _, c := range []struct {
+		encryption, user, password, want string
+	}{
+		{PasswordEncryptionSCRAM, "hashed", "pw-hashed", md5req},
+		{PasswordEncryptionSCRAM, "scrammed", "pw-scrammed", sasl},
+		{PasswordEncryptionSCRAM, "plain", "pw-plain", sasl},
+		{PasswordEncryptionSCRAM, "nobody", "", sasl},
+		{PasswordEncryptionMD5, "hashed", "pw-hashed", md5req},
+		{PasswordEncryptionMD5, "scrammed", "pw-scrammed", sasl},
+		{PasswordEncryptionMD5, "plain", "pw-plain", md5req},
+		{PasswordEncryptionMD5, "nobody", "", md5req},
+	} {
+		t.Run(c.encryption+"/"+c.user, func(t *testing.T) {
+			v := NewVerifier("md5", u, WithPasswordEncryption(c.encryption))
+			for _, pw := range []string{c.password, "wrong"} {
+				conn := &authConnScript{user: c.user, password: pw}
+				_, err := v.Authenticate(context.Background(), conn, Login{User: c.user, Addr: "192.0.2.1"})
+				if got := conn.requestType(); got != c.want {
+					t.Fatalf("request: want = %s, got = %s", c.want, got)
+				}
+				if ok := err == nil; ok != (pw == c.password && c.user != "nobody") {
+					t.Fatalf("password %q: logged in = %v, err = %v", pw, ok, err)
+				}
+			}
+		})
+	}
+}
+
+// TestCheckSecretMode: a secret file readable by every user is reported,
+// one readable by its group too unless root owns it.
+func TestCheckSecretMode(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(p, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	root := os.Geteuid() == 0 // then the file is root's: 0640 is accepted
+	for _, c := range []struct {
+		mode os.FileMode
+		want string
+	}{
+		{0o600, ""},
+		{0o400, ""},
+		{0o644, "readable by every user (mode 0644)"},
+		{0o604, "readable by every user"},
+		{0o640, map[bool]string{false: "readable by its group (mode 0640)", true: ""}[root]},
+	} {
+		if err := os.Chmod(p, c.mode); err != nil {
+			t.Fatal(err)
+		}
+		err := CheckSecretMode("clients.users_file", p)
+		if (c.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), c.want)) ||
+			(err != nil && !strings.Contains(err.Error(), "clients.users_file "+p)) {
+			t.Fatalf("mode %04o: want = %q, got = %v", c.mode, c.want, err)
+		}
+	}
+	if err := CheckSecretMode("clients.users_file", p+".missing"); err != nil {
+		t.Fatalf("a missing file: want = nothing to report here, got = %v", err)
 	}
 }

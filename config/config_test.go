@@ -165,6 +165,8 @@ func TestDefaultValues(t *testing.T) {
 		{"clients.auth", d.Clients.Auth, config.AuthSCRAM},
 		{"clients.max_message_size", d.Clients.MaxMessageSize, 1 << 30},
 		{"clients.notify_backlog_size", d.Clients.NotifyBacklogSize, 1 << 20},
+		{"limits.max_buffered_bytes", d.Limits.MaxBufferedBytes, 64 << 20},
+		{"pool.max_client_statements", d.Pool.MaxClientStatements, 1000},
 		{"clients.tls.mode", d.Clients.TLS.Mode, "disable"},
 		{"timeouts.query_wait", d.Timeouts.QueryWait, 30 * time.Second},
 		{"timeouts.server_lifetime", d.Timeouts.ServerLifetime, time.Hour},
@@ -180,10 +182,11 @@ func TestDefaultValues(t *testing.T) {
 // fullWant is what testdata/full.yaml says.
 func fullWant() config.Config {
 	return config.Config{
-		Listen:        "0.0.0.0:7432",
-		UnixSocketDir: "/var/run/pggovernor",
-		AdminListen:   "0.0.0.0:9188",
-		PoolMode:      config.PoolModeSession,
+		Listen:         "0.0.0.0:7432",
+		UnixSocketDir:  "/var/run/pggovernor",
+		UnixSocketMode: "0700",
+		AdminListen:    "0.0.0.0:9188",
+		PoolMode:       config.PoolModeSession,
 		Upstream: config.Upstream{
 			URL:          "postgres://coder@db.internal:5433/coder?sslmode=verify-full",
 			PasswordFile: "/run/secrets/pg-password",
@@ -206,15 +209,18 @@ func fullWant() config.Config {
 				PeerCIDRs: []string{"10.0.0.0/8", "fd00::/8"}, SecretFile: "/run/secrets/pggovernor-cluster",
 				ControlUser: "pggovernor_control", ControlPasswordFile: "/run/secrets/pggovernor-control-password"},
 		},
-		Pool: config.Pool{MaxPreparedStatements: 50, SessionStateCheck: config.SessionStateCheckAlways, RouteIdleTimeout: 5 * time.Minute},
+		Pool:   config.Pool{MaxPreparedStatements: 50, SessionStateCheck: config.SessionStateCheckAlways, RouteIdleTimeout: 5 * time.Minute, MaxClientStatements: 100},
+		Limits: config.Limits{MaxBufferedBytes: 32 << 20},
 		Clients: config.Clients{
-			MaxConnections:    500,
-			Auth:              config.AuthCert,
-			HBAFile:           "/etc/pggovernor/pg_hba.conf",
-			UsersFile:         usersFile,
-			AllowTrustRemote:  true,
-			MaxMessageSize:    1 << 20,
-			NotifyBacklogSize: 256 << 10,
+			MaxConnections:     500,
+			MaxPendingLogins:   64,
+			PasswordEncryption: "md5",
+			Auth:               config.AuthCert,
+			HBAFile:            "/etc/pggovernor/pg_hba.conf",
+			UsersFile:          usersFile,
+			AllowTrustRemote:   true,
+			MaxMessageSize:     1 << 20,
+			NotifyBacklogSize:  256 << 10,
 			TLS: config.ClientTLS{
 				Mode:         "verify-client",
 				CertFile:     "/etc/pggovernor/server.crt",
@@ -223,13 +229,17 @@ func fullWant() config.Config {
 			},
 		},
 		Timeouts: config.Timeouts{
-			QueryWait:        5 * time.Second,
-			ClientLogin:      3 * time.Second,
-			ServerConnect:    2 * time.Second,
-			ServerIdle:       5 * time.Minute,
-			ServerLifetime:   30 * time.Minute,
-			ServerCheckDelay: time.Second,
-			ShutdownDrain:    time.Minute,
+			QueryWait:         5 * time.Second,
+			ClientLogin:       3 * time.Second,
+			ServerConnect:     2 * time.Second,
+			ServerIdle:        5 * time.Minute,
+			ServerLifetime:    30 * time.Minute,
+			ServerCheckDelay:  time.Second,
+			ShutdownDrain:     time.Minute,
+			ClientWrite:       45 * time.Second,
+			IdleInTransaction: 2 * time.Minute,
+			Query:             90 * time.Second,
+			ServerUnreachable: 20 * time.Second,
 		},
 		Log:   config.Log{Level: "debug", Format: "console", RepeatInterval: time.Minute},
 		Admin: config.Admin{Users: []string{"ops", "exporter"}, Pprof: true, ProbeInterval: 250 * time.Millisecond},
@@ -565,7 +575,7 @@ func TestLoadErrors(t *testing.T) {
 		{
 			name:    "unknown top-level key",
 			file:    "unknown_top.yaml",
-			wantErr: []string{`line 2: unknown key "listen_addr"`, "known keys here: listen, unix_socket_dir, admin_listen, pool_mode, upstream, budget, pool, clients, timeouts, log", fixture("unknown_top.yaml")},
+			wantErr: []string{`line 2: unknown key "listen_addr"`, "known keys here: listen, unix_socket_dir, unix_socket_mode, admin_listen, pool_mode, upstream, budget, pool, clients, limits, timeouts, log", fixture("unknown_top.yaml")},
 		},
 		{
 			name:    "unknown nested key",
@@ -1704,7 +1714,7 @@ func TestKeysEnvFlags(t *testing.T) {
 	if got, want := config.EnvConfigFile, "PGGOVERNOR_CONFIG"; got != want {
 		t.Errorf("EnvConfigFile: want = %v, got = %v", want, got)
 	}
-	wantOrder := []string{"listen", "unix_socket_dir", "admin_listen", "pool_mode", "upstream.url"}
+	wantOrder := []string{"listen", "unix_socket_dir", "unix_socket_mode", "admin_listen", "pool_mode", "upstream.url"}
 	if diff := cmp.Diff(wantOrder, keys[:len(wantOrder)]); diff != "" {
 		t.Errorf("Keys() order: want = declaration order, got = diff (-want +got):\n%s", diff)
 	}

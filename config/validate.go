@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"net/url"
+	"os"
 	"reflect"
 	"slices"
 	"sort"
@@ -28,6 +29,9 @@ func (c *Config) Validate() error {
 		if _, _, err := net.SplitHostPort(c.AdminListen); err != nil {
 			errs = append(errs, fmt.Errorf("key admin_listen: %q is not host:port", c.AdminListen))
 		}
+	}
+	if _, err := c.UnixSocketPerm(); err != nil {
+		errs = append(errs, err)
 	}
 	if c.Upstream.Password != "" && c.Upstream.PasswordFile != "" {
 		errs = append(errs, errors.New("keys upstream.password and upstream.password_file: set only one of them"))
@@ -462,4 +466,14 @@ func validTableName(s string) bool {
 		}
 	}
 	return true
+}
+
+// UnixSocketPerm is unix_socket_mode as permissions.
+func (c *Config) UnixSocketPerm() (os.FileMode, error) {
+	m := c.UnixSocketMode
+	n, err := strconv.ParseUint(m, 8, 32)
+	if err != nil || m == "" || n > 0o777 {
+		return 0, fmt.Errorf("key unix_socket_mode: %q is not permissions in octal, 0000 to 0777 (examples: 0770, 0700, 0777)", m)
+	}
+	return os.FileMode(n), nil
 }

@@ -131,6 +131,9 @@ type scrapeDescs struct {
 	rowsIgnored, foreignLocks                            *prometheus.Desc
 	certExpiry, iamMints                                 *prometheus.Desc
 	notifyBacklog, notifyOverflows                       *prometheus.Desc
+	pendingLogins, throttleDelays, throttled             *prometheus.Desc
+	buffered, bufferRefusals, stmtRefusals               *prometheus.Desc
+	clientTimeouts                                       *prometheus.Desc
 	upstreamSwitches, upstreamPrimary                    *prometheus.Desc
 }
 
@@ -188,6 +191,20 @@ func newScrapeDescs() scrapeDescs {
 			"Bytes of notifications waiting to be written to listening clients (LISTEN through the shared listener connection), summed over them."),
 		notifyOverflows: own("notify_backlog_overflows_total",
 			"Clients disconnected (SQLSTATE 53200) because more than clients.notify_backlog_size of notifications waited for them."),
+		pendingLogins: own("pending_logins",
+			"Client connections that have not finished logging in; beyond clients.max_pending_logins the oldest is dropped (pggovernor_login_failures_total{reason=\"too_many_pending\"})."),
+		throttleDelays: own("login_throttle_delays_total",
+			"Failed logins whose answer was delayed because the user had failed too often from the client's address."),
+		throttled: own("login_throttled_pairs",
+			"Pairs of client address and user whose next failed login will be answered late."),
+		buffered: own("buffered_bytes",
+			"Bytes held for clients' messages beyond the connections' 8 KiB buffers (Query and Parse messages being read, kept statement texts, requests kept for a retry), counted against limits.max_buffered_bytes."),
+		bufferRefusals: own("buffer_refusals_total",
+			"Client messages refused with SQLSTATE 53200 because holding them would have taken pggovernor_buffered_bytes over limits.max_buffered_bytes."),
+		stmtRefusals: own("client_statement_refusals_total",
+			"Parse messages refused with SQLSTATE 53400 because the client held pool.max_client_statements named prepared statements already."),
+		clientTimeouts: own("client_timeouts_total",
+			"Clients cut off by a timeout, by setting: client_write (disconnected: took nothing written to it for timeouts.client_write), idle_in_transaction (disconnected with 25P03 after timeouts.idle_in_transaction idle in a transaction), query (request cancelled with 57014 after timeouts.query).", "timeout"),
 	}
 }
 

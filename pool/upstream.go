@@ -303,6 +303,7 @@ const verifyTimeout = 5 * time.Second
 // are not handed out, so that a client that got the evidence does not get
 // it again on another connection.
 func (p *Pool) suspect(s *Server, reason string, onSelf bool) {
+	logIt := false
 	p.mu.Lock()
 	if s.retired.Load() || p.closed {
 		p.mu.Unlock()
@@ -320,7 +321,7 @@ func (p *Pool) suspect(s *Server, reason string, onSelf bool) {
 			time.AfterFunc(verifyFallback, func() { p.checkIdleOf(addr, sus) })
 		}
 		p.up.suspects[s.addr] = sus
-		p.logger.Info("checking the upstream server: "+reason, zap.String("address", s.addr), zap.Uint64("server_id", s.id))
+		logIt = true
 	}
 	var check *Server
 	if !sus.checking && sus.evidence == nil {
@@ -330,6 +331,9 @@ func (p *Pool) suspect(s *Server, reason string, onSelf bool) {
 		}
 	}
 	p.mu.Unlock()
+	if logIt {
+		p.logger.Info("checking the upstream server: "+reason, zap.String("address", s.addr), zap.Uint64("server_id", s.id))
+	}
 	if check != nil {
 		go p.verify(check, sus) // owner: the pool; exits after one round trip
 	}

@@ -102,8 +102,8 @@ func (sess *session) consoleLogin(ctx context.Context, login auth.Login, params 
 	}
 	sess.console = &console{stmts: map[string]string{}, portals: map[string]consolePortal{}, appName: params["application_name"]}
 	sess.rd.SetMaxLen(maxConsoleMessage)
-	if !s.register(sess) {
-		return fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down")
+	if err := s.register(sess); err != nil {
+		return err
 	}
 	s.assignCancelKey(sess)
 	buf, _ := (&pgproto3.AuthenticationOk{}).Encode(nil)
@@ -124,9 +124,11 @@ func (sess *session) consoleLogin(ctx context.Context, login auth.Login, params 
 	buf = binary.BigEndian.AppendUint32(buf, sess.key.pid)
 	buf = binary.BigEndian.AppendUint32(buf, sess.key.secret)
 	buf = append(buf, readyForQuery('I')...)
+	if err := sess.finishLogin(buf); err != nil {
+		return err
+	}
 	sess.log.Info("admin console session started")
-	_, err = sess.conn.Write(buf)
-	return err
+	return nil
 }
 
 // consoleServerVersion is the server_version a console client is told:
@@ -165,6 +167,10 @@ func (sess *session) consoleLoop() error {
 		}
 		frame, err := sess.rd.Frame(n)
 		if err != nil {
+			if isBudgetError(err) {
+				sess.srv.stats.bufferRefusals.Add(1)
+				sess.sendError(sess.bufferError(typ, n, true))
+			}
 			return err
 		}
 		body := frame[wire.HeaderLen:]

@@ -20,11 +20,11 @@ import (
 const (
 	codeProtocolViolation   = "08P01"
 	codeConnectionFailure   = "08006"
-	codeConnectionRejected  = "08004"
 	codeInvalidPassword     = "28P01"
 	codeInvalidAuthSpec     = "28000"
 	codeTooManyConnections  = "53300"
 	codeOutOfMemory         = "53200"
+	codeConfigLimitExceeded = "53400"
 	codeAdminShutdown       = "57P01"
 	codeQueryCanceled       = "57014"
 	codeFeatureNotSupported = "0A000"
@@ -136,15 +136,15 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 	if errors.Is(err, auth.ErrCertAuthFailed) {
 		return &clientError{fatal: true, code: codeInvalidAuthSpec, message: msgCertAuthFailed, cause: err}
 	}
-	var throttled *auth.ThrottledError
-	if errors.As(err, &throttled) {
-		return &clientError{fatal: true, code: codeConnectionRejected, message: throttled.Error(), cause: err,
-			hint: fmt.Sprintf("Check the client's credentials. After %d failed logins in a row from one address, each further attempt waits, %s doubling up to %s; a successful login clears the address.",
-				auth.DefaultFreeFailures, auth.DefaultFirstDelay, auth.DefaultMaxDelay)}
-	}
 	var pe *auth.ProtocolError
 	if errors.As(err, &pe) {
 		return &clientError{fatal: true, code: codeProtocolViolation, message: pe.Msg, cause: err}
+	}
+	var be *wire.BudgetError
+	if errors.As(err, &be) {
+		return &clientError{fatal: true, code: codeOutOfMemory, cause: err,
+			message: fmt.Sprintf("out of memory: holding this message would take what pggovernor holds for clients' messages over limits.max_buffered_bytes (%d bytes)", be.Limit),
+			hint:    "Raise limits.max_buffered_bytes."}
 	}
 	var fe *wire.FrameError
 	if errors.As(err, &fe) {

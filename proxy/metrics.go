@@ -56,17 +56,18 @@ type Metrics struct {
 
 // Reasons passed to Metrics.LoginFailed.
 const (
-	LoginFailureAuth         = "auth_failed"       // wrong password or unknown user (28P01)
-	LoginFailureTimeout      = "timeout"           // timeouts.client_login passed
-	LoginFailureProtocol     = "protocol"          // malformed or unsupported startup
-	LoginFailureTooMany      = "too_many_clients"  // clients.max_connections reached
-	LoginFailureNoServer     = "no_server"         // no server connection within timeouts.query_wait
-	LoginFailureServer       = "server_refused"    // the server refused the login's settings or database
-	LoginFailureShutdown     = "shutdown"          // pggovernor is shutting down
-	LoginFailureConsoleUser  = "console_forbidden" // not in admin.users
-	LoginFailureHBA          = "hba_rejected"      // clients.hba_file: no line matched, or a reject line (28000)
-	LoginFailureOther        = "other"
-	loginFailureReasonsCount = 10
+	LoginFailureAuth           = "auth_failed"       // wrong password or unknown user (28P01)
+	LoginFailureTimeout        = "timeout"           // timeouts.client_login passed
+	LoginFailureProtocol       = "protocol"          // malformed or unsupported startup
+	LoginFailureTooMany        = "too_many_clients"  // clients.max_connections reached
+	LoginFailureNoServer       = "no_server"         // no server connection within timeouts.query_wait
+	LoginFailureServer         = "server_refused"    // the server refused the login's settings or database
+	LoginFailureShutdown       = "shutdown"          // pggovernor is shutting down
+	LoginFailureConsoleUser    = "console_forbidden" // not in admin.users
+	LoginFailureHBA            = "hba_rejected"      // clients.hba_file: no line matched, or a reject line (28000)
+	LoginFailureTooManyPending = "too_many_pending"  // dropped: clients.max_pending_logins connections were logging in
+	LoginFailureOther          = "other"
+	loginFailureReasonsCount   = 11
 )
 
 // Results passed to Metrics.CancelRequest.
@@ -87,7 +88,8 @@ func CancelResults() []string {
 // at zero.
 func LoginFailureReasons() [loginFailureReasonsCount]string {
 	return [...]string{LoginFailureAuth, LoginFailureTimeout, LoginFailureProtocol, LoginFailureTooMany,
-		LoginFailureNoServer, LoginFailureServer, LoginFailureShutdown, LoginFailureConsoleUser, LoginFailureHBA, LoginFailureOther}
+		LoginFailureNoServer, LoginFailureServer, LoginFailureShutdown, LoginFailureConsoleUser, LoginFailureHBA,
+		LoginFailureTooManyPending, LoginFailureOther}
 }
 
 func (m *Metrics) errorSent(code string) {
@@ -177,6 +179,7 @@ func (sess *session) noteRequestLocked() {
 	if st.txStart.IsZero() {
 		st.txStart = now
 	}
+	sess.watchRequestLocked(now)
 }
 
 // noteReadyLocked records a ReadyForQuery forwarded to the client, with
@@ -207,6 +210,7 @@ func (sess *session) noteReadyLocked(status byte) {
 			st.txStart = now
 		}
 	}
+	sess.watchReadyLocked(status, now, pipelined)
 }
 
 // Totals are cumulative figures of the client sessions of one database,

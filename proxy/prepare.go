@@ -53,7 +53,12 @@ func (sess *session) prepareWithoutServer(cs *clientStmt) (done bool, err error)
 		return false, nil
 	}
 	if srv := sess.srv.pool.TryAcquire(sess.route); srv != nil {
-		return false, sess.attachServer(srv)
+		err := sess.attachServer(srv)
+		if errors.Is(err, errLostAtAttach) {
+			sess.srv.pool.Release(srv)
+			return false, nil // the ordinary path attaches another
+		}
+		return false, err
 	}
 	query, rest, _ := wire.CString(cs.parse)
 	oids, ok := paramOIDs(rest)

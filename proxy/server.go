@@ -85,12 +85,20 @@ type Server struct {
 	logger  *zap.Logger
 	pool    *pool.Pool
 	nextID  atomic.Uint64
-	clients atomic.Int64
+	clients atomic.Int64 // connected, logged in or not
+	pending pendingLogins
 	// bufs lends the sessions' 8 KiB buffers while they are active.
 	bufs    wire.Pool
 	welcome welcomeCache
 	hasher  stmtHasher
 	stats   serverStats
+	// buffers counts what the sessions hold for clients' messages beyond
+	// their 8 KiB buffers, against limits.max_buffered_bytes; texts keeps
+	// the bodies of clients' named statements, counted there too.
+	buffers *wire.Budget
+	texts   *stmtTexts
+	// stmtIDs numbers client statements (clientStmt.id).
+	stmtIDs atomic.Uint64
 
 	mu        sync.Mutex
 	listeners []net.Listener
@@ -103,9 +111,16 @@ type Server struct {
 	ready     atomic.Bool
 	// ended sums the figures of ended sessions, by database.
 	ended map[string]*Totals
-	// stopCtx is cancelled when Shutdown begins.
+	// stopCtx is cancelled when Shutdown begins; forceCtx when its drain
+	// ends and the remaining clients are cut off (forced is then true).
 	stopCtx  context.Context
 	stopping context.CancelFunc
+	forceCtx context.Context
+	forcing  context.CancelFunc
+	forced   atomic.Bool
+	// watch is true when timeouts.query or timeouts.idle_in_transaction is
+	// set: the sessions then run their watchdog (timeouts.go).
+	watch bool
 	// live is the configuration as last reloaded (admin.users, SHOW
 	// CONFIG).
 	live atomic.Pointer[config.Config]
@@ -128,7 +143,13 @@ func NewServer(opts Options) *Server {
 		hasher:   newStmtHasher(),
 		ended:    map[string]*Totals{},
 	}
+	if n := opts.Config.Limits.MaxBufferedBytes; n > 0 {
+		s.buffers = wire.NewBudget(int64(n))
+	}
+	s.texts = newStmtTexts(s.buffers)
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
+	s.forceCtx, s.forcing = context.WithCancel(context.Background())
+	s.watch = s.cfg.Timeouts.Query > 0 || s.cfg.Timeouts.IdleInTransaction > 0
 	s.live.Store(opts.Config)
 	return s
 }
@@ -153,13 +174,24 @@ func (s *Server) Listen() error {
 	if dir := s.cfg.UnixSocketDir; dir != "" {
 		port := strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
 		path := filepath.Join(dir, ".s.PGSQL."+port)
+		perm, err := s.cfg.UnixSocketPerm()
+		if err != nil {
+			_ = l.Close()
+			return err
+		}
 		_ = os.Remove(path)
 		ul, err := net.Listen("unix", path)
 		if err != nil {
 			_ = l.Close()
 			return fmt.Errorf("listening on unix socket %s (key unix_socket_dir): %w", path, err)
 		}
-		_ = os.Chmod(path, 0o777)
+		// As Postgres sets unix_socket_permissions: before any client is
+		// accepted (connecting needs write permission on the socket).
+		if err := os.Chmod(path, perm); err != nil {
+			_ = ul.Close()
+			_ = l.Close()
+			return fmt.Errorf("setting the permissions of unix socket %s (key unix_socket_mode): %w", path, err)
+		}
 		s.listeners = append(s.listeners, ul)
 	}
 	return nil
@@ -229,14 +261,21 @@ func isTemporaryAccept(err error) bool {
 	return errors.As(err, &se) && se.Temporary()
 }
 
-func (s *Server) register(sess *session) bool {
+// register makes a session that logged in one of the clients served: it
+// refuses it while draining (57P01), and beyond clients.max_connections
+// (53300).
+func (s *Server) register(sess *session) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.draining {
-		return false
+		return fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down")
+	}
+	if max := s.cfg.Clients.MaxConnections; len(s.sessions) >= max {
+		return fatalf(codeTooManyConnections, "sorry, too many clients already: clients.max_connections (%d) reached", max).
+			withHint("Raise clients.max_connections, or lower the number of client connections.")
 	}
 	s.sessions[sess] = struct{}{}
-	return true
+	return nil
 }
 
 // unregister removes a session that was served, adding its figures to
@@ -313,7 +352,9 @@ func (s *Server) sessionByKey(pid uint32) *session {
 
 // Shutdown stops accepting clients, disconnects idle ones, lets clients in
 // a transaction finish it until ctx ends, then disconnects the rest, all
-// with SQLSTATE 57P01. It returns once every session has ended.
+// with SQLSTATE 57P01. It returns once every session has ended, or at the
+// latest forcedSessionsWait after ctx ended, whatever the clients do: no
+// step waits for a client to read (see forceDrain).
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
 	s.mu.Lock()
@@ -334,23 +375,33 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 	}
 	s.mu.Unlock()
+	idle := sessions[:0:0]
 	for _, sess := range sessions {
-		sess.drain(false)
+		if sess.drain() {
+			idle = append(idle, sess)
+		}
 	}
+	terminateAll(idle, errShuttingDown(), time.Now().Add(time.Second))
 	var err error
 	select {
 	case <-s.empty:
 	case <-ctx.Done():
 		err = fmt.Errorf("shutdown drain (timeouts.shutdown_drain) ended with clients still in a transaction: %w", ctx.Err())
-		s.mu.Lock()
-		sessions = sessions[:0]
-		for sess := range s.sessions {
-			sessions = append(sessions, sess)
+		forcedAt := time.Now()
+		s.forceDrain(s.liveSessions(), forcedAt.Add(forcedWriteGrace))
+		ended := make(chan struct{})
+		go func() { s.wg.Wait(); close(ended) }() // owner: Shutdown; exits when the sessions have ended
+		t := time.NewTimer(time.Until(forcedAt.Add(forcedSessionsWait)))
+		defer t.Stop()
+		select {
+		case <-ended:
+		case <-t.C:
+			s.mu.Lock()
+			left := len(s.sessions)
+			s.mu.Unlock()
+			return fmt.Errorf("%w; %d sessions were still ending (their server connections are closed at exit)", err, left)
 		}
-		s.mu.Unlock()
-		for _, sess := range sessions {
-			sess.drain(true)
-		}
+		return err
 	}
 	s.wg.Wait()
 	return err
@@ -373,12 +424,22 @@ type serverStats struct {
 	retries         atomic.Int64
 	stateChecks     atomic.Int64
 	stateFound      atomic.Int64
+	bufferRefusals  atomic.Int64
+	stmtRefusals    atomic.Int64
+	// Clients cut off by timeouts.client_write, idle_in_transaction and
+	// requests cancelled by timeouts.query (timeouts.go).
+	clientWriteTimeouts       atomic.Int64
+	idleInTransactionTimeouts atomic.Int64
+	queryTimeouts             atomic.Int64
 }
 
 // Stats are the proxy's figures for metrics.
 type Stats struct {
-	// Clients is the number of connected clients.
+	// Clients is the number of connected clients, logged in or not.
 	Clients int64
+	// PendingLogins is the number of connections that have not finished
+	// logging in (clients.max_pending_logins).
+	PendingLogins int64
 	// Pinned is the number of clients pinned to a server connection by
 	// session state (transaction mode).
 	Pinned int64
@@ -400,6 +461,25 @@ type Stats struct {
 	// state before its release (transaction mode); StateFound those that
 	// found state (or could not tell) and kept the client pinned.
 	StateChecks, StateFound int64
+	// BufferedBytes is what the sessions hold now for clients' messages
+	// beyond their 8 KiB buffers (limits.max_buffered_bytes counts it);
+	// BufferRefusals counts client messages refused (SQLSTATE 53200)
+	// because holding them would have taken it over the limit.
+	BufferedBytes, BufferRefusals int64
+	// StatementRefusals counts Parse messages refused (SQLSTATE 53400)
+	// because the client held pool.max_client_statements named
+	// statements already.
+	StatementRefusals int64
+	// ClientWriteTimeouts counts clients disconnected because they took
+	// nothing written to them for timeouts.client_write.
+	ClientWriteTimeouts int64
+	// IdleInTransactionTimeouts counts clients disconnected (25P03)
+	// because they were idle in a transaction longer than
+	// timeouts.idle_in_transaction.
+	IdleInTransactionTimeouts int64
+	// QueryTimeouts counts requests cancelled because they ran longer
+	// than timeouts.query.
+	QueryTimeouts int64
 }
 
 // notePrepared counts a statement found prepared (hit) or prepared anew
@@ -417,6 +497,7 @@ func (s *Server) notePrepared(hit bool) {
 func (s *Server) Stats() Stats {
 	return Stats{
 		Clients:         s.clients.Load(),
+		PendingLogins:   int64(s.pending.len()),
 		Pinned:          s.stats.pinned.Load(),
 		PrepareHits:     s.stats.prepareHits.Load(),
 		PrepareMisses:   s.stats.prepareMisses.Load(),
@@ -425,6 +506,14 @@ func (s *Server) Stats() Stats {
 		Retries:         s.stats.retries.Load(),
 		StateChecks:     s.stats.stateChecks.Load(),
 		StateFound:      s.stats.stateFound.Load(),
+
+		BufferedBytes:     s.buffers.Held(),
+		BufferRefusals:    s.stats.bufferRefusals.Load(),
+		StatementRefusals: s.stats.stmtRefusals.Load(),
+
+		ClientWriteTimeouts:       s.stats.clientWriteTimeouts.Load(),
+		IdleInTransactionTimeouts: s.stats.idleInTransactionTimeouts.Load(),
+		QueryTimeouts:             s.stats.queryTimeouts.Load(),
 	}
 }
 

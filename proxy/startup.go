@@ -41,7 +41,7 @@ type cancelKey struct {
 // serveConn runs one client connection from accept to close.
 func (s *Server) serveConn(c net.Conn) {
 	c = rawsock.Wrap(c) // the relay's reads and writes, as raw system calls
-	n := s.clients.Add(1)
+	s.clients.Add(1)
 	defer s.clients.Add(-1)
 	id := s.nextID.Add(1)
 	log := s.logger.WithLazy(zap.Uint64("conn_id", id), zap.String("client", c.RemoteAddr().String()), zap.String("mode", s.cfg.PoolMode))
@@ -62,16 +62,30 @@ func (s *Server) serveConn(c net.Conn) {
 	sess.virtual = sess.txMode
 	sess.linkUnnamed = !s.opts.ReplayUnnamed
 	sess.slot = pool.NewHandlerSlot(sess)
+	if rc, ok := c.(*rawsock.Conn); ok && s.cfg.Timeouts.ClientWrite > 0 {
+		rc.SetWriteTimeout(s.cfg.Timeouts.ClientWrite, sess.clientWriteTimedOut)
+	}
 	// Buffers are lent while the session is active: an idle client holds
 	// none (see pump).
 	sess.rd = wire.NewPooledReader(c, &s.bufs, s.cfg.Clients.MaxMessageSize)
+	sess.rd.SetBudget(s.buffers)
 	sess.cw = wire.NewPooledWriter(c, &s.bufs)
 	sess.sw = wire.NewPooledWriter(nil, &s.bufs)
 	defer sess.releaseBuffers()
+	defer sess.releaseHeld()
 
 	_ = c.SetDeadline(time.Now().Add(s.cfg.Timeouts.ClientLogin))
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.ClientLogin)
-	err := sess.startup(ctx, n)
+	// A login in progress when the shutdown begins ends then: it would be
+	// refused, and nothing may wait on a client that is slow to log in.
+	ctx, cancel := context.WithTimeout(s.stopCtx, s.cfg.Timeouts.ClientLogin)
+	stopCut := context.AfterFunc(s.stopCtx, func() { _ = c.SetDeadline(time.Now()) })
+	// Counted among the connections logging in once its deadline is set:
+	// dropping it sets another.
+	sess.pending = &pendingLogin{conn: c, cancel: cancel}
+	s.pending.add(sess.pending, s.cfg.Clients.MaxPendingLogins)
+	err := sess.startup(ctx)
+	s.pending.leave(sess.pending)
+	stopCut()
 	cancel()
 	if err != nil {
 		if !errors.Is(err, errCancelRequest) {
@@ -94,7 +108,7 @@ var errCancelRequest = errors.New("cancel request handled")
 // startup reads startup packets until a StartupMessage, authenticates the
 // client and sends the welcome. On error nothing final has been sent; the
 // caller reports it.
-func (sess *session) startup(ctx context.Context, clients int64) error {
+func (sess *session) startup(ctx context.Context) error {
 	s := sess.srv
 	var ct *clientTLS // set once TLS is established
 	for {
@@ -136,7 +150,7 @@ func (sess *session) startup(ctx context.Context, clients int64) error {
 			sess.servePeerCancel(binary.BigEndian.Uint32(body[4:]))
 			return errCancelRequest
 		case code>>16 == protocolMajor3:
-			return sess.login(ctx, body, clients, ct)
+			return sess.login(ctx, body, ct)
 		default:
 			return fatalf(codeFeatureNotSupported, "unsupported frontend protocol %d.%d: server supports 3.0", code>>16, code&0xffff)
 		}
@@ -192,7 +206,7 @@ func (sess *session) cancelQuery() string {
 
 // login handles a StartupMessage: checks, authentication, welcome. ct is
 // the TLS the client established, nil in plaintext.
-func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *clientTLS) error {
+func (sess *session) login(ctx context.Context, body []byte, ct *clientTLS) error {
 	s := sess.srv
 	var sm pgproto3.StartupMessage
 	minor := binary.BigEndian.Uint32(body) & 0xffff
@@ -221,10 +235,6 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 	if r := sm.Parameters["replication"]; r != "" && r != "false" && r != "off" && r != "no" && r != "0" {
 		return fatalf(codeFeatureNotSupported, "replication connections are not supported through pggovernor").
 			withHint("Connect replication clients to the server directly.")
-	}
-	if clients > int64(s.cfg.Clients.MaxConnections) {
-		return fatalf(codeTooManyConnections, "sorry, too many clients already: clients.max_connections (%d) reached", s.cfg.Clients.MaxConnections).
-			withHint("Raise clients.max_connections, or lower the number of client connections.")
 	}
 	if minor != 0 {
 		var unrecognized []string
@@ -261,8 +271,8 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 		upstreamUser = res.User
 	}
 	sess.route = pool.Route{Database: sess.database, User: upstreamUser}
-	if !s.register(sess) {
-		return fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down")
+	if err := s.register(sess); err != nil {
+		return err
 	}
 	s.assignCancelKey(sess)
 	if err := sess.welcome(ctx); err != nil {
@@ -277,8 +287,12 @@ func (sess *session) login(ctx context.Context, body []byte, clients int64, ct *
 }
 
 // authenticate runs the verifier's exchange; the log of the session names
-// the hba line that decided, if any.
+// the hba line that decided, if any. A failure the throttle delays is
+// answered at once when pggovernor shuts down.
 func (sess *session) authenticate(ctx context.Context, login auth.Login) (auth.Result, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer context.AfterFunc(sess.srv.stopCtx, cancel)()
+	defer cancel()
 	res, err := sess.srv.opts.Verifier.Authenticate(ctx, (*authConn)(sess), login)
 	if res.Rule != "" {
 		sess.log = sess.log.With(zap.String("hba_rule", res.Rule))
@@ -419,7 +433,21 @@ func (sess *session) welcome(ctx context.Context) error {
 	buf = binary.BigEndian.AppendUint32(buf, sess.key.pid)
 	buf = binary.BigEndian.AppendUint32(buf, sess.key.secret)
 	buf, _ = (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(buf)
-	_, err := sess.conn.Write(buf)
+	return sess.finishLogin(buf)
+}
+
+// errPendingDropped ends a login that was dropped to make room for a newer
+// one (clients.max_pending_logins).
+var errPendingDropped = errors.New("dropped to make room for a newer connection (clients.max_pending_logins)")
+
+// finishLogin writes the welcome, unless the login was dropped meanwhile
+// to make room for a newer one: once the session has left the connections
+// logging in, it can no longer be dropped.
+func (sess *session) finishLogin(welcome []byte) error {
+	if !sess.srv.pending.leave(sess.pending) {
+		return errPendingDropped
+	}
+	_, err := sess.conn.Write(welcome)
 	return err
 }
 
@@ -442,6 +470,10 @@ func settingsKey(m map[string]string) string {
 // loginFailed reports a failed login to the client (if it is still there)
 // and to the log, once.
 func (sess *session) loginFailed(err error) {
+	if sess.srv.pending.wasDropped(sess.pending) {
+		sess.pendingDropped(err)
+		return
+	}
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) {
 		sess.log.Debug("client left during login", zap.Error(err))
 		return
@@ -454,6 +486,8 @@ func (sess *session) loginFailed(err error) {
 	}
 	var ce *clientError
 	switch {
+	case sess.srv.stopCtx.Err() != nil:
+		ce = errShuttingDown() // the shutdown cut the login short
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		ce = fatalf(codeQueryCanceled, "canceling authentication due to timeout").
 			withHint(fmt.Sprintf("The client did not finish logging in within timeouts.client_login (%s).", sess.srv.cfg.Timeouts.ClientLogin))
@@ -461,16 +495,44 @@ func (sess *session) loginFailed(err error) {
 		ce = toClientError(err, true, sess.srv.cfg.Timeouts.QueryWait)
 	}
 	ce.fatal = true
-	sess.srv.opts.Metrics.loginFailed(loginFailureReason(err, ce))
+	reason := loginFailureReason(err, ce)
+	if ce.code == codeAdminShutdown {
+		reason = LoginFailureShutdown
+	}
+	sess.srv.opts.Metrics.loginFailed(reason)
 	level := zap.InfoLevel
-	var throttled *auth.ThrottledError
-	if errors.Is(err, auth.ErrAuthFailed) || errors.Is(err, auth.ErrCertAuthFailed) || errors.As(err, &throttled) {
+	if errors.Is(err, auth.ErrAuthFailed) || errors.Is(err, auth.ErrCertAuthFailed) {
 		level = zap.WarnLevel
 	}
 	sess.log.Log(level, "login failed", zap.String("sqlstate", ce.code), zap.Error(err))
 	_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	_, _ = sess.conn.Write(sess.srv.appendError(nil, ce, sess.user))
 }
+
+// pendingDropped reports a connection dropped while logging in to make room
+// for a newer one: counted, logged (repeats are counted by the log's
+// rate limit), and told with 53300 if that can be written at once — not
+// in the middle of a TLS handshake, where the client expects TLS records.
+func (sess *session) pendingDropped(cause error) {
+	s := sess.srv
+	s.opts.Metrics.loginFailed(LoginFailureTooManyPending)
+	sess.log.Warn("a connection still logging in was dropped to make room for a new one: more than clients.max_pending_logins connections were logging in",
+		zap.Int("max_pending_logins", s.cfg.Clients.MaxPendingLogins), zap.NamedError("cause", cause))
+	var hsErr *handshakeError
+	if errors.As(cause, &hsErr) {
+		return
+	}
+	ce := fatalf(codeTooManyConnections, "too many connections waiting to log in: clients.max_pending_logins (%d) reached, and this one was the oldest", s.cfg.Clients.MaxPendingLogins).
+		withHint("Log in within less time, or raise clients.max_pending_logins.")
+	ce.fatal = true
+	_ = sess.conn.SetWriteDeadline(time.Now().Add(pendingDropWrite))
+	_, _ = sess.conn.Write(s.appendError(nil, ce, sess.user))
+}
+
+// pendingDropWrite bounds the write of the error to a dropped connection:
+// its socket buffer is normally empty, so the error goes out at once or
+// not at all.
+const pendingDropWrite = 50 * time.Millisecond
 
 func (sess *session) sendStartup(msg pgproto3.BackendMessage) error {
 	buf, err := msg.Encode(nil)

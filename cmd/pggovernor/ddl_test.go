@@ -537,3 +537,138 @@ func TestPrepareWhileEveryConnectionIsHeld(t *testing.T) {
 		t.Fatalf("want = 15, got = %v (%v)", res.Rows, res.Err)
 	}
 }
+
+// ddlNobodyPass is the password of the role that may not drop databases
+// (in testSecrets).
+const ddlNobodyPass = "ddl-nobody-pw-4e2"
+
+// TestDatabaseDDLByUnprivilegedClient: a client whose role may not drop
+// or rename a database that others use through the governor sends DROP
+// DATABASE and ALTER DATABASE … RENAME 150 times: it gets the server's
+// 42501 each time, and the governor's connections to that database are
+// not closed — another user's running load keeps its server connection
+// (its backends stay), and the governor opens none for each statement. The owner's DROP
+// still succeeds while the governor holds an idle connection to the
+// database.
+func TestDatabaseDDLByUnprivilegedClient(t *testing.T) {
+	ctx := context.Background()
+	if err := shared.CreateRole(ctx, "ddl_nobody", ddlNobodyPass, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := shared.Exec(ctx, "ALTER ROLE app CREATEDB"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := shared.Exec(ctx, "CREATE DATABASE ddl_shared OWNER app"); err != nil {
+		t.Fatal(err)
+	}
+	// Multi-role: each client's own role goes upstream.
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Upstream.URL = fmt.Sprintf("host=%s port=%d dbname=appdb sslmode=disable", shared.Host, shared.Port)
+		c.Upstream.Password = ""
+		c.Budget.Max = 4
+		c.Clients.UsersFile = usersFile(t, fmt.Sprintf("%q %q", "app", appPass), fmt.Sprintf("%q %q", "ddl_nobody", ddlNobodyPass))
+	})
+	// Another user's load on the database, through the governor.
+	user, err := pgx.Connect(ctx, g.url("app", appPass, "ddl_shared"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer user.Close(ctx)
+	backends := func() map[string]bool {
+		t.Helper()
+		rows, err := shared.Exec(ctx, "SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND datname = 'ddl_shared'")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := map[string]bool{}
+		for _, r := range rows {
+			m[r[0]] = true
+		}
+		return m
+	}
+	mustExec(t, user, "SELECT 1")
+	stop := make(chan struct{})
+	loadDone := make(chan error, 1)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				loadDone <- nil
+				return
+			default:
+			}
+			if _, err := user.Exec(ctx, "SELECT 1"); err != nil {
+				loadDone <- err
+				return
+			}
+		}
+	}()
+	connects := func() float64 { return mustValue(t, g.scrape(t), "pggovernor_server_connects_total", nil) }
+	connectsBefore := connects()
+	before := backends()
+
+	nobody, err := pgx.Connect(ctx, g.url("ddl_nobody", ddlNobodyPass, "appdb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nobody.Close(ctx)
+	for i := 0; i < 150; i++ {
+		stmt := "DROP DATABASE ddl_shared"
+		want := "must be owner of database ddl_shared"
+		if i%2 == 1 {
+			stmt, want = "ALTER DATABASE ddl_shared RENAME TO ddl_stolen", "must be owner of database ddl_shared"
+		}
+		_, err := nobody.Exec(ctx, stmt)
+		if e := assertCode(t, err, "42501"); e.Message != want {
+			t.Fatalf("%s: want = the server's %q, got = %q", stmt, want, e.Message)
+		}
+	}
+	after := backends()
+	close(stop)
+	if err := <-loadDone; err != nil {
+		t.Fatalf("the other user's load: %v", err)
+	}
+	for pid := range before {
+		if !after[pid] {
+			t.Fatalf("the other user's server connections: want = all of %v still there, got = %v (closed by another client's refused DDL)", before, after)
+		}
+	}
+	// The pool may open a connection or two as the clients' turns
+	// overlap, never one per statement.
+	if n := connects() - connectsBefore; n > 4 {
+		t.Fatalf("server connections opened during the 150 refused statements: want <= the budget (4), got = %v", n)
+	}
+
+	// The owner may: its DROP succeeds though the governor holds an idle
+	// connection to the database.
+	owner, err := pgx.Connect(ctx, g.url("app", appPass, "appdb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer owner.Close(ctx)
+	if _, err := owner.Exec(ctx, "DROP DATABASE ddl_shared"); err != nil {
+		t.Fatalf("the owner's DROP DATABASE: want = done, got = %v", err)
+	}
+
+	// In session mode the owner holds its connection: the check runs on
+	// another, and the governor's idle connection to the database (left by
+	// a client that logged out) is closed for the DROP.
+	if _, err := shared.Exec(ctx, "CREATE DATABASE ddl_shared OWNER app"); err != nil {
+		t.Fatal(err)
+	}
+	sg := startGov(t, nil, func(c *config.Config) { c.PoolMode = config.PoolModeSession; c.Budget.Max = 4 })
+	left, err := pgx.Connect(ctx, sg.url("alice", userPass, "ddl_shared"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, left, "SELECT 1")
+	left.Close(ctx)
+	sowner, err := pgx.Connect(ctx, sg.url("alice", userPass, "appdb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sowner.Close(ctx)
+	if _, err := sowner.Exec(ctx, "DROP DATABASE ddl_shared"); err != nil {
+		t.Fatalf("session mode, the owner's DROP DATABASE: want = done, got = %v", err)
+	}
+}

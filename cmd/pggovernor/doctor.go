@@ -96,6 +96,9 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 		d.problem("key clients.users_file: %v", err)
 		return
 	}
+	for _, err := range exposedSecretFiles(cfg) {
+		d.warn("%v", err)
+	}
 	if f := cfg.Clients.HBAFile; f != "" {
 		if h, err := auth.NewHBA(f, hbaOptions(cfg, zap.NewNop())); err != nil {
 			d.problem("key clients.hba_file: %v", err)
@@ -181,6 +184,14 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 		return
 	}
 	d.row("server: server_version", l.ServerVersion)
+	var enc string
+	if err := conn.QueryRow(ctx, "SELECT current_setting('password_encryption')").Scan(&enc); err == nil {
+		d.row("server: password_encryption", enc)
+		if enc != cfg.Clients.PasswordEncryption && usesMD5(cfg) {
+			d.warn("clients.password_encryption is %s but the server's password_encryption is %s: with the md5 method, unknown users get the exchange of %s passwords, which the server's users do not have; set clients.password_encryption to %s",
+				cfg.Clients.PasswordEncryption, enc, cfg.Clients.PasswordEncryption, enc)
+		}
+	}
 	d.row("server: max_connections", l.MaxConnections)
 	d.row("server: superuser_reserved_connections", l.SuperuserReserved)
 	d.row("server: reserved_connections", l.Reserved)
@@ -301,6 +312,24 @@ func hostRole(ctx context.Context, cfg *pgconn.Config) (role pool.Role, addr str
 	}
 	role, err = pool.RoleFromRow(row)
 	return role, addr, err
+}
+
+// usesMD5 reports whether some login may use the md5 method: clients.auth
+// md5, or an md5 line of clients.hba_file.
+func usesMD5(cfg *config.Config) bool {
+	if cfg.Clients.HBAFile == "" {
+		return cfg.Clients.Auth == config.AuthMD5
+	}
+	h, err := auth.NewHBA(cfg.Clients.HBAFile, hbaOptions(cfg, zap.NewNop()))
+	if err != nil {
+		return false // reported above
+	}
+	for _, r := range h.Current().Rules {
+		if r.Method == auth.HBAMD5 {
+			return true
+		}
+	}
+	return false
 }
 
 // connectControl opens a connection as budget.cluster.control_user, as

@@ -202,8 +202,8 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 // what every PEM private key holds.
 func testSecrets() []string {
 	return append(leakSecrets, appPass, userPass, "old-pass", "new-pass", "pw-a", "pw-b", "carolpass", "bobpass", "davepass", "coder-env-secret", "erinpass", "lifer-pw", "victim-pw", "loader-pw", "sessauth-pw",
-		hbaSCRAMPass, hbaMD5Pass, hbaClearPass, hbaTLSPass, hbaPlainPass, hbaRejectPass,
-		k8sOldPass, k8sNewPass, newbiePass, clusterPass, clusterSecret, "control-pw-Vb81", awsTestCreds.SecretAccessKey, "X-Amz-Signature", "PRIVATE KEY")
+		hbaSCRAMPass, hbaMD5Pass, hbaClearPass, hbaTLSPass, hbaPlainPass, hbaRejectPass, md5StoredPass, scramStoredPass,
+		k8sOldPass, k8sNewPass, newbiePass, ddlNobodyPass, clusterPass, clusterSecret, "control-pw-Vb81", awsTestCreds.SecretAccessKey, "X-Amz-Signature", "PRIVATE KEY")
 }
 
 var (

@@ -481,3 +481,74 @@ func TestHBAMessagesMatchPostgres(t *testing.T) {
 		}
 	}
 }
+
+// Passwords of TestMD5ExchangeMatchesPostgres's roles (in testSecrets).
+const (
+	md5StoredPass   = "md5-stored-pw-8a1"
+	scramStoredPass = "scram-stored-pw-2c7"
+)
+
+// TestMD5ExchangeMatchesPostgres: with the md5 method, the governor offers
+// each user the exchange Postgres 15 offers for the same line and the same
+// stored passwords — md5 for a password stored as md5, SCRAM for one
+// stored as SCRAM, and for a user that does not exist what
+// password_encryption says — so that the method offered does not tell
+// which users exist; and each logs in with its password.
+func TestMD5ExchangeMatchesPostgres(t *testing.T) {
+	ctx := context.Background()
+	pg := privateCluster(t, pgtest.Options{HBA: []string{"host all all 127.0.0.1/32 md5"}})
+	for _, r := range []struct{ name, enc, pw string }{{"md5_stored", "md5", md5StoredPass}, {"scram_stored", "scram-sha-256", scramStoredPass}} {
+		if _, err := pg.Exec(ctx, fmt.Sprintf("SET password_encryption = '%s'; CREATE ROLE %s LOGIN PASSWORD %s", r.enc, r.name, pgtest.QuoteLiteral(r.pw))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The users file holds what Postgres stored.
+	rows, err := pg.Exec(ctx, "SELECT rolname, rolpassword FROM pg_authid WHERE rolname IN ('md5_stored', 'scram_stored')")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := []string{fmt.Sprintf("%q %q", "app", appPass)}
+	for _, r := range rows {
+		lines = append(lines, fmt.Sprintf("%q %q", r[0], r[1]))
+	}
+	users := usersFile(t, lines...)
+	typeOf := func(m pgproto3.BackendMessage) string { return fmt.Sprintf("%T", m) }
+	for _, enc := range []string{"scram-sha-256", "md5"} {
+		t.Run(enc, func(t *testing.T) {
+			if _, err := pg.Exec(ctx, fmt.Sprintf("ALTER SYSTEM SET password_encryption = '%s'", enc)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := pg.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, 10*time.Second, "the server to use password_encryption "+enc, func() bool {
+				r, err := pg.Exec(ctx, "SHOW password_encryption")
+				return err == nil && r[0][0] == enc
+			})
+			g := startGov(t, pg, func(c *config.Config) {
+				c.Clients.Auth = config.AuthMD5
+				c.Clients.PasswordEncryption = enc
+				c.Clients.UsersFile = users
+				c.Budget.Max = 2
+			})
+			for _, user := range []string{"md5_stored", "scram_stored", "no_such_user"} {
+				direct := typeOf(authRequest(t, "tcp", pg.Addr(), nil, user, "appdb"))
+				through := typeOf(authRequest(t, "tcp", g.addr, nil, user, "appdb"))
+				if through != direct {
+					t.Fatalf("%s: want = Postgres' %s, got = %s", user, direct, through)
+				}
+			}
+			for user, pw := range map[string]string{"md5_stored": md5StoredPass, "scram_stored": scramStoredPass} {
+				conn, err := pgx.Connect(ctx, g.url(user, pw, "appdb"))
+				if err != nil {
+					t.Fatalf("%s through the governor: want = logged in, got = %v", user, err)
+				}
+				conn.Close(ctx)
+				_, err = pgx.Connect(ctx, g.url(user, "wrong", "appdb"))
+				assertCode(t, err, "28P01")
+			}
+			_, err := pgx.Connect(ctx, g.url("no_such_user", "wrong", "appdb"))
+			assertCode(t, err, "28P01")
+		})
+	}
+}

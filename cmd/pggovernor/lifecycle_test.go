@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pggovernor/pggovernor/auth"
 	"github.com/pggovernor/pggovernor/config"
 	"github.com/pggovernor/pggovernor/internal/pgtest"
 )
@@ -31,20 +33,72 @@ func governorBackends(t *testing.T, c *pgtest.Cluster, user string) []string {
 	return pids
 }
 
+// TestUnixSocketListener: the socket serves clients; only pggovernor's
+// user and group may connect by default (0770), unix_socket_mode sets
+// other permissions; its clients are throttled as TCP clients are (as the
+// address [local]), and their correct password is never delayed.
 func TestUnixSocketListener(t *testing.T) {
-	dir := t.TempDir()
-	g := startGov(t, nil, func(c *config.Config) { c.UnixSocketDir = dir; c.Budget.Max = 2 })
-	_, port, _ := strings.Cut(g.addr, ":")
-	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, fmt.Sprintf("host=%s port=%s user=alice password=%s dbname=appdb", dir, port, userPass))
-	if err != nil {
-		t.Fatal(err)
+	for _, c := range []struct {
+		mode string
+		want os.FileMode
+	}{{"", 0o770}, {"0700", 0o700}} {
+		t.Run(fmt.Sprintf("%04o", c.want), func(t *testing.T) {
+			dir := t.TempDir()
+			g := startGov(t, nil, func(cfg *config.Config) {
+				cfg.UnixSocketDir = dir
+				cfg.Budget.Max = 2
+				if c.mode != "" {
+					cfg.UnixSocketMode = c.mode
+				}
+			})
+			_, port, _ := strings.Cut(g.addr, ":")
+			fi, err := os.Stat(filepath.Join(dir, ".s.PGSQL."+port))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := fi.Mode().Perm(); got != c.want {
+				t.Fatalf("socket permissions: want = %04o, got = %04o", c.want, got)
+			}
+			ctx := context.Background()
+			dsn := func(pw string) string {
+				return fmt.Sprintf("host=%s port=%s user=alice password=%s dbname=appdb", dir, port, pw)
+			}
+			conn, err := pgx.Connect(ctx, dsn(userPass))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var n int
+			if err := conn.QueryRow(ctx, "SELECT 7").Scan(&n); err != nil || n != 7 {
+				t.Fatalf("over the unix socket: want = 7, got = %d (%v)", n, err)
+			}
+			conn.Close(ctx)
+			if c.mode != "" {
+				return
+			}
+			for i := 0; i <= auth.DefaultFreeFailures; i++ {
+				_, err := pgx.Connect(ctx, dsn("wrong"))
+				assertCode(t, err, "28P01")
+			}
+			if got := mustValue(t, g.scrape(t), "pggovernor_login_throttle_delays_total", nil); got != 1 {
+				t.Fatalf("failures over the socket beyond the free ones: want = 1 answered late, got = %v", got)
+			}
+			conn, err = pgx.Connect(ctx, dsn(userPass))
+			if err != nil {
+				t.Fatalf("the correct password after failures: want = logged in, got = %v", err)
+			}
+			conn.Close(ctx)
+			if got := mustValue(t, g.scrape(t), "pggovernor_login_throttle_delays_total", nil); got != 1 {
+				t.Fatalf("a correct password: want = not delayed, got = %v delayed answers", got)
+			}
+		})
 	}
-	defer conn.Close(ctx)
-	var n int
-	if err := conn.QueryRow(ctx, "SELECT 7").Scan(&n); err != nil || n != 7 {
-		t.Fatalf("over the unix socket: want = 7, got = %d (%v)", n, err)
-	}
+	t.Run("invalid mode", func(t *testing.T) {
+		cfg := config.Default()
+		cfg.UnixSocketMode = "0999"
+		if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "unix_socket_mode") {
+			t.Fatalf("want = an error naming unix_socket_mode, got = %v", err)
+		}
+	})
 }
 
 // TestIdleAndLifetimeReaping: idle connections close after server_idle;

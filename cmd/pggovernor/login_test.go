@@ -246,6 +246,62 @@ func TestClientsMaxConnections(t *testing.T) {
 	conn.Close(ctx)
 }
 
+// TestPendingLoginsBounded: 500 connections that never say anything do not
+// keep a real client out: they are not logged-in clients
+// (clients.max_connections) and at most clients.max_pending_logins of them
+// are kept, the oldest dropped first with 53300 naming the setting,
+// counted; real clients log in meanwhile.
+func TestPendingLoginsBounded(t *testing.T) {
+	const maxPending = 50
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Clients.MaxConnections = 100
+		c.Clients.MaxPendingLogins = maxPending
+		c.Budget.Max = 2
+		c.Timeouts.ClientLogin = time.Minute // the silent ones do not time out
+	})
+	ctx := context.Background()
+	pending := func() float64 {
+		v, _ := value(g.scrape(t), "pggovernor_pending_logins", nil)
+		return v
+	}
+	// The oldest: counted before any other arrives.
+	oldest := rawConn(t, g)
+	waitFor(t, 10*time.Second, "the first connection to be logging in", func() bool { return pending() == 1 })
+	silent := make([]net.Conn, 0, 500)
+	for i := 0; i < 500; i++ {
+		c, err := net.DialTimeout("tcp", g.addr, 5*time.Second)
+		if err != nil {
+			t.Fatalf("silent connection %d: %v", i, err)
+		}
+		silent = append(silent, c)
+	}
+	defer func() {
+		for _, c := range silent {
+			c.Close()
+		}
+	}()
+	e := readError(t, oldest)
+	if e == nil || e.Code != "53300" || e.Severity != "FATAL" || !strings.Contains(e.Message, "clients.max_pending_logins (50)") {
+		t.Fatalf("the oldest silent connection: want = FATAL 53300 naming clients.max_pending_logins, got = %+v", e)
+	}
+	waitFor(t, 10*time.Second, "the dropped connections to be gone", func() bool { return pending() <= maxPending })
+	for i := 0; i < 5; i++ {
+		conn, err := pgx.Connect(ctx, g.url("alice", userPass, "appdb"))
+		if err != nil {
+			t.Fatalf("a real client among %d silent connections: want = logged in, got = %v", len(silent), err)
+		}
+		mustExec(t, conn, "SELECT 1")
+		conn.Close(ctx)
+	}
+	waitFor(t, 10*time.Second, "every dropped connection to be counted", func() bool {
+		v, _ := value(g.scrape(t), "pggovernor_login_failures_total", map[string]string{"reason": "too_many_pending"})
+		return v >= 500+1-maxPending
+	})
+	if got := mustValue(t, g.scrape(t), "pggovernor_pending_logins", nil); got > maxPending {
+		t.Fatalf("pggovernor_pending_logins: want <= %d, got = %v", maxPending, got)
+	}
+}
+
 func TestClientAuthMethods(t *testing.T) {
 	ctx := context.Background()
 	md5Line := fmt.Sprintf("%q %q", "bob", "md5"+md5hex("bobpass"+"bob"))

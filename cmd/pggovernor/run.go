@@ -238,6 +238,9 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			logger.Warn("clients.auth is not used: clients.hba_file decides each login's method; remove clients.auth")
 		}
 	}
+	for _, err := range exposedSecretFiles(cfg) {
+		logger.Warn("a file holding secrets is readable by others", zap.Error(err))
+	}
 	up, err := newUpstream(ctx, cfg, users, logger, deps)
 	if err != nil {
 		return nil, err
@@ -274,9 +277,24 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			st := g.proxy.Stats()
 			return st.NotifyBacklog, st.NotifyOverflows
 		},
+		Memory: func() (int64, int64, int64) {
+			if g.proxy == nil {
+				return 0, 0, 0
+			}
+			st := g.proxy.Stats()
+			return st.BufferedBytes, st.BufferRefusals, st.StatementRefusals
+		},
+		Timeouts: func() (int64, int64, int64) {
+			if g.proxy == nil {
+				return 0, 0, 0
+			}
+			st := g.proxy.Stats()
+			return st.ClientWriteTimeouts, st.IdleInTransactionTimeouts, st.QueryTimeouts
+		},
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
 		Cluster:  g.clusterStats,
 		Security: g.securityMetrics,
+		Logins:   g.loginFigures,
 		LoginFailureReasons: func() []string {
 			r := proxy.LoginFailureReasons()
 			return r[:]
@@ -305,11 +323,19 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	}
 	events.Retired = g.upstreamRetired
 	base := up.base
-	if clustered {
+	switch u := cfg.Timeouts.ServerUnreachable; {
+	case clustered:
 		// The server drops a vanished replica's connections before the
 		// others may take its leases (pool/cluster's keepalive bound).
 		base = up.base.Copy()
 		maps.Copy(base.RuntimeParams, cluster.ServerParams(cfg.Budget.Cluster.MemberTimeout))
+	case u > 0:
+		// A silent server is given up within u, and the server drops what
+		// it cannot reach within u/2: before a connection given up is
+		// replaced (timeouts.server_unreachable).
+		base = up.base.Copy()
+		maps.Copy(base.RuntimeParams, cluster.ServerParams(u))
+		base.DialFunc = cluster.Dialer(2 * u).DialContext
 	}
 	g.pool = pool.New(pool.Options{
 		Connector: &pool.UpstreamConnector{Base: base, Password: up.password, Prepare: up.prepare,
@@ -409,10 +435,12 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	if g.cluster != nil {
 		proxyPeers = g.cluster
 	}
+	verifier := auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba),
+		auth.WithPasswordEncryption(cfg.Clients.PasswordEncryption))
 	g.proxy = proxy.NewServer(proxy.Options{
 		Config:           cfg,
 		Pool:             g.pool,
-		Verifier:         auth.NewVerifier(cfg.Clients.Auth, users, auth.WithThrottle(g.throttle), auth.WithHBA(hba)),
+		Verifier:         verifier,
 		TLS:              clientTLS,
 		ReplayUnnamed:    deps.replayUnnamed,
 		UpstreamUser:     up.sidecarUser,
@@ -652,8 +680,8 @@ func (g *governor) reload() error {
 	defer g.reloadMu.Unlock()
 	var errs []error
 	if err := g.users.Reload(); err != nil {
-		g.logger.Error("reloading the users file failed; keeping the previous one", zap.Error(err))
-		errs = append(errs, err)
+		// The users file logged what is in force now (it fails closed).
+		errs = append(errs, fmt.Errorf("reloading clients.users_file: %w", err))
 	} else {
 		g.logger.Info("users file reloaded", zap.String("file", g.users.Path()), zap.Int("users", g.users.Current().Len()))
 	}
@@ -683,7 +711,7 @@ func (g *governor) reload() error {
 
 // securityStats are the numbers of the security pieces, kept for the
 // metrics endpoint: the certificates' remaining validity, reloads, IAM
-// token mint results, throttled addresses.
+// token mint results, the login throttle.
 type securityStats struct {
 	UpstreamTLS tlsconf.UpstreamStats
 	ClientTLS   *tlsconf.ServerStats // nil with clients.tls.mode disable
@@ -702,6 +730,40 @@ func (g *governor) securityStats() securityStats {
 		st.IAM = &s
 	}
 	return st
+}
+
+// loginFigures are the figures of clients logging in, for the metrics.
+func (g *governor) loginFigures() metrics.Logins {
+	var l metrics.Logins
+	if g.proxy != nil {
+		l.Pending = g.proxy.Stats().PendingLogins
+	}
+	st := g.throttle.Stats()
+	l.ThrottleDelays, l.Throttled = st.Delayed, st.Throttled
+	return l
+}
+
+// exposedSecretFiles checks the files that hold secrets — the users file,
+// the password files, the private keys, the cluster's key — for others'
+// read access (auth.CheckSecretMode): a warning at start and in doctor.
+func exposedSecretFiles(cfg *config.Config) []error {
+	var errs []error
+	for _, f := range [...][2]string{
+		{"clients.users_file", cfg.Clients.UsersFile},
+		{"upstream.password_file", cfg.Upstream.PasswordFile},
+		{"budget.cluster.control_password_file", cfg.Budget.Cluster.ControlPasswordFile},
+		{"budget.cluster.secret_file", cfg.Budget.Cluster.SecretFile},
+		{"clients.tls.key_file", cfg.Clients.TLS.KeyFile},
+		{"upstream.ssl.key_file", cfg.Upstream.SSL.KeyFile},
+	} {
+		if f[1] == "" {
+			continue
+		}
+		if err := auth.CheckSecretMode(f[0], f[1]); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errs
 }
 
 // securityMetrics turns the TLS and IAM figures into what the metrics
@@ -723,9 +785,16 @@ func (g *governor) securityMetrics() metrics.Security {
 	return out
 }
 
+// stopGrace is how long the stop may take after the drain: the process
+// exits within timeouts.shutdown_drain + 1 s of the signal, whatever the
+// clients do (the proxy's forced drain takes at most 600 ms of it).
+const stopGrace = 900 * time.Millisecond
+
 // stop shuts down in order: readiness off and listeners closed, clients
-// drained for up to drain, then server connections closed.
+// drained for up to drain, then server connections closed. It returns
+// within drain + stopGrace.
 func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
+	exitBy := time.Now().Add(drain + stopGrace)
 	if err := g.pool.Resume(""); err == nil {
 		logger.Info("shutting down: paused databases resumed so that their clients can be drained")
 	}
@@ -736,7 +805,7 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 		}
 		cancel()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithDeadline(context.Background(), exitBy)
 	defer cancel()
 	g.pool.Close(ctx)
 	if err := g.pool.Wait(ctx); err != nil {
@@ -748,7 +817,9 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 		g.control.Close()
 	}
 	if g.admin != nil {
-		_ = g.admin.Shutdown(ctx)
+		if err := g.admin.Shutdown(ctx); err != nil {
+			_ = g.admin.Close() // a scrape still running is cut off
+		}
 	}
 	logger.Info("pggovernor stopped")
 }
@@ -820,6 +891,9 @@ func newControlPool(ctx context.Context, cfg *config.Config, up *upstream, id *c
 	if c := cfg.Budget.Cluster; c.Enabled {
 		maps.Copy(pcfg.ConnConfig.RuntimeParams, cluster.ServerParams(c.MemberTimeout))
 		pcfg.ConnConfig.DialFunc = cluster.Dialer(c.MemberTimeout).DialContext
+	} else if u := cfg.Timeouts.ServerUnreachable; u > 0 {
+		maps.Copy(pcfg.ConnConfig.RuntimeParams, cluster.ServerParams(u))
+		pcfg.ConnConfig.DialFunc = cluster.Dialer(2 * u).DialContext
 	}
 	pw := id.password
 	user := id.user

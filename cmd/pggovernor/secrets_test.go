@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -19,6 +20,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 
 	"github.com/pggovernor/pggovernor/auth"
@@ -539,18 +541,133 @@ func TestUsersFileReloadsOnChange(t *testing.T) {
 	conn.Close(ctx)
 }
 
-// TestFailedLoginThrottle: after the free failed logins from one address,
-// further attempts from it are refused at once with 08004 and a message
-// saying why; clients from other addresses are not affected.
+// TestUsersFileFailsClosed: an edit that removes a user and breaks a line
+// in the same write removes that user (and the broken line's), adds
+// nothing, and is logged naming the line; a deleted users file lets nobody
+// in with a password until it is back; a broken file stops the start with
+// its line.
+func TestUsersFileFailsClosed(t *testing.T) {
+	line := func(u, p string) string { return fmt.Sprintf("%q %q\n", u, p) }
+	mount, err := pgtest.NewSecretMount(t.TempDir(), map[string][]byte{
+		"userlist.txt": []byte(line("alice", userPass) + line("app", appPass) + line("newbie", newbiePass))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := mount.Path("userlist.txt")
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Clients.UsersFile = path
+		c.Budget.Max = 2
+	})
+	ctx := context.Background()
+	login := func(user, pw string) error {
+		conn, err := pgx.Connect(ctx, g.url(user, pw, "appdb"))
+		if err == nil {
+			conn.Close(ctx)
+		}
+		return err
+	}
+	if err := login("newbie", newbiePass); err != nil {
+		t.Fatal(err)
+	}
+	// newbie removed, app's line broken, erin added, in one edit.
+	if err := mount.Update(map[string][]byte{"userlist.txt": []byte(line("alice", userPass) + `"app" "unterminated` + "\n" + line("erin", "erinpass"))}); err != nil {
+		t.Fatal(err)
+	}
+	assertCode(t, login("newbie", newbiePass), "28P01")
+	assertCode(t, login("app", appPass), "28P01")
+	assertCode(t, login("erin", "erinpass"), "28P01")
+	if err := login("alice", userPass); err != nil {
+		t.Fatalf("alice, unchanged in the broken edit: want = logged in, got = %v", err)
+	}
+	logged := g.logs.FilterMessageSnippet("do not parse")
+	if logged.Len() != 1 || !strings.Contains(fmt.Sprint(logged.All()[0].ContextMap()["error"]), ":2:") {
+		t.Fatalf("want = one error naming line 2, got = %v", logged.All())
+	}
+	// Deleted: nobody logs in with a password.
+	if err := mount.Update(map[string][]byte{"other": []byte("x")}); err != nil {
+		t.Fatal(err)
+	}
+	assertCode(t, login("alice", userPass), "28P01")
+	if g.logs.FilterMessageSnippet("cannot be read").Len() != 1 {
+		t.Fatal("want = the missing users file logged once as an error")
+	}
+	if err := mount.Update(map[string][]byte{"userlist.txt": []byte(line("alice", userPass))}); err != nil {
+		t.Fatal(err)
+	}
+	if err := login("alice", userPass); err != nil {
+		t.Fatalf("the file back: want = logged in, got = %v", err)
+	}
+	// At start, a broken file is an error naming it and its line.
+	broken := usersFile(t, fmt.Sprintf("%q %q", "alice", userPass), `"bob" "unterminated`)
+	cfg := config.Default()
+	cfg.Upstream.URL = shared.URL("app", appPass, "appdb")
+	cfg.Clients.UsersFile = broken
+	cfg.Listen, cfg.AdminListen = "127.0.0.1:0", ""
+	if _, err := start(ctx, &cfg, zap.NewNop()); err == nil || !strings.Contains(err.Error(), "clients.users_file") || !strings.Contains(err.Error(), broken+":2:") {
+		t.Fatalf("start with a broken users file: want = an error naming clients.users_file and %s:2, got = %v", broken, err)
+	}
+}
+
+// TestSecretFilesReadableByOthers: a users file or password file that
+// others may read is warned about at start and by doctor.
+func TestSecretFilesReadableByOthers(t *testing.T) {
+	users := usersFile(t)
+	pwFile := filepath.Join(t.TempDir(), "password")
+	if err := os.WriteFile(pwFile, []byte(appPass), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{users, pwFile} {
+		if err := os.Chmod(f, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	g := startGov(t, nil, func(c *config.Config) {
+		c.Clients.UsersFile = users
+		c.Upstream.Password = ""
+		c.Upstream.PasswordFile = pwFile
+		c.Budget.Max = 2
+	})
+	for _, want := range []string{"clients.users_file " + users, "upstream.password_file " + pwFile} {
+		found := false
+		for _, e := range g.logs.FilterMessageSnippet("readable by others").All() {
+			if strings.Contains(fmt.Sprint(e.ContextMap()["error"]), want+" is readable by every user (mode 0644)") {
+				found = true
+			}
+		}
+		if !found {
+			t.Fatalf("start: want = a warning about %s, got = %v", want, g.logs.FilterMessageSnippet("readable").All())
+		}
+	}
+	var out, errOut bytes.Buffer
+	err := execute(context.Background(), []string{"doctor", "--upstream-url=" + shared.URL("app", "", "appdb"),
+		"--upstream.password-file=" + pwFile, "--clients.users-file=" + users}, nil, &out, &errOut)
+	if err != nil {
+		t.Fatalf("doctor: want = warnings only, got = %v:\n%s", err, out.String())
+	}
+	for _, want := range []string{"WARNING: clients.users_file " + users + " is readable by every user", "WARNING: upstream.password_file " + pwFile + " is readable by every user"} {
+		if !strings.Contains(out.String(), want) {
+			t.Fatalf("doctor: want = %q, got:\n%s", want, out.String())
+		}
+	}
+}
+
+// TestFailedLoginThrottle: failed logins are counted per address and user;
+// beyond the free failures a failure is answered late (28P01 still), and
+// nothing else is slowed or refused: in a sidecar, where every client is
+// 127.0.0.1, an attacker who fails the free logins of the real user, fails
+// as unknown users and keeps a SCRAM exchange stalled locks nobody out —
+// the real user's correct password logs in at once (no delay counted) from
+// the same address, and failures as unknown names never count against a
+// real user's.
 func TestFailedLoginThrottle(t *testing.T) {
-	// The clock stands still: the throttled address stays throttled however
-	// slowly the test runs.
+	// The clock stands still: nothing is forgotten however slowly the test
+	// runs.
 	clock := &clockSource{now: time.Now()}
 	g := startGov(t, nil, func(c *config.Config) { c.Budget.Max = 2 }, withClock(clock))
 	stopHealthy := healthyLoad(t, g) // from 127.0.0.1
 	ctx := context.Background()
-	from := func(ip, password string) error {
-		cfg, err := pgx.ParseConfig(g.url("alice", password, "appdb"))
+	from := func(ip, user, password string) error {
+		cfg, err := pgx.ParseConfig(g.url(user, password, "appdb"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -562,24 +679,83 @@ func TestFailedLoginThrottle(t *testing.T) {
 		}
 		return err
 	}
+	delays := func() float64 { return mustValue(t, g.scrape(t), "pggovernor_login_throttle_delays_total", nil) }
+
+	// The attacker, at 127.0.0.3: the real user's free failures, and as
+	// many as unknown users.
 	for i := 0; i < auth.DefaultFreeFailures; i++ {
-		assertCode(t, from("127.0.0.3", "wrong"), "28P01")
+		assertCode(t, from("127.0.0.3", "alice", "wrong"), "28P01")
+		assertCode(t, from("127.0.0.3", fmt.Sprint("mallory", i%2), "wrong"), "28P01")
 	}
-	e := assertCode(t, from("127.0.0.3", userPass), "08004")
-	if !strings.Contains(e.Message, "too many failed login attempts from 127.0.0.3") {
-		t.Fatalf("want = a message saying why, got = %q", e.Message)
+	// A SCRAM exchange it keeps stalled, as alice.
+	stalled := rawConnFrom(t, g, "127.0.0.3")
+	if _, err := stalled.Write(startupPacket(map[string]string{"user": "alice", "database": "appdb"})); err != nil {
+		t.Fatal(err)
 	}
-	if err := from("127.0.0.4", userPass); err != nil {
+	if msg, err := pgproto3.NewFrontend(bufio.NewReader(stalled), stalled).Receive(); err != nil {
+		t.Fatal(err)
+	} else if _, ok := msg.(*pgproto3.AuthenticationSASL); !ok {
+		t.Fatalf("stalled exchange: want = AuthenticationSASL, got = %T", msg)
+	}
+	if got := delays(); got != 0 {
+		t.Fatalf("delayed answers within the free failures: want = 0, got = %v", got)
+	}
+	// The real user, from the same address, with its password: in, at
+	// once, every time.
+	for i := 0; i < 3; i++ {
+		if err := from("127.0.0.3", "alice", userPass); err != nil {
+			t.Fatalf("alice's correct password from the attacker's address: want = logged in, got = %v", err)
+		}
+	}
+	// Another user at that address has its own count: a failure of app
+	// is answered at once; and failures as an unknown name never count
+	// against a real user's.
+	assertCode(t, from("127.0.0.3", "app", "wrong"), "28P01")
+	for i := 0; i < auth.DefaultFreeFailures; i++ {
+		assertCode(t, from("127.0.0.5", "mallory", "wrong"), "28P01")
+	}
+	assertCode(t, from("127.0.0.5", "alice", "wrong"), "28P01")
+	if got := delays(); got != 0 {
+		t.Fatalf("delayed answers after correct passwords and another user's failure: want = 0, got = %v", got)
+	}
+	// Beyond alice's free failures, a wrong password is answered late, and
+	// the same.
+	e := assertCode(t, from("127.0.0.3", "alice", "wrong"), "28P01")
+	if e.Message != `password authentication failed for user "alice"` {
+		t.Fatalf("a delayed failure: want = Postgres' message, got = %q", e.Message)
+	}
+	if got := delays(); got != 1 {
+		t.Fatalf("delayed answers: want = 1, got = %v", got)
+	}
+	if err := from("127.0.0.3", "alice", userPass); err != nil {
+		t.Fatalf("alice's correct password after a delayed failure: want = logged in, got = %v", err)
+	}
+	if err := from("127.0.0.4", "alice", userPass); err != nil {
 		t.Fatalf("another address: want = logged in, got = %v", err)
 	}
 	stopHealthy()
-	if st := g.g.securityStats().Throttle; st.Throttled != 1 {
-		t.Fatalf("throttled addresses: want = 1, got = %+v", st)
+	// Throttled: alice at 127.0.0.3, mallory at 127.0.0.5 (its free
+	// failures used).
+	if st := g.g.securityStats().Throttle; st.Throttled != 2 || st.Delayed != 1 {
+		t.Fatalf("throttled pairs: want = 2 with 1 delayed answer, got = %+v", st)
 	}
-	clock.Advance(auth.DefaultFirstDelay)
-	if err := from("127.0.0.3", userPass); err != nil {
-		t.Fatalf("after the wait: want = logged in, got = %v", err)
+	if got := mustValue(t, g.scrape(t), "pggovernor_login_throttled_pairs", nil); got != 2 {
+		t.Fatalf("pggovernor_login_throttled_pairs: want = 2, got = %v", got)
 	}
+	_ = stalled.Close()
+}
+
+// rawConnFrom opens a TCP connection to the governor from a local address.
+func rawConnFrom(t *testing.T, g *gov, ip string) net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(ip)}, Timeout: 5 * time.Second}
+	c, err := d.Dial("tcp", g.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(30 * time.Second))
+	return c
 }
 
 // TestFailedLoginIsForgotten: a client whose login fails after it was
