@@ -74,6 +74,12 @@ type Options struct {
 	// connections spread over the hosts on purpose, so a connection opened
 	// to another address than the last one's is not a switch.
 	LoadBalance bool
+	// HoldOnSwitch is set when the limit is leases held on the server
+	// (budget.cluster): a retirement for a role change sets the limit to 0
+	// at once, under the pool's lock, so that no connection opens on the
+	// next server under leases taken on the last; the lease manager sets
+	// it again once it holds leases where new connections go.
+	HoldOnSwitch bool
 }
 
 // Events are callbacks for measurements that a scrape-time snapshot cannot

@@ -231,7 +231,7 @@ func (s *Server) idleMessage(typ byte, frame []byte) error {
 			if er.Code == "57P01" || er.Code == "57P05" {
 				s.terminatedIdle.Store(true)
 			}
-			if er.Code == "57P01" || er.Code == "57P02" {
+			if er.Code == "57P01" || er.Code == "57P02" || er.Code == "57P03" {
 				s.pool.suspect(s, "the server terminated an idle connection (SQLSTATE "+er.Code+")", false)
 			}
 			return fmt.Errorf("idle server connection closed by the server: %s (SQLSTATE %s)", er.Message, er.Code)

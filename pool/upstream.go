@@ -234,10 +234,12 @@ const verifyFallback = time.Second
 // ObserveError is told, by the holder of s, of every ErrorResponse frame
 // the server sent on it (header included). A 25006 (read-only transaction)
 // on a connection expected to take writes, or a termination by the server
-// (57P01 admin_shutdown, 57P02 crash_shutdown), is evidence that the
-// server changed: it is checked on the server, and every connection to it
-// retired if it no longer fits. Allocation-free when it is not such an
-// error; no I/O.
+// (57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
+// which Postgres sends only to a connection starting up but a pooler in
+// between may send on an established one), is evidence that the server
+// changed: it is checked on the server, and every connection to it
+// retired if it no longer fits or does not answer. Allocation-free when it
+// is not such an error; no I/O.
 func (s *Server) ObserveError(frame []byte) {
 	code := errorField(frame, 'C')
 	switch {
@@ -245,7 +247,7 @@ func (s *Server) ObserveError(frame []byte) {
 		if !s.pool.opts.Target.Fits(s.opened, Role{Known: true, ReadOnly: true}) {
 			s.pool.suspect(s, "a write was refused as read-only (SQLSTATE 25006)", true)
 		}
-	case string(code) == "57P01" || string(code) == "57P02":
+	case string(code) == "57P01" || string(code) == "57P02" || string(code) == "57P03":
 		s.pool.suspect(s, "the server terminated a connection (SQLSTATE "+string(code)+")", false)
 	}
 }
@@ -483,10 +485,16 @@ func (p *Pool) retire(addr, reason string, roleChange bool) {
 	if roleChange && (n > 0 || p.up.pending == nil) {
 		p.up.pending = &pendingSwitch{from: addr, reason: reason, at: now}
 	}
+	var surplus []*Server
+	if roleChange && p.opts.HoldOnSwitch {
+		p.limit = 0
+		surplus = p.shrinkLocked()
+	}
 	p.mu.Unlock()
 	for _, s := range idle {
 		s.close()
 	}
+	terminateAll(surplus)
 	if n > 0 {
 		p.logger.Warn("upstream server retired: "+reason+"; idle connections to it are closed now, busy ones when their transaction ends; new ones go where upstream.url leads now",
 			zap.String("address", addr), zap.Int("connections", n), zap.Int("idle_closed", len(idle)))

@@ -342,6 +342,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			Timeout: cfg.Timeouts.ServerConnect, LoadBalance: up.loadBalance},
 		Target:           up.target,
 		LoadBalance:      up.loadBalance,
+		HoldOnSwitch:     clustered,
 		Logger:           logger.Named("pool"),
 		ServerIdle:       cfg.Timeouts.ServerIdle,
 		ServerLifetime:   cfg.Timeouts.ServerLifetime,
@@ -394,6 +395,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 						g.metrics.UpstreamRoundTripSeconds.Observe(d.Seconds())
 					}
 					g.health.record(err == nil, err)
+					g.heartbeatRefused(err)
 				},
 				Acquired: func(d time.Duration) { g.metrics.ClusterLeaseAcquireSeconds.Observe(d.Seconds()) },
 			},
@@ -859,7 +861,29 @@ func (g *governor) upstreamRetired(addr string) {
 	}
 	if a := g.controlAddr.Load(); a != nil && *a == addr {
 		g.logger.Info("the control connection's server was retired: reconnecting it", zap.String("address", addr))
+		if g.cluster != nil {
+			// Its leases count nothing on the next server: none are
+			// used until they are taken again there.
+			g.cluster.Move()
+			return
+		}
 		g.control.Reset()
+	}
+}
+
+// heartbeatRefused is told of every cluster heartbeat's outcome. The
+// heartbeat is a write on the control connection, which never makes its
+// own transactions read-only: one refused with 25006 says its server is
+// read-only now (a writer demoted, default_transaction_read_only turned
+// on), so every connection to it is retired, as the probe does outside
+// cluster mode (in cluster mode the heartbeats are the probe).
+func (g *governor) heartbeatRefused(err error) {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "25006" {
+		return
+	}
+	if a := g.controlAddr.Load(); a != nil {
+		g.pool.RetireAddr(*a, "the cluster heartbeat, a write on the control connection, was refused as read-only (SQLSTATE 25006)")
 	}
 }
 

@@ -28,7 +28,7 @@ import (
 // and which errors they got. A client whose connection was closed
 // reconnects.
 type ackedWriters struct {
-	url    string
+	urls   []string
 	table  string
 	pause  time.Duration
 	cancel context.CancelFunc
@@ -53,14 +53,14 @@ type writeError struct {
 	err  error
 }
 
-// startAckedWriters starts n writers through url into table (created by
-// the caller with columns client int, seq bigint), each pausing between
-// its transactions.
-func startAckedWriters(t *testing.T, url, table string, n int, pause time.Duration) *ackedWriters {
+// startAckedWriters starts a writer through each of urls into table
+// (created by the caller with columns client int, seq bigint), each
+// pausing between its transactions.
+func startAckedWriters(t *testing.T, urls []string, table string, pause time.Duration) *ackedWriters {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	w := &ackedWriters{url: url, table: table, pause: pause, cancel: cancel, start: time.Now()}
-	for i := 0; i < n; i++ {
+	w := &ackedWriters{urls: urls, table: table, pause: pause, cancel: cancel, start: time.Now()}
+	for i := range urls {
 		c := &ackedClient{}
 		w.clients = append(w.clients, c)
 		w.wg.Add(1)
@@ -83,7 +83,7 @@ func (w *ackedWriters) run(ctx context.Context, id int, c *ackedClient) {
 		if conn == nil || conn.IsClosed() {
 			var err error
 			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			conn, err = pgx.Connect(cctx, w.url)
+			conn, err = pgx.Connect(cctx, w.urls[id])
 			cancel()
 			if err != nil {
 				if ctx.Err() == nil {

@@ -189,6 +189,9 @@ func newUpstream(ctx context.Context, c *config.Config, users *auth.Users, logge
 	if err != nil {
 		return nil, err
 	}
+	if c.Budget.Cluster.Enabled && (target == pool.TargetReadOnly || target == pool.TargetStandby || target == pool.TargetPreferStandby) {
+		return nil, fmt.Errorf("key upstream.url: target_session_attrs=%s with budget.cluster.enabled: the cluster's leases are written on the server, which a read-only server or a standby refuses; use read-write or primary", target)
+	}
 	if err := checkUpstreamNotSelf(ctx, c, base); err != nil {
 		return nil, err
 	}
