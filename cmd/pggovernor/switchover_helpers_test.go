@@ -31,6 +31,7 @@ type ackedWriters struct {
 	urls   []string
 	table  string
 	pause  time.Duration
+	inTx   func(client int) bool
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	start  time.Time
@@ -55,11 +56,13 @@ type writeError struct {
 
 // startAckedWriters starts a writer through each of urls into table
 // (created by the caller with columns client int, seq bigint), each
-// pausing between its transactions.
-func startAckedWriters(t *testing.T, urls []string, table string, pause time.Duration) *ackedWriters {
+// pausing between its transactions. A writer for which inTx (if set) is
+// true writes in explicit transactions that last: BEGIN, the INSERT,
+// pg_sleep(0.005), COMMIT.
+func startAckedWriters(t *testing.T, urls []string, table string, pause time.Duration, inTx func(client int) bool) *ackedWriters {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	w := &ackedWriters{urls: urls, table: table, pause: pause, cancel: cancel, start: time.Now()}
+	w := &ackedWriters{urls: urls, table: table, pause: pause, inTx: inTx, cancel: cancel, start: time.Now()}
 	for i := range urls {
 		c := &ackedClient{}
 		w.clients = append(w.clients, c)
@@ -95,7 +98,18 @@ func (w *ackedWriters) run(ctx context.Context, id int, c *ackedClient) {
 			}
 		}
 		qctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		_, err := conn.Exec(qctx, insert, id, seq)
+		var err error
+		if w.inTx != nil && w.inTx(id) {
+			err = pgx.BeginFunc(qctx, conn, func(tx pgx.Tx) error {
+				if _, err := tx.Exec(qctx, insert, id, seq); err != nil {
+					return err
+				}
+				_, err := tx.Exec(qctx, "SELECT pg_sleep(0.005)")
+				return err
+			})
+		} else {
+			_, err = conn.Exec(qctx, insert, id, seq)
+		}
 		cancel()
 		switch {
 		case ctx.Err() != nil:
@@ -210,6 +224,13 @@ func (w *ackedWriters) report(since time.Time, rows map[[2]int64]bool) writerRep
 		r.resumed = max(r.resumed, resumed)
 	}
 	return r
+}
+
+// errorsOf counts the errors writer client got.
+func (w *ackedWriters) errorsOf(client int) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.clients[client].errors)
 }
 
 // errorSummary lists the errors of the clients that got more than allowed.

@@ -236,7 +236,7 @@ func runSwitchover(t *testing.T, sc switchoverCase, size switchoverSettings, pro
 	for i := range urls {
 		urls[i] = govs[i%len(govs)].url("app", appPass, "appdb")
 	}
-	w := startAckedWriters(t, urls, "acks", 2*time.Millisecond)
+	w := startAckedWriters(t, urls, "acks", 2*time.Millisecond, nil)
 	waitFor(t, 60*time.Second, "the writers to commit before the fault", func() bool { return w.acks() >= size.clients*size.warmup })
 
 	// The governors' connections on the replica, sampled from before the
