@@ -180,15 +180,25 @@ func TestMultiHostUpstream(t *testing.T) {
 	})
 
 	t.Run("doctor", func(t *testing.T) {
+		// A third host where nothing listens: a port just freed.
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		dead := ln.Addr().String()
+		ln.Close()
 		var out, errOut bytes.Buffer
-		err := execute(ctx, []string{"doctor", "--upstream-url=" + multiHostURL("target_session_attrs=read-write", standby, primary),
+		url := strings.Replace(multiHostURL("target_session_attrs=read-write", standby, primary), primary.Addr(), primary.Addr()+","+dead, 1)
+		err = execute(ctx, []string{"doctor", "--upstream-url=" + url,
 			"--upstream.password=" + appPass, "--clients.users-file=" + usersFile(t)}, nil, &out, &errOut)
 		if err != nil {
 			t.Fatalf("doctor: %v\n%s%s", err, out.String(), errOut.String())
 		}
 		t.Logf("pggovernor doctor:\n%s", out.String())
 		for _, want := range []string{
-			`upstream: hosts +2 \(target_session_attrs read-write, load_balance_hosts disable\)`,
+			`upstream: hosts +3 \(target_session_attrs read-write, load_balance_hosts disable\)`,
+			regexp.QuoteMeta(dead) + ` +did not answer: .*connect: connection refused`,
+			`WARNING: host ` + regexp.QuoteMeta(dead) + ` of upstream.url did not answer`,
 			regexp.QuoteMeta(standby.Addr()) + ` +answered from ` + regexp.QuoteMeta(standby.Addr()) + `: standby \(not used: target_session_attrs is read-write\)`,
 			regexp.QuoteMeta(primary.Addr()) + ` +answered from ` + regexp.QuoteMeta(primary.Addr()) + `: primary \(fits target_session_attrs\)`,
 			`upstream: server used now +` + regexp.QuoteMeta(primary.Addr()),
