@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"go.uber.org/zap"
 
 	"github.com/pggovernor/pggovernor/config"
 	"github.com/pggovernor/pggovernor/internal/pgtest"
@@ -309,5 +310,9 @@ func TestPgDumpThroughTheGovernor(t *testing.T) {
 	}
 	if commits.Load() == 0 {
 		t.Error("no writer committed: the dumps ran against an idle database")
+	}
+	// pg_dump's connections (1, then 1 + 2 workers) were pinned by its SETs.
+	if n := g.logs.FilterMessage("client pinned to its server connection by session state").FilterField(zap.String("reason", "SET")).Len(); n != 4 {
+		t.Errorf("pg_dump's connections pinned by SET: want = 4, got = %d", n)
 	}
 }

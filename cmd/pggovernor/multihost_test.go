@@ -180,6 +180,36 @@ func TestMultiHostUpstream(t *testing.T) {
 	})
 
 	t.Run("doctor", func(t *testing.T) {
+		doctor := func(url string) string {
+			t.Helper()
+			var out, errOut bytes.Buffer
+			err := execute(ctx, []string{"doctor", "--upstream-url=" + url,
+				"--upstream.password=" + appPass, "--clients.users-file=" + usersFile(t)}, nil, &out, &errOut)
+			if err != nil {
+				t.Fatalf("doctor: %v\n%s%s", err, out.String(), errOut.String())
+			}
+			t.Logf("pggovernor doctor:\n%s", out.String())
+			return out.String()
+		}
+		check := func(out string, wants ...string) {
+			t.Helper()
+			for _, want := range wants {
+				if !regexp.MustCompile(want).MatchString(out) {
+					t.Fatalf("doctor output lacks %q:\n%s", want, out)
+				}
+			}
+		}
+		url := multiHostURL("target_session_attrs=read-write", standby, primary)
+		common := []string{
+			regexp.QuoteMeta(standby.Addr()) + ` +answered from ` + regexp.QuoteMeta(standby.Addr()) + `: standby \(not used: target_session_attrs is read-write\)`,
+			regexp.QuoteMeta(primary.Addr()) + ` +answered from ` + regexp.QuoteMeta(primary.Addr()) + `: primary \(fits target_session_attrs\)`,
+			`upstream: server used now +` + regexp.QuoteMeta(primary.Addr()),
+			`server: host +` + regexp.QuoteMeta(primary.Addr()),
+			`server: port +` + strconv.Itoa(primary.Port),
+		}
+		out := doctor(url)
+		check(out, append(common, `upstream: hosts +2 \(target_session_attrs read-write, load_balance_hosts disable\)`, `no problems found\n$`)...)
+
 		// A third host where nothing listens: a port just freed.
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -187,28 +217,10 @@ func TestMultiHostUpstream(t *testing.T) {
 		}
 		dead := ln.Addr().String()
 		ln.Close()
-		var out, errOut bytes.Buffer
-		url := strings.Replace(multiHostURL("target_session_attrs=read-write", standby, primary), primary.Addr(), primary.Addr()+","+dead, 1)
-		err = execute(ctx, []string{"doctor", "--upstream-url=" + url,
-			"--upstream.password=" + appPass, "--clients.users-file=" + usersFile(t)}, nil, &out, &errOut)
-		if err != nil {
-			t.Fatalf("doctor: %v\n%s%s", err, out.String(), errOut.String())
-		}
-		t.Logf("pggovernor doctor:\n%s", out.String())
-		for _, want := range []string{
-			`upstream: hosts +3 \(target_session_attrs read-write, load_balance_hosts disable\)`,
-			regexp.QuoteMeta(dead) + ` +did not answer: .*connect: connection refused`,
-			`WARNING: host ` + regexp.QuoteMeta(dead) + ` of upstream.url did not answer`,
-			regexp.QuoteMeta(standby.Addr()) + ` +answered from ` + regexp.QuoteMeta(standby.Addr()) + `: standby \(not used: target_session_attrs is read-write\)`,
-			regexp.QuoteMeta(primary.Addr()) + ` +answered from ` + regexp.QuoteMeta(primary.Addr()) + `: primary \(fits target_session_attrs\)`,
-			`upstream: server used now +` + regexp.QuoteMeta(primary.Addr()),
-			`server: host +` + regexp.QuoteMeta(primary.Addr()),
-			`server: port +` + strconv.Itoa(primary.Port),
-		} {
-			if !regexp.MustCompile(want).MatchString(out.String()) {
-				t.Fatalf("doctor output lacks %q:\n%s", want, out.String())
-			}
-		}
+		out = doctor(strings.Replace(url, primary.Addr(), primary.Addr()+","+dead, 1))
+		check(out, append(common, `upstream: hosts +3 \(target_session_attrs read-write, load_balance_hosts disable\)`,
+			regexp.QuoteMeta(dead)+` +did not answer: .*connect: connection refused`,
+			`WARNING: host `+regexp.QuoteMeta(dead)+` of upstream.url did not answer`)...)
 	})
 }
 
