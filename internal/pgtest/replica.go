@@ -109,7 +109,12 @@ func (c *Cluster) waitReplication(ctx context.Context, cond string) error {
 }
 
 // Reconfigure merges settings into the cluster's postgresql.conf settings
-// and reloads the server (settings that need a restart need Restart).
+// and reloads the server (settings that need a restart need Restart). It
+// returns once a new session sees every setting's new value: the
+// postmaster has reloaded its configuration then, and signalled every
+// backend, which applies it before the next command it reads
+// (pg_reload_conf only signals the postmaster). Values are compared with
+// pg_settings.setting, their quotes removed.
 func (c *Cluster) Reconfigure(ctx context.Context, settings map[string]string) error {
 	c.mu.Lock()
 	if c.opts.Settings == nil {
@@ -120,8 +125,31 @@ func (c *Cluster) Reconfigure(ctx context.Context, settings map[string]string) e
 	if err := c.writeConfig(); err != nil {
 		return err
 	}
-	_, err := c.Exec(ctx, "SELECT pg_reload_conf()")
-	return err
+	if _, err := c.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for name, value := range settings {
+		want := strings.Trim(value, "'")
+		for {
+			rows, err := c.Exec(ctx, "SELECT setting FROM pg_catalog.pg_settings WHERE name = "+QuoteLiteral(name))
+			if err != nil {
+				return err
+			}
+			if len(rows) == 1 && rows[0][0] == want {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("reloading the configuration: %s is %v, want %s", name, rows, want)
+			}
+			select { // the reload is announced nowhere a client can wait on
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(10 * time.Millisecond):
+			}
+		}
+	}
+	return nil
 }
 
 // Promote ends the recovery of a replica (pg_promote, waiting for it): it
