@@ -127,7 +127,8 @@ func (l *Loop) Register(fd int, buffered []byte, h Handler) (*Conn, error) {
 // Loop is the socket's loop.
 func (c *Conn) Loop() *Loop { return c.l }
 
-// Peer is the socket linked to c, or nil.
+// Peer is the socket linked to c, or nil; once c is closed, the one it was
+// linked to.
 func (c *Conn) Peer() *Conn { return c.peer }
 
 // SetPeer links c and p (nil unlinks c): while either's output is pending
@@ -141,12 +142,14 @@ func (c *Conn) SetPeer(p *Conn) {
 		panic("evloop: SetPeer across loops")
 	}
 	if old := c.peer; old != nil {
-		old.peer = nil
 		c.peer = nil
-		c.l.updateReading(old)
+		if old.peer == c {
+			old.peer = nil
+			c.l.updateReading(old)
+		}
 	}
 	if p != nil {
-		if old := p.peer; old != nil {
+		if old := p.peer; old != nil && old.peer == p {
 			old.peer = nil
 			c.l.updateReading(old)
 		}
@@ -460,8 +463,8 @@ func (l *Loop) closeConn(c *Conn, err error) {
 	l.conns[c.slot] = nil
 	l.gens[c.slot]++
 	l.slots = append(l.slots, c.slot)
+	// c.peer stays: Handler.Closed may want to close it too.
 	if p := c.peer; p != nil {
-		c.peer = nil
 		if p.peer == c {
 			p.peer = nil
 			l.updateReading(p)

@@ -16,11 +16,13 @@ import (
 
 	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
+
+	"github.com/pggovernor/pggovernor/internal/relaybench"
 )
 
 func TestMain(m *testing.M) {
-	if os.Getenv(driverEnv) != "" {
-		os.Exit(runDriver())
+	if code, ok := relaybench.DriverMain(); ok {
+		os.Exit(code)
 	}
 	goleak.VerifyTestMain(m)
 }
