@@ -149,7 +149,7 @@ func (e *Engine) Close() {
 // be read from any goroutine.
 type Stats struct {
 	EpollWait, EpollCtl, Read, Write, Writev, Eventfd uint64
-	Iterations, Frames                                 uint64
+	Iterations, Frames                                uint64
 	// CPU is the loop thread's CPU time (user and system), as the kernel
 	// accounts it.
 	CPU time.Duration
@@ -162,7 +162,7 @@ func (s Stats) Syscalls() uint64 {
 
 type counters struct {
 	epollWait, epollCtl, read, write, writev, eventfd atomic.Uint64
-	iterations, frames                                 atomic.Uint64
+	iterations, frames                                atomic.Uint64
 }
 
 // Loop is one event loop: a goroutine locked to its OS thread, its epoll
@@ -186,18 +186,18 @@ type Loop struct {
 	stopped bool // set by the loop once it refuses Register
 
 	events  []unix.EpollEvent
-	scratch []byte        // the read buffer of sockets holding none
-	free    [][]byte      // idle chunks for reuse
-	iov     []unix.Iovec  // writev's vector
-	conns   []*Conn       // by slot
-	slots   []uint32      // free slots
-	gens    []uint32      // generation per slot, in the events' data
-	ready   []*Conn       // to read (or dispatch) again this iteration, not waiting for epoll
-	dirty   []*Conn       // with output to flush at the end of the iteration
-	gone    []*Conn       // closed this iteration: Handler.Closed to call
-	runq    []func()      // the inbox taken for this iteration
-	timers  timerHeap     // by deadline
-	epoch   time.Time     // timers count from here (monotonic)
+	scratch []byte       // the read buffer of sockets holding none
+	free    [][]byte     // idle chunks for reuse
+	iov     []unix.Iovec // writev's vector
+	conns   []*Conn      // by slot
+	slots   []uint32     // free slots
+	gens    []uint32     // generation per slot, in the events' data
+	ready   []*Conn      // to read (or dispatch) again this iteration, not waiting for epoll
+	dirty   []*Conn      // with output to flush at the end of the iteration
+	gone    []*Conn      // closed this iteration: Handler.Closed to call
+	runq    []func()     // the inbox taken for this iteration
+	timers  timerHeap    // by deadline
+	epoch   time.Time    // timers count from here (monotonic)
 	stats   counters
 	ctlMask uint32 // EPOLLET or 0
 }
