@@ -57,16 +57,18 @@ type Conn struct {
 	partLen      int
 	partLeft     int
 
-	out        [][]byte // pending output, chunk by chunk (each sliced to its used length)
-	outHead    int      // bytes of out[0] already written
-	outLen     int      // bytes pending
-	outBlocked bool     // a write found the send buffer full; waiting for EPOLLOUT
-	outArmed   bool     // level-triggered: EPOLLOUT in the registration
+	out        [][]byte  // pending output, chunk by chunk (each sliced to its used length)
+	outArr     [2][]byte // out's backing array while it has at most two chunks
+	outHead    int       // bytes of out[0] already written
+	outLen     int       // bytes pending
+	outBlocked bool      // a write found the send buffer full; waiting for EPOLLOUT
+	outArmed   bool      // level-triggered: EPOLLOUT in the registration
 
 	reading bool // willing to read (level-triggered: EPOLLIN in the registration)
 	inReady bool // readiness seen while not reading
 	hup     bool // edge-triggered: the peer closed or the socket failed; read to the end
 	full    bool // output ≥ HighWater, and not yet back to LowWater
+	held    bool // Hold: not read until released
 	dirty   bool // in the loop's flush list
 	queued  bool // in the loop's ready list
 	closing bool // Close was called: flush, then close
@@ -89,6 +91,7 @@ func (l *Loop) Register(fd int, buffered []byte, h Handler) (*Conn, error) {
 		return nil, ErrClosed
 	}
 	c := &Conn{l: l, fd: fd, h: h, reading: true}
+	c.out = c.outArr[:0]
 	if n := len(l.slots); n > 0 {
 		c.slot = l.slots[n-1]
 		l.slots = l.slots[:n-1]
@@ -163,6 +166,17 @@ func (c *Conn) SetPeer(p *Conn) {
 // SetHandler replaces c's handler; the next frame goes to h.
 func (c *Conn) SetHandler(h Handler) { c.h = h }
 
+// Hold stops reading c (true) until Hold(false): what a session does while
+// it waits for something before it may take the client's next message (a
+// server connection, the answer of a statement it prepares first). Frames
+// already read are still delivered.
+func (c *Conn) Hold(on bool) {
+	if c.held != on {
+		c.held = on
+		c.l.updateReading(c)
+	}
+}
+
 // Buffered is the output pending on c.
 func (c *Conn) Buffered() int { return c.outLen }
 
@@ -210,7 +224,7 @@ func (c *Conn) Close() {
 
 // updateReading starts or stops reading c according to backpressure.
 func (l *Loop) updateReading(c *Conn) {
-	want := !c.closed && !c.closing && !c.full && (c.peer == nil || !c.peer.full)
+	want := !c.closed && !c.closing && !c.held && !c.full && (c.peer == nil || !c.peer.full)
 	if want == c.reading || c.closed {
 		return
 	}
@@ -434,7 +448,7 @@ func (l *Loop) consume(c *Conn, n int) {
 		c.outHead = 0
 	}
 	if len(c.out) == 0 {
-		c.out = c.out[:0:0]
+		c.out = c.outArr[:0]
 	}
 }
 

