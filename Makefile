@@ -34,7 +34,7 @@ IMAGE    := bin/pggovernor-image.tar
 IMAGEBIN := bin/pggovernor-linux-$(GOARCH)
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 
-.PHONY: all build image run test test-short vet vulncheck fmt bench bench-quick soak deps deps-bench clean
+.PHONY: all build image run test test-short vet vulncheck fmt fuzz faults bench bench-quick soak deps deps-bench clean
 
 all: build
 
@@ -52,11 +52,13 @@ run: deps build
 	@bin/devrun -bin $(BIN)
 
 ## test: go vet, govulncheck, then every test of the product with the race
-## detector against real Postgres, then the deploy module's (the chart
-## rendered and decoded into the Kubernetes API types, the Coder values
-## files, the image built and run) and the benchmark harness's.
+## detector against real Postgres, each fuzz target for a few seconds, then
+## the deploy module's (the chart rendered and decoded into the Kubernetes
+## API types, the Coder values files, the image built and run) and the bench
+## module's (the short fault suite, bench/faults, among them).
 test: deps vet vulncheck
 	$(GO) test -race -count=1 -timeout 20m ./...
+	@$(MAKE) --no-print-directory fuzz FUZZTIME=3s
 	cd deploy && $(GO) test -count=1 -timeout 10m ./...
 	cd bench && $(GO) test -race -count=1 -timeout 10m ./...
 
@@ -64,6 +66,23 @@ test-short: deps
 	$(GO) test -short -count=1 ./...
 	cd deploy && $(GO) test -short -count=1 ./...
 	cd bench && $(GO) test -short -count=1 ./...
+
+## fuzz: every fuzz target for FUZZTIME (go test -fuzz takes one target per
+## package at a time). Seeds are in each package's testdata/fuzz; what the
+## fuzzer finds goes to the build cache, a failing input to testdata/fuzz.
+FUZZTIME ?= 60s
+FUZZ_TARGETS := ./wire:FuzzReader ./auth:FuzzParseHBA ./proxy:FuzzScanSQL ./proxy:FuzzParseOptions ./proxy:FuzzStartup ./proxy:FuzzSession
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; name=$${t##*:}; \
+	  echo "fuzz $$name ($$pkg, $(FUZZTIME))"; \
+	  $(GO) test -run='^$$' -fuzz="^$$name\$$" -fuzztime=$(FUZZTIME) $$pkg; done
+
+## faults: the full fault suite (bench/faults): a writer workload through the
+## binary under each fault three times; prints the table of fault,
+## acknowledged, missing, unknown, errors by SQLSTATE and recovery, and fails
+## on any violation. FAULTSFLAGS passes flags (-only, -rounds, -keep, -v).
+faults: deps
+	cd bench && $(GO) run ./faults $(FAULTSFLAGS)
 
 vet:
 	@set -e; for m in $(MODULES); do echo "go vet ($$m)"; (cd $$m && $(GO) vet ./...); done

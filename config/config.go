@@ -66,6 +66,8 @@ type Config struct {
 	Pool Pool `yaml:"pool"`
 	// Clients configures the client-facing side.
 	Clients Clients `yaml:"clients"`
+	// Limits bound the memory clients can make pggovernor hold.
+	Limits Limits `yaml:"limits"`
 	// Timeouts bound every wait.
 	Timeouts Timeouts `yaml:"timeouts"`
 	// Log configures logging.
@@ -266,6 +268,16 @@ type Pool struct {
 	// once a server connection to its database has been opened, so logins
 	// to databases that do not exist leave none behind.
 	RouteIdleTimeout time.Duration `yaml:"route_idle_timeout" min:"1s"`
+	// MaxClientStatements bounds the named prepared statements one client
+	// may hold at once in transaction mode, where pggovernor keeps each
+	// one's text to prepare it on whichever server connection serves the
+	// client. A Parse beyond it gets SQLSTATE 53400
+	// (configuration_limit_exceeded, as Postgres answers a PREPARE
+	// TRANSACTION beyond max_prepared_transactions) naming this setting;
+	// the session goes on. Counted in
+	// pggovernor_client_statement_refusals_total. pgx's statement cache
+	// holds at most 512 per connection by default.
+	MaxClientStatements int `yaml:"max_client_statements" min:"1"`
 }
 
 // Clients configures the client-facing side.
@@ -327,8 +339,13 @@ type Clients struct {
 	// AllowTrustRemote permits Auth trust on a listener that is not
 	// loopback. Anyone who can reach the port then logs in as anyone.
 	AllowTrustRemote bool `yaml:"allow_trust_remote"`
-	// MaxMessageSize bounds one protocol message from a client, in bytes.
-	// Postgres itself accepts up to 1 GiB.
+	// MaxMessageSize bounds one protocol message from a client, in bytes;
+	// a longer one ends the session with SQLSTATE 08P01 before its body is
+	// read. The default is Postgres' own limit (1 GiB), so that whatever a
+	// server accepts passes: messages that stream through pggovernor
+	// (Bind with its parameters, COPY data, function calls) cost no memory
+	// whatever their size, and those it must hold whole (Query, Parse) are
+	// bounded by limits.max_buffered_bytes instead.
 	MaxMessageSize int `yaml:"max_message_size" min:"1024"`
 	// NotifyBacklogSize bounds, in bytes, the notifications waiting to be
 	// written to one listening client (transaction mode, where LISTEN goes
@@ -340,6 +357,27 @@ type Clients struct {
 	NotifyBacklogSize int `yaml:"notify_backlog_size" min:"16384"`
 	// TLS configures TLS termination for clients.
 	TLS ClientTLS `yaml:"tls"`
+}
+
+// Limits bound the memory clients can make pggovernor hold.
+type Limits struct {
+	// MaxBufferedBytes bounds, over all clients together, the memory
+	// pggovernor holds for the contents of their messages beyond each
+	// connection's fixed 8 KiB buffers: a Query or Parse (or another
+	// message read whole) while it is read, the text of each distinct named
+	// prepared statement kept to prepare it on another server connection
+	// (transaction mode), a client's last unnamed statement text and the
+	// request kept for a retry where they are over 8 KiB. A message that
+	// would take the total over it gets SQLSTATE 53200 (out of memory)
+	// naming this setting — an ERROR, after which the session goes on, as
+	// Postgres answers a message it cannot allocate — counted in
+	// pggovernor_buffer_refusals_total; pggovernor_buffered_bytes shows the
+	// total. A single Query or Parse longer than this is always refused:
+	// send large values as parameters (Bind), which stream. The default,
+	// 64 MiB, keeps the process under a 256 MiB container memory limit: its
+	// peak was measured at about three times what it holds (Go's garbage
+	// collector at its defaults; README, Operations, Memory).
+	MaxBufferedBytes int `yaml:"max_buffered_bytes" min:"1048576"`
 }
 
 // ClientTLS configures TLS termination for clients.
@@ -381,8 +419,44 @@ type Timeouts struct {
 	// it is checked with a round trip before reuse.
 	ServerCheckDelay time.Duration `yaml:"server_check_delay" min:"0s"`
 	// ShutdownDrain is how long in-flight transactions may run after
-	// SIGTERM before the remaining clients are disconnected.
+	// SIGTERM before the remaining clients are disconnected; the process
+	// exits within a second after that, whatever the clients do.
 	ShutdownDrain time.Duration `yaml:"shutdown_drain" min:"0s"`
+	// ClientWrite disconnects a client that takes none of the bytes
+	// pggovernor writes to it for this long (it stopped reading, with its
+	// socket full), so that it cannot hold its server connection: counted
+	// in pggovernor_client_timeouts_total{timeout="client_write"} and
+	// logged; no error can reach such a client. A client that reads
+	// slowly but steadily is not cut off. 0 never disconnects.
+	ClientWrite time.Duration `yaml:"client_write" min:"0s"`
+	// IdleInTransaction disconnects a client that sends nothing for this
+	// long while inside a transaction (as Postgres'
+	// idle_in_transaction_session_timeout: FATAL 25P03), and rolls back
+	// and returns its server connection, so that idle transactions cannot
+	// hold the budget. 0 (the default) never does.
+	IdleInTransaction time.Duration `yaml:"idle_in_transaction" min:"0s"`
+	// Query cancels a request (a simple query, or an extended-protocol
+	// batch up to its Sync) that runs longer than this, from its first
+	// message to its ReadyForQuery, with a CancelRequest to the server:
+	// the client gets 57014 "canceling statement due to statement
+	// timeout". 0 (the default) never does.
+	Query time.Duration `yaml:"query" min:"0s"`
+	// ServerUnreachable is how long the server's host may stay silent — a
+	// network black-hole, a host gone without closing its sockets — before
+	// pggovernor gives up a server connection or its control connection
+	// (TCP keepalives and TCP_USER_TIMEOUT on its sockets; 3 s at least):
+	// a request in flight then fails instead of waiting for TCP's own
+	// limit (about 15 minutes). The server is asked, with
+	// tcp_keepalives_idle, tcp_keepalives_interval, tcp_keepalives_count
+	// and tcp_user_timeout in the startup packet, to drop the connections
+	// of a pggovernor it cannot reach within half of this (3 s at least),
+	// so that by the time pggovernor replaces one the server has let go of
+	// it and the budget holds (otherwise an abandoned backend can hold its
+	// slot of max_connections for hours). 0 leaves both to the operating
+	// systems. In cluster mode budget.cluster.member_timeout sets them
+	// instead. An upstream that refuses these startup parameters (PgBouncer
+	// without ignore_startup_parameters) needs 0.
+	ServerUnreachable time.Duration `yaml:"server_unreachable" min:"0s"`
 }
 
 // Log configures logging.
@@ -447,7 +521,7 @@ func Default() Config {
 				PeerCIDRs:         DefaultPeerCIDRs(),
 			},
 		},
-		Pool: Pool{MaxPreparedStatements: 200, SessionStateCheck: SessionStateCheckAuto, RouteIdleTimeout: time.Hour},
+		Pool: Pool{MaxPreparedStatements: 200, SessionStateCheck: SessionStateCheckAuto, RouteIdleTimeout: time.Hour, MaxClientStatements: 1000},
 		Clients: Clients{
 			MaxConnections:     10000,
 			MaxPendingLogins:   1000,
@@ -457,14 +531,17 @@ func Default() Config {
 			NotifyBacklogSize:  1 << 20,
 			TLS:                ClientTLS{Mode: "disable"},
 		},
+		Limits: Limits{MaxBufferedBytes: 64 << 20},
 		Timeouts: Timeouts{
-			QueryWait:        30 * time.Second,
-			ClientLogin:      15 * time.Second,
-			ServerConnect:    10 * time.Second,
-			ServerIdle:       10 * time.Minute,
-			ServerLifetime:   time.Hour,
-			ServerCheckDelay: 30 * time.Second,
-			ShutdownDrain:    30 * time.Second,
+			QueryWait:         30 * time.Second,
+			ClientLogin:       15 * time.Second,
+			ServerConnect:     10 * time.Second,
+			ServerIdle:        10 * time.Minute,
+			ServerLifetime:    time.Hour,
+			ServerCheckDelay:  30 * time.Second,
+			ShutdownDrain:     30 * time.Second,
+			ClientWrite:       30 * time.Second,
+			ServerUnreachable: 10 * time.Second,
 		},
 		Log:   Log{Level: "info", Format: "json", RepeatInterval: 10 * time.Second},
 		Admin: Admin{ProbeInterval: 5 * time.Second},

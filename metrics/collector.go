@@ -80,6 +80,15 @@ type Sources struct {
 	// written to listening clients, and how many clients were disconnected
 	// because more than clients.notify_backlog_size waited for them.
 	Notifications func() (backlogBytes, overflows int64)
+	// Memory returns what the proxy holds for clients' messages beyond
+	// their 8 KiB buffers (limits.max_buffered_bytes counts it), and how
+	// many client messages were refused for limits.max_buffered_bytes and
+	// for pool.max_client_statements.
+	Memory func() (bufferedBytes, bufferRefusals, statementRefusals int64)
+	// Timeouts returns how many clients were disconnected for
+	// timeouts.client_write and timeouts.idle_in_transaction, and how many
+	// requests were cancelled for timeouts.query.
+	Timeouts func() (clientWrite, idleInTransaction, query int64)
 	// Upstream reports whether the upstream server answered the last
 	// health probe; known is false before any evidence.
 	Upstream func() (up, known bool)
@@ -118,7 +127,8 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		c.maxIdleClosed, c.maxIdleTimeClosed, c.maxLifetimeClosed, c.clients, c.servers, c.budget, c.budgetShare,
 		c.budgetUsed, c.waitTimeouts, c.connects, c.connectErrors, c.received, c.sent, c.upstreamUp, c.paused,
 		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.rowsIgnored, c.foreignLocks, c.certExpiry, c.iamMints,
-		c.notifyBacklog, c.notifyOverflows, c.pendingLogins, c.throttleDelays, c.throttled} {
+		c.notifyBacklog, c.notifyOverflows, c.pendingLogins, c.throttleDelays, c.throttled, c.buffered, c.bufferRefusals, c.stmtRefusals,
+		c.clientTimeouts} {
 		ch <- d
 	}
 }
@@ -184,6 +194,18 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		backlog, overflows := c.src.Notifications()
 		gauge(c.notifyBacklog, float64(backlog))
 		counter(c.notifyOverflows, float64(overflows))
+	}
+	if c.src.Memory != nil {
+		held, refused, stmts := c.src.Memory()
+		gauge(c.buffered, float64(held))
+		counter(c.bufferRefusals, float64(refused))
+		counter(c.stmtRefusals, float64(stmts))
+	}
+	if c.src.Timeouts != nil {
+		write, idleTx, query := c.src.Timeouts()
+		counter(c.clientTimeouts, float64(write), "client_write")
+		counter(c.clientTimeouts, float64(idleTx), "idle_in_transaction")
+		counter(c.clientTimeouts, float64(query), "query")
 	}
 	if c.src.Upstream != nil {
 		if up, known := c.src.Upstream(); known {

@@ -132,6 +132,8 @@ type scrapeDescs struct {
 	certExpiry, iamMints                                 *prometheus.Desc
 	notifyBacklog, notifyOverflows                       *prometheus.Desc
 	pendingLogins, throttleDelays, throttled             *prometheus.Desc
+	buffered, bufferRefusals, stmtRefusals               *prometheus.Desc
+	clientTimeouts                                       *prometheus.Desc
 }
 
 func newScrapeDescs() scrapeDescs {
@@ -190,6 +192,14 @@ func newScrapeDescs() scrapeDescs {
 			"Failed logins whose answer was delayed because the user had failed too often from the client's address."),
 		throttled: own("login_throttled_pairs",
 			"Pairs of client address and user whose next failed login will be answered late."),
+		buffered: own("buffered_bytes",
+			"Bytes held for clients' messages beyond the connections' 8 KiB buffers (Query and Parse messages being read, kept statement texts, requests kept for a retry), counted against limits.max_buffered_bytes."),
+		bufferRefusals: own("buffer_refusals_total",
+			"Client messages refused with SQLSTATE 53200 because holding them would have taken pggovernor_buffered_bytes over limits.max_buffered_bytes."),
+		stmtRefusals: own("client_statement_refusals_total",
+			"Parse messages refused with SQLSTATE 53400 because the client held pool.max_client_statements named prepared statements already."),
+		clientTimeouts: own("client_timeouts_total",
+			"Clients cut off by a timeout, by setting: client_write (disconnected: took nothing written to it for timeouts.client_write), idle_in_transaction (disconnected with 25P03 after timeouts.idle_in_transaction idle in a transaction), query (request cancelled with 57014 after timeouts.query).", "timeout"),
 	}
 }
 

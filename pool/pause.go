@@ -19,6 +19,8 @@ var ErrNotPaused = errors.New("not paused")
 // closed now, so that the database can be restarted or failed over.
 // WaitQuiet tells when none is left.
 func (p *Pool) Pause(db string) {
+	var retired []*Server
+	defer func() { terminateAll(retired) }() // after the unlock below
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if db == "" {
@@ -31,7 +33,9 @@ func (p *Pool) Pause(db string) {
 			continue
 		}
 		for _, s := range rs.idle {
-			s.close()
+			if s.retire() {
+				retired = append(retired, s)
+			}
 		}
 		rs.idle = nil
 	}

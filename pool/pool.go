@@ -241,13 +241,14 @@ func (p *Pool) SetLimit(n int) {
 		n = 0
 	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	p.limit, p.limitSet, p.limitErr = n, true, nil
 	for p.total < p.limit && p.waiters.len() > 0 {
 		p.total++
 		p.grantLocked(grant{})
 	}
-	p.shrinkLocked()
+	retired := p.shrinkLocked()
+	p.mu.Unlock()
+	terminateAll(retired)
 }
 
 // SetLimitError records why the budget cannot be known (shown to clients
@@ -322,18 +323,21 @@ func (p *Pool) Limit() (int, bool) {
 	return p.limit, p.limitSet
 }
 
-// shrinkLocked closes idle connections, oldest first, while more are open
-// than the budget allows.
-func (p *Pool) shrinkLocked() {
+// shrinkLocked retires idle connections, oldest first, while more are
+// open than the budget allows; the caller terminates them after unlocking.
+func (p *Pool) shrinkLocked() (retired []*Server) {
 	for p.total-p.closingLocked() > p.limit {
 		s := p.oldestIdleLocked(Route{}, false)
 		if s == nil {
-			return
+			return retired
 		}
 		p.removeIdleLocked(s)
 		p.countSurplusLocked(s.route)
-		s.close()
+		if s.retire() {
+			retired = append(retired, s)
+		}
 	}
+	return retired
 }
 
 // closingLocked counts connections asked to close whose backend has not
@@ -785,14 +789,20 @@ func (p *Pool) acquireGrant(ctx context.Context, r Route, start time.Time, lastE
 	rs.waiting++
 	// Free a slot for this route by closing another route's idle
 	// connection, so that no route starves while others sit idle.
+	var victim *Server
 	if p.total >= p.limit && len(rs.idle) == 0 {
-		if victim := p.oldestIdleLocked(r, true); victim != nil {
+		if victim = p.oldestIdleLocked(r, true); victim != nil {
 			p.removeIdleLocked(victim)
 			p.countSurplusLocked(victim.route)
-			victim.close()
+			if !victim.retire() {
+				victim = nil
+			}
 		}
 	}
 	p.mu.Unlock()
+	if victim != nil {
+		victim.terminate()
+	}
 	if f := p.opts.Events.Queued; f != nil {
 		f()
 	}
@@ -993,7 +1003,16 @@ func (p *Pool) release(s *Server, used bool) {
 	s.cancelMu.Unlock()
 	now := p.now()
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	closeIt := p.releaseLocked(s, used, now)
+	p.mu.Unlock()
+	if closeIt {
+		s.terminate()
+	}
+}
+
+// releaseLocked puts s back (or hands it to the head waiter), or retires
+// it; true means the caller must terminate it after unlocking.
+func (p *Pool) releaseLocked(s *Server, used bool, now time.Time) (terminate bool) {
 	rs := p.route(s.route)
 	rs.inUse--
 	if used {
@@ -1002,29 +1021,29 @@ func (p *Pool) release(s *Server, used bool) {
 	expired := !s.expires.IsZero() && now.After(s.expires)
 	switch {
 	case s.Broken() || p.closed || s.TxStatus != 'I':
-		s.close()
+		return s.retire()
 	case expired:
 		p.stats.ClosedLifetime++
 		rs.counters.ClosedLifetime++
-		s.close()
+		return s.retire()
 	case p.pausedLocked(s.route):
 		// A paused database keeps no connection: maintenance or a
 		// failover may follow.
-		s.close()
+		return s.retire()
 	case rs.retiring:
-		s.close()
+		return s.retire()
 	case p.total > p.limit:
 		p.countSurplusLocked(s.route)
-		s.close()
+		return s.retire()
 	case p.waiters.len() > 0:
 		if p.waiters.peek().route == s.route {
 			p.grantLocked(grant{server: s})
-		} else {
-			// The head waiter wants another route: this connection's
-			// slot goes to it once the connection is gone.
-			p.countSurplusLocked(s.route)
-			s.close()
+			return false
 		}
+		// The head waiter wants another route: this connection's slot
+		// goes to it once the connection is gone.
+		p.countSurplusLocked(s.route)
+		return s.retire()
 	case !used:
 		// Back where it was in the idle stack's order: least recently
 		// used first.
@@ -1032,6 +1051,7 @@ func (p *Pool) release(s *Server, used bool) {
 	default:
 		rs.idle = append(rs.idle, s)
 	}
+	return false
 }
 
 // countSurplusLocked counts an idle connection of r closed because it was
@@ -1125,6 +1145,8 @@ func (p *Pool) reapLoop() {
 
 func (p *Pool) reap() {
 	now := p.now()
+	var retired []*Server
+	defer func() { terminateAll(retired) }() // after the unlock below
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for r, rs := range p.routes {
@@ -1154,7 +1176,9 @@ func (p *Pool) reap() {
 					p.stats.ClosedLifetime++
 					rs.counters.ClosedLifetime++
 				}
-				s.close()
+				if s.retire() {
+					retired = append(retired, s)
+				}
 				continue
 			}
 			i++

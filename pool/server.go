@@ -249,22 +249,47 @@ const terminateTimeout = 5 * time.Second
 
 // close asks the backend to exit (Terminate) and lets the reader wait for
 // the server to close its end, so the budget slot is freed only once the
-// backend is gone from pg_stat_activity. Idempotent.
+// backend is gone from pg_stat_activity. Idempotent. It writes to the
+// server: never call it with the pool's lock held; under the lock, retire
+// the connection and terminate it after unlocking.
 func (s *Server) close() {
+	if s.retire() {
+		s.terminate()
+	}
+}
+
+// retire marks the connection as closing: from now on it serves nobody and
+// counts among the closing connections (closingN). It reports whether this
+// call retired it, in which case the caller must call terminate, after
+// releasing the pool's lock. No I/O: safe under the lock.
+func (s *Server) retire() bool {
 	s.lifeMu.Lock()
+	defer s.lifeMu.Unlock()
 	if s.closing.Load() || s.gone {
-		s.lifeMu.Unlock()
-		return
+		return false
 	}
 	s.closing.Store(true)
 	s.pool.closingN.Add(1)
-	s.lifeMu.Unlock()
 	s.broken.Store(true)
+	return true
+}
+
+// terminate writes Terminate (giving up after a second) and gives the
+// backend terminateTimeout to exit. Called once, after retire.
+func (s *Server) terminate() {
 	s.writeMu.Lock()
 	_ = s.conn.SetWriteDeadline(time.Now().Add(time.Second))
 	_, _ = s.conn.Write([]byte{'X', 0, 0, 0, 4})
 	s.writeMu.Unlock()
 	_ = s.conn.SetReadDeadline(time.Now().Add(terminateTimeout))
+}
+
+// terminateAll terminates the connections retired under the pool's lock;
+// called after releasing it.
+func terminateAll(retired []*Server) {
+	for _, s := range retired {
+		s.terminate()
+	}
 }
 
 // Cancel sends a CancelRequest for this backend's current query to the
@@ -276,6 +301,30 @@ func (s *Server) Cancel(ctx context.Context) error {
 	if s.closing.Load() {
 		return nil
 	}
+	return s.sendCancel(ctx)
+}
+
+// Abort ends a held connection at once, for a holder that cannot wait for
+// it to finish (the forced end of a drain): its socket is closed, so its
+// reader stops at once and the holder learns it was lost (ServerLost);
+// with cancel, a CancelRequest is sent too (bounded by ctx), so that a
+// backend that is not writing to it (pg_sleep, a lock wait) does not run
+// on after it. The holder still releases it; the release waits for the
+// cancel.
+func (s *Server) Abort(ctx context.Context, cancel bool) {
+	s.MarkBroken()
+	s.cancelMu.Lock()
+	defer s.cancelMu.Unlock()
+	_ = s.conn.Close()
+	if cancel {
+		_ = s.sendCancel(ctx)
+	}
+}
+
+// sendCancel sends a CancelRequest for the backend and waits for the
+// postmaster to close the connection (it has signalled the backend then).
+// Called with cancelMu held.
+func (s *Server) sendCancel(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	var d net.Dialer

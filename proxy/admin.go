@@ -167,6 +167,10 @@ func (sess *session) consoleLoop() error {
 		}
 		frame, err := sess.rd.Frame(n)
 		if err != nil {
+			if isBudgetError(err) {
+				sess.srv.stats.bufferRefusals.Add(1)
+				sess.sendError(sess.bufferError(typ, n, true))
+			}
 			return err
 		}
 		body := frame[wire.HeaderLen:]

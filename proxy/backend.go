@@ -8,11 +8,16 @@ package proxy
 
 import (
 	"bytes"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.uber.org/zap"
 
+	"github.com/pggovernor/pggovernor/internal/rawsock"
 	"github.com/pggovernor/pggovernor/pool"
 	"github.com/pggovernor/pggovernor/wire"
 )
@@ -86,6 +91,9 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 	if fatal {
 		// The server's last word is the client's, whatever it answers.
 		suppress, replaced = false, ""
+	}
+	if typ == 'E' && more == 0 && sess.wd.timedOut && !suppress && replaced == "" {
+		replaced = sess.queryTimeoutErrorLocked(data) // timeouts.query cancelled the request
 	}
 	release := false
 	sess.synthBefore, sess.synthAfter = sess.synthBefore[:0], sess.synthAfter[:0]
@@ -255,7 +263,7 @@ func (sess *session) serverError(srv *pool.Server, data []byte) {
 				ss.drop(head.key, false)
 			}
 			if head.stmt != nil && sess.stmts[head.stmt.name] == head.stmt {
-				delete(sess.stmts, head.stmt.name)
+				sess.dropStmtLocked(head.stmt.name)
 			}
 		case head.flags&entReplaceError != 0:
 			// The governor's own substitute for a stale statement.
@@ -346,7 +354,7 @@ func (sess *session) skipped(srv *pool.Server, e entry) {
 		}
 	}
 	if e.stmt != nil && sess.stmts[e.stmt.name] == e.stmt {
-		delete(sess.stmts, e.stmt.name)
+		sess.dropStmtLocked(e.stmt.name)
 	}
 }
 
@@ -424,6 +432,12 @@ func (sess *session) ServerFlush(*pool.Server) error {
 // FATAL is always forwarded), and its connection is closed without a word
 // of the governor's, so that drivers see what they see when a server goes
 // away and reconnect (lib/pq returns driver.ErrBadConn on the next use).
+// When the server did not close the connection itself (a reset, a
+// timeout, the governor's own close), the client's connection is reset
+// too, as the broken path would have reset it: a clean close tells lib/pq
+// that nothing was executed (driver.ErrBadConn, on which database/sql runs
+// the statement again on a new connection), when an autocommit statement
+// may have committed and only its answer was lost.
 func (sess *session) ServerLost(srv *pool.Server, err error) {
 	sess.mu.Lock()
 	if sess.server != srv {
@@ -442,6 +456,12 @@ func (sess *session) ServerLost(srv *pool.Server, err error) {
 	}
 	idle := sess.idleOnLocked()
 	sess.detachLocked()
+	if !idle {
+		// With the detach, under mu: the pump attaches no other
+		// connection for what the client sent before (needServer), as a
+		// server that went away runs nothing more of it.
+		sess.quitOnce.Do(func() { close(sess.quit) })
+	}
 	sess.verified(verifyResult{failed: true})
 	sess.mu.Unlock()
 	sess.srv.pool.Release(srv)
@@ -449,7 +469,30 @@ func (sess *session) ServerLost(srv *pool.Server, err error) {
 		return
 	}
 	sess.log.Info("client disconnected: its server connection was lost", zap.Error(err))
+	if !errors.Is(err, io.EOF) {
+		resetOnClose(sess.conn)
+	}
 	sess.closeClient()
+}
+
+// resetOnClose makes the close of a client's TCP connection (under TLS
+// and the raw-socket wrapper, if any) a reset: SO_LINGER 0, so that the
+// client reads "connection reset by peer" rather than the end of the
+// stream. A Unix socket has no reset: its client sees the end.
+func resetOnClose(c net.Conn) {
+	for {
+		switch x := c.(type) {
+		case *tls.Conn:
+			c = x.NetConn()
+		case *rawsock.Conn:
+			c = x.Conn
+		case *net.TCPConn:
+			_ = x.SetLinger(0)
+			return
+		default:
+			return
+		}
+	}
 }
 
 // idleOnLocked reports whether the client is between transactions on its

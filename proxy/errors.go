@@ -24,6 +24,7 @@ const (
 	codeInvalidAuthSpec     = "28000"
 	codeTooManyConnections  = "53300"
 	codeOutOfMemory         = "53200"
+	codeConfigLimitExceeded = "53400"
 	codeAdminShutdown       = "57P01"
 	codeQueryCanceled       = "57014"
 	codeFeatureNotSupported = "0A000"
@@ -138,6 +139,12 @@ func toClientError(err error, fatal bool, waitTimeout time.Duration) *clientErro
 	var pe *auth.ProtocolError
 	if errors.As(err, &pe) {
 		return &clientError{fatal: true, code: codeProtocolViolation, message: pe.Msg, cause: err}
+	}
+	var be *wire.BudgetError
+	if errors.As(err, &be) {
+		return &clientError{fatal: true, code: codeOutOfMemory, cause: err,
+			message: fmt.Sprintf("out of memory: holding this message would take what pggovernor holds for clients' messages over limits.max_buffered_bytes (%d bytes)", be.Limit),
+			hint:    "Raise limits.max_buffered_bytes."}
 	}
 	var fe *wire.FrameError
 	if errors.As(err, &fe) {

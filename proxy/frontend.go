@@ -34,22 +34,22 @@ func (sess *session) clientMessage(typ byte, n int) error {
 		_ = sess.rd.Stream(nil, n)
 		return errTerminate
 	case 'Q':
-		frame, err := sess.rd.Frame(n)
-		if err != nil {
+		frame, err := sess.readWhole(typ, n)
+		if frame == nil {
 			return err
 		}
 		return sess.query(frame)
 	case 'P':
-		frame, err := sess.rd.Frame(n)
-		if err != nil {
+		frame, err := sess.readWhole(typ, n)
+		if frame == nil {
 			return err
 		}
 		return sess.parse(frame)
 	case 'B':
 		return sess.bind(n)
 	case 'D', 'C':
-		frame, err := sess.rd.Frame(n)
-		if err != nil {
+		frame, err := sess.readWhole(typ, n)
+		if frame == nil {
 			return err
 		}
 		if typ == 'D' {
@@ -57,8 +57,8 @@ func (sess *session) clientMessage(typ byte, n int) error {
 		}
 		return sess.closeMsg(frame)
 	case 'S':
-		frame, err := sess.rd.Frame(n)
-		if err != nil {
+		frame, err := sess.readWhole(typ, n)
+		if frame == nil {
 			return err
 		}
 		return sess.sync(frame)
@@ -74,6 +74,7 @@ func (sess *session) clientMessage(typ byte, n int) error {
 // had; the client has then been told, and the message must be dropped.
 func (sess *session) needServer(typ byte) (srv *pool.Server, ok bool, err error) {
 	sess.mu.Lock()
+	sess.awaitTimeoutCancelLocked()
 	srv = sess.server
 	if srv != nil {
 		// The pump is about to write to it: a release waits for the
@@ -83,6 +84,12 @@ func (sess *session) needServer(typ byte) (srv *pool.Server, ok bool, err error)
 			sess.relinked = false
 			sess.beginAttemptLocked()
 		}
+	} else if sess.terminated() {
+		// The client was disconnected (its server connection lost
+		// under a request, or terminated): nothing it sent before runs
+		// on another connection.
+		sess.mu.Unlock()
+		return nil, false, net.ErrClosed
 	}
 	sess.mu.Unlock()
 	if srv != nil {
@@ -129,7 +136,7 @@ func (sess *session) query(frame []byte) error {
 	// statement, and DISCARD/DEALLOCATE ALL its named ones.
 	sess.unnamedOK = false
 	if eff.discardAll || eff.deallocAll {
-		sess.stmts = map[string]*clientStmt{}
+		sess.dropAllStmtsLocked()
 	}
 	sess.linger = false
 	sess.applyEffects(eff)
@@ -169,7 +176,7 @@ func (sess *session) queryLocally(text []byte, eff sqlEffects) (bool, error) {
 	if _, ok := sess.stmts[name]; !ok || sess.tx == 'E' {
 		return false, nil // an SQL-level statement, or an error the server must report
 	}
-	delete(sess.stmts, name)
+	sess.dropStmtLocked(name)
 	sess.pushSynthetic(commandComplete("DEALLOCATE") + string(readyForQuery(sess.tx)))
 	return true, nil
 }
@@ -196,29 +203,39 @@ func (sess *session) parse(frame []byte) error {
 	}
 	sess.mu.Lock()
 	_, exists := sess.stmts[string(name)]
+	full := len(sess.stmts) >= sess.srv.cfg.Pool.MaxClientStatements
 	attached := sess.server != nil
 	sess.mu.Unlock()
 	if exists {
 		return sess.failExtended(&clientError{code: "42P05", message: "prepared statement \"" + string(name) + "\" already exists"})
 	}
+	if full {
+		return sess.failExtended(sess.tooManyStatements())
+	}
 	key := sess.srv.hasher.key(rest)
-	cs := &clientStmt{name: string(name), key: key, server: serverName(key), parse: append([]byte(nil), rest...), eff: eff}
+	kept, ok := sess.keepStmtText(key, rest)
+	if !ok {
+		return sess.refuseBuffer('P', len(frame), false)
+	}
+	cs := &clientStmt{id: sess.srv.stmtIDs.Add(1), name: string(name), key: key, server: serverName(key), parse: kept, kept: true, eff: eff}
 	if !attached {
 		if done, err := sess.prepareWithoutServer(cs); done || err != nil {
+			sess.forgetUnstored(cs)
 			return err
 		}
 	}
 	srv, ok, err := sess.needServer('P')
 	if !ok {
+		sess.forgetUnstored(cs)
 		return err
 	}
 	sess.mu.Lock()
 	sess.stmts[cs.name] = cs
 	if !sess.answered.Load() {
-		sess.added = append(sess.added, cs.name)
+		sess.stmtLog = append(sess.stmtLog, stmtChange{name: cs.name})
 	}
 	ss := sess.stmtsOf(srv)
-	sess.inject = sess.inject[:0]
+	sess.resetInject()
 	sess.closePending(ss)
 	if old := ss.lookup(key); old != nil {
 		// The connection has the text already, perhaps from before a
@@ -231,7 +248,7 @@ func (sess *session) parse(frame []byte) error {
 		sess.inject = appendClose(sess.inject, 'S', evict)
 		sess.push(entry{kind: 'C', flags: entSuppress, close: evict})
 	}
-	sess.inject = appendParse(sess.inject, cs.server, cs.parse)
+	sess.injectParse(cs.server, cs.parse, nil)
 	sess.push(entry{kind: 'P', stmt: cs, key: key, copy: copy})
 	sess.inject = appendDescribe(sess.inject, cs.server)
 	sess.push(entry{kind: 'D', flags: entSuppress | entShape, stmt: cs, copy: copy})
@@ -239,20 +256,25 @@ func (sess *session) parse(frame []byte) error {
 	sess.unsynced = true
 	sess.sending()
 	sess.mu.Unlock()
-	_, err = sess.sw.Write(sess.inject)
-	return sess.serverWriteErr(err)
+	return sess.serverWriteErr(sess.writeInject())
 }
 
 // parseUnnamed relays a Parse of the unnamed statement and remembers it,
 // so that a Bind after a Sync (lib/pq) finds it on whichever connection
 // serves the client then.
 func (sess *session) parseUnnamed(frame, rest []byte, eff sqlEffects) error {
+	if !sess.reserveUnnamed(rest) {
+		return sess.refuseBuffer('P', len(frame), false)
+	}
 	srv, ok, err := sess.needServer('P')
 	if !ok {
+		sess.mu.Lock()
+		sess.releaseUnnamedReservation()
+		sess.mu.Unlock()
 		return err
 	}
 	sess.mu.Lock()
-	sess.unnamedParse = append(sess.unnamedParse[:0], rest...)
+	sess.keepUnnamedLocked(rest)
 	sess.unnamedKey = sess.srv.hasher.key(rest)
 	sess.unnamedOK = true
 	sess.unnamedEff = eff
@@ -276,15 +298,6 @@ func (sess *session) ownUnnamed(ss *serverState) {
 	ss.unnamed, ss.unnamedOK = sess.unnamedKey, true
 	ss.unnamedOwner, ss.unnamedSeq = sess, sess.unnamedSeq
 	ss.unnamedShape = sess.unnamedShape
-}
-
-func appendParse(dst, name, body []byte) []byte {
-	start := len(dst)
-	dst = append(dst, 'P', 0, 0, 0, 0)
-	dst = append(append(dst, name...), 0)
-	dst = append(dst, body...)
-	wire.SetLength(dst, start)
-	return dst
 }
 
 func appendDescribe(dst, name []byte) []byte {
@@ -345,7 +358,7 @@ var staleStmtName = []byte("pgg_stale")
 func (sess *session) resolve(srv *pool.Server, name []byte) (target, error) {
 	sess.mu.Lock()
 	ss := sess.stmtsOf(srv)
-	sess.inject = sess.inject[:0]
+	sess.resetInject()
 	sess.closePending(ss)
 	var tg target
 	var want stmtShape
@@ -368,7 +381,7 @@ func (sess *session) resolve(srv *pool.Server, name []byte) (target, error) {
 		default:
 			// Replayed: the client's last unnamed Parse, with the types
 			// the server resolved for it when it was described.
-			sess.inject = appendParse(sess.inject, nil, reparseBody(sess.unnamedParse, sess.unnamedParamTypes))
+			sess.injectParse(nil, sess.unnamedParse, sess.unnamedParamTypes)
 			sess.ownUnnamed(ss)
 			sess.srv.notePrepared(false)
 			if sess.unnamedShape.ok {
@@ -398,7 +411,7 @@ func (sess *session) resolve(srv *pool.Server, name []byte) (target, error) {
 				sess.push(entry{kind: 'C', flags: entSuppress, close: evict})
 			}
 			tg.copy = copy
-			sess.inject = appendParse(sess.inject, cs.server, cs.reparseBody())
+			sess.injectParse(cs.server, cs.parse, cs.paramTypes)
 			sess.push(entry{kind: 'P', flags: entSuppress | entForwardError, key: cs.key, copy: copy})
 			sess.inject = appendDescribe(sess.inject, cs.server)
 			sess.push(entry{kind: 'D', flags: entSuppress | entShape | entVerify, copy: copy})
@@ -416,7 +429,7 @@ func (sess *session) resolve(srv *pool.Server, name []byte) (target, error) {
 	if verify {
 		sess.inject = append(sess.inject, flushMsg...)
 	}
-	if _, err := sess.sw.Write(sess.inject); err != nil {
+	if err := sess.writeInject(); err != nil {
 		return tg, sess.serverWriteErr(err)
 	}
 	if !verify {
@@ -453,6 +466,16 @@ func init() {
 	fields := "SERROR\x00VERROR\x00C0A000\x00Mcached plan must not change result type\x00Fplancache.c\x00RRevalidateCachedQuery\x00\x00"
 	b := wire.AppendHeader(nil, 'E', len(fields))
 	cachedPlanChanged = string(append(b, fields...))
+}
+
+// terminated reports whether the session was terminated (quit closed).
+func (sess *session) terminated() bool {
+	select {
+	case <-sess.quit:
+		return true
+	default:
+		return false
+	}
 }
 
 // awaitVerify waits for the answer to a statement the pump prepared again.
@@ -628,10 +651,12 @@ func (sess *session) closeMsg(frame []byte) error {
 		if len(name) == 0 {
 			sess.unnamedOK = false
 		} else if cs := sess.stmts[string(name)]; cs != nil {
-			if sess.server != nil && !sess.answered.Load() {
-				sess.removed = append(sess.removed, cs)
-			}
 			delete(sess.stmts, string(name))
+			if sess.server != nil && !sess.answered.Load() {
+				sess.stmtLog = append(sess.stmtLog, stmtChange{name: cs.name, closed: cs}) // its body is kept for a retry
+			} else {
+				sess.forgetStmtLocked(cs)
+			}
 		}
 		sess.pushSynthetic(closeCompleteMsg)
 		sess.unsynced = sess.unsynced || sess.server != nil
@@ -722,16 +747,12 @@ func (sess *session) plain(typ byte, frame []byte, eff sqlEffects) error {
 	return sess.serverWriteErr(err)
 }
 
-// failExtended reports an error the governor detects in an
-// extended-protocol message, in its place in the pipeline, then skips the
-// client's messages up to Sync, as the server would.
-// NOTE: the server's transaction is not aborted by such an error.
+// failExtended reports an error the governor detects in a Parse, in its
+// place in the pipeline, then skips the client's messages up to Sync, as
+// the server would; a server connection the client holds fails in the
+// message's place too, so that its transaction aborts (failInPlace).
 func (sess *session) failExtended(ce *clientError) error {
-	sess.mu.Lock()
-	sess.pushSynthetic(string(sess.srv.appendError(nil, ce, sess.user)))
-	sess.mu.Unlock()
-	sess.skipToSync = true
-	return nil
+	return sess.failInPlace('P', ce)
 }
 
 // sending records that the pump has bytes for the server (a release waits

@@ -122,7 +122,7 @@ func (h *listenHub) listen(sess *session, channel string) error {
 		return nil
 	}
 	if conn == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), h.srv.cfg.Timeouts.QueryWait)
+		ctx, cancel := context.WithTimeout(h.srv.stopCtx, h.srv.cfg.Timeouts.QueryWait) // no wait outlives the shutdown's start
 		c, err := h.srv.pool.Acquire(ctx, h.route, nil)
 		cancel()
 		if err != nil {

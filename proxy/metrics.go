@@ -179,6 +179,7 @@ func (sess *session) noteRequestLocked() {
 	if st.txStart.IsZero() {
 		st.txStart = now
 	}
+	sess.watchRequestLocked(now)
 }
 
 // noteReadyLocked records a ReadyForQuery forwarded to the client, with
@@ -209,6 +210,7 @@ func (sess *session) noteReadyLocked(status byte) {
 			st.txStart = now
 		}
 	}
+	sess.watchReadyLocked(status, now, pipelined)
 }
 
 // Totals are cumulative figures of the client sessions of one database,

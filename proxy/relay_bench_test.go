@@ -34,7 +34,7 @@ type relayRig struct {
 	done                  func()
 }
 
-func newRelayRig(tb testing.TB, mode string) *relayRig {
+func newRelayRig(tb testing.TB, mode string, mutate ...func(*config.Config)) *relayRig {
 	tb.Helper()
 	fb, err := pgtest.StartFakeBackend()
 	if err != nil {
@@ -50,6 +50,9 @@ func newRelayRig(tb testing.TB, mode string) *relayRig {
 	cfg.Listen = "127.0.0.1:0"
 	cfg.PoolMode = mode
 	cfg.Clients.Auth = config.AuthTrust
+	for _, m := range mutate {
+		m(&cfg)
+	}
 	users, _ := auth.NewUsers("")
 	queries := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "q", Help: "q", Buckets: prometheus.DefBuckets})
 	transactions := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "t", Help: "t", Buckets: prometheus.DefBuckets})

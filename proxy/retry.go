@@ -28,7 +28,7 @@ package proxy
 // for a connection (settings, statements) is made for the new one. A
 // request with session-state effects the governor records (SET, advisory
 // locks, temporary tables…) is not retried; named statements a
-// Parse or Close of the request added or removed are put back first.
+// Parse or Close of the request added or removed are put back first, the last change first.
 
 import (
 	"bytes"
@@ -52,6 +52,7 @@ const maxRetries = 3
 func (sess *session) capture(n int) error {
 	sess.curCaptured = false
 	if !sess.txMode || sess.answered.Load() {
+		sess.freeReplay() // nothing is kept until the next attachment
 		return nil
 	}
 	if len(sess.replayBuf)+n > replayLimit {
@@ -59,15 +60,24 @@ func (sess *session) capture(n int) error {
 		sess.setReplayable(false)
 	}
 	sess.curStart = len(sess.replayBuf)
-	sess.curCaptured = n <= replayLimit
-	if !sess.curCaptured {
+	if n > replayLimit {
 		sess.setReplayable(false)
 		return nil
 	}
 	if err := sess.rd.Ensure(n); err != nil {
+		if isBudgetError(err) {
+			// Not kept: the message itself is refused, or streamed,
+			// where it is handled.
+			sess.setReplayable(false)
+			return nil
+		}
 		return err
 	}
-	sess.replayBuf = append(sess.replayBuf, sess.rd.Bytes()[:n]...)
+	if !sess.keepReplay(sess.rd.Bytes()[:n]) {
+		sess.setReplayable(false)
+		return nil
+	}
+	sess.curCaptured = true
 	return nil
 }
 
@@ -77,7 +87,7 @@ func (sess *session) capture(n int) error {
 func (sess *session) beginAttemptLocked() {
 	sess.answered.Store(false)
 	sess.relinked = false
-	sess.added, sess.removed = sess.added[:0], sess.removed[:0]
+	sess.settleStmtLogLocked()
 	if !sess.txMode || !sess.curCaptured || sess.pins != 0 {
 		sess.replayable = false
 		return
@@ -86,6 +96,43 @@ func (sess *session) beginAttemptLocked() {
 	sess.replayBuf = sess.replayBuf[:n]
 	sess.curStart = 0
 	sess.replayable = true
+}
+
+// stmtChange is one thing a request did to the client's named statements:
+// a Parse made name (closed is nil), or a Close removed closed.
+type stmtChange struct {
+	name   string
+	closed *clientStmt
+}
+
+// settleStmtLogLocked makes the request's statement changes final: the
+// statements it closed are forgotten (no retry puts them back). Called with
+// mu held.
+func (sess *session) settleStmtLogLocked() {
+	for _, c := range sess.stmtLog {
+		if c.closed != nil {
+			sess.forgetStmtLocked(c.closed)
+		}
+	}
+	clear(sess.stmtLog)
+	sess.stmtLog = sess.stmtLog[:0]
+}
+
+// undoStmtLogLocked takes the request's statement changes back, the last
+// first, so that the request, read again, finds the statements as it did:
+// a statement it parsed and then closed is gone, one it closed and parsed
+// again under the same name is the old one. Called with mu held.
+func (sess *session) undoStmtLogLocked() {
+	for i := len(sess.stmtLog) - 1; i >= 0; i-- {
+		c := sess.stmtLog[i]
+		if c.closed != nil {
+			sess.stmts[c.name] = c.closed
+		} else {
+			sess.dropStmtLocked(c.name) // the request parses it again
+		}
+	}
+	clear(sess.stmtLog)
+	sess.stmtLog = sess.stmtLog[:0]
 }
 
 // setReplayable records whether the current request can still be retried.
@@ -144,13 +191,7 @@ func (sess *session) takeRetry() {
 	sess.tx = 'I'
 	sess.linger, sess.unsynced, sess.copyIn, sess.batchError = false, false, false, false
 	sess.writing, sess.releaseDeferred = false, false
-	for _, name := range sess.added {
-		delete(sess.stmts, name)
-	}
-	for _, cs := range sess.removed {
-		sess.stmts[cs.name] = cs
-	}
-	sess.added, sess.removed = sess.added[:0], sess.removed[:0]
+	sess.undoStmtLogLocked()
 	sess.retries++
 	sess.retryPending.Store(false)
 	sess.answered.Store(false)

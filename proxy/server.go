@@ -92,6 +92,13 @@ type Server struct {
 	welcome welcomeCache
 	hasher  stmtHasher
 	stats   serverStats
+	// buffers counts what the sessions hold for clients' messages beyond
+	// their 8 KiB buffers, against limits.max_buffered_bytes; texts keeps
+	// the bodies of clients' named statements, counted there too.
+	buffers *wire.Budget
+	texts   *stmtTexts
+	// stmtIDs numbers client statements (clientStmt.id).
+	stmtIDs atomic.Uint64
 
 	mu        sync.Mutex
 	listeners []net.Listener
@@ -104,9 +111,16 @@ type Server struct {
 	ready     atomic.Bool
 	// ended sums the figures of ended sessions, by database.
 	ended map[string]*Totals
-	// stopCtx is cancelled when Shutdown begins.
+	// stopCtx is cancelled when Shutdown begins; forceCtx when its drain
+	// ends and the remaining clients are cut off (forced is then true).
 	stopCtx  context.Context
 	stopping context.CancelFunc
+	forceCtx context.Context
+	forcing  context.CancelFunc
+	forced   atomic.Bool
+	// watch is true when timeouts.query or timeouts.idle_in_transaction is
+	// set: the sessions then run their watchdog (timeouts.go).
+	watch bool
 	// live is the configuration as last reloaded (admin.users, SHOW
 	// CONFIG).
 	live atomic.Pointer[config.Config]
@@ -129,7 +143,13 @@ func NewServer(opts Options) *Server {
 		hasher:   newStmtHasher(),
 		ended:    map[string]*Totals{},
 	}
+	if n := opts.Config.Limits.MaxBufferedBytes; n > 0 {
+		s.buffers = wire.NewBudget(int64(n))
+	}
+	s.texts = newStmtTexts(s.buffers)
 	s.stopCtx, s.stopping = context.WithCancel(context.Background())
+	s.forceCtx, s.forcing = context.WithCancel(context.Background())
+	s.watch = s.cfg.Timeouts.Query > 0 || s.cfg.Timeouts.IdleInTransaction > 0
 	s.live.Store(opts.Config)
 	return s
 }
@@ -332,7 +352,9 @@ func (s *Server) sessionByKey(pid uint32) *session {
 
 // Shutdown stops accepting clients, disconnects idle ones, lets clients in
 // a transaction finish it until ctx ends, then disconnects the rest, all
-// with SQLSTATE 57P01. It returns once every session has ended.
+// with SQLSTATE 57P01. It returns once every session has ended, or at the
+// latest forcedSessionsWait after ctx ended, whatever the clients do: no
+// step waits for a client to read (see forceDrain).
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.ready.Store(false)
 	s.mu.Lock()
@@ -353,23 +375,33 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 	}
 	s.mu.Unlock()
+	idle := sessions[:0:0]
 	for _, sess := range sessions {
-		sess.drain(false)
+		if sess.drain() {
+			idle = append(idle, sess)
+		}
 	}
+	terminateAll(idle, errShuttingDown(), time.Now().Add(time.Second))
 	var err error
 	select {
 	case <-s.empty:
 	case <-ctx.Done():
 		err = fmt.Errorf("shutdown drain (timeouts.shutdown_drain) ended with clients still in a transaction: %w", ctx.Err())
-		s.mu.Lock()
-		sessions = sessions[:0]
-		for sess := range s.sessions {
-			sessions = append(sessions, sess)
+		forcedAt := time.Now()
+		s.forceDrain(s.liveSessions(), forcedAt.Add(forcedWriteGrace))
+		ended := make(chan struct{})
+		go func() { s.wg.Wait(); close(ended) }() // owner: Shutdown; exits when the sessions have ended
+		t := time.NewTimer(time.Until(forcedAt.Add(forcedSessionsWait)))
+		defer t.Stop()
+		select {
+		case <-ended:
+		case <-t.C:
+			s.mu.Lock()
+			left := len(s.sessions)
+			s.mu.Unlock()
+			return fmt.Errorf("%w; %d sessions were still ending (their server connections are closed at exit)", err, left)
 		}
-		s.mu.Unlock()
-		for _, sess := range sessions {
-			sess.drain(true)
-		}
+		return err
 	}
 	s.wg.Wait()
 	return err
@@ -392,6 +424,13 @@ type serverStats struct {
 	retries         atomic.Int64
 	stateChecks     atomic.Int64
 	stateFound      atomic.Int64
+	bufferRefusals  atomic.Int64
+	stmtRefusals    atomic.Int64
+	// Clients cut off by timeouts.client_write, idle_in_transaction and
+	// requests cancelled by timeouts.query (timeouts.go).
+	clientWriteTimeouts       atomic.Int64
+	idleInTransactionTimeouts atomic.Int64
+	queryTimeouts             atomic.Int64
 }
 
 // Stats are the proxy's figures for metrics.
@@ -422,6 +461,25 @@ type Stats struct {
 	// state before its release (transaction mode); StateFound those that
 	// found state (or could not tell) and kept the client pinned.
 	StateChecks, StateFound int64
+	// BufferedBytes is what the sessions hold now for clients' messages
+	// beyond their 8 KiB buffers (limits.max_buffered_bytes counts it);
+	// BufferRefusals counts client messages refused (SQLSTATE 53200)
+	// because holding them would have taken it over the limit.
+	BufferedBytes, BufferRefusals int64
+	// StatementRefusals counts Parse messages refused (SQLSTATE 53400)
+	// because the client held pool.max_client_statements named
+	// statements already.
+	StatementRefusals int64
+	// ClientWriteTimeouts counts clients disconnected because they took
+	// nothing written to them for timeouts.client_write.
+	ClientWriteTimeouts int64
+	// IdleInTransactionTimeouts counts clients disconnected (25P03)
+	// because they were idle in a transaction longer than
+	// timeouts.idle_in_transaction.
+	IdleInTransactionTimeouts int64
+	// QueryTimeouts counts requests cancelled because they ran longer
+	// than timeouts.query.
+	QueryTimeouts int64
 }
 
 // notePrepared counts a statement found prepared (hit) or prepared anew
@@ -448,6 +506,14 @@ func (s *Server) Stats() Stats {
 		Retries:         s.stats.retries.Load(),
 		StateChecks:     s.stats.stateChecks.Load(),
 		StateFound:      s.stats.stateFound.Load(),
+
+		BufferedBytes:     s.buffers.Held(),
+		BufferRefusals:    s.stats.bufferRefusals.Load(),
+		StatementRefusals: s.stats.stmtRefusals.Load(),
+
+		ClientWriteTimeouts:       s.stats.clientWriteTimeouts.Load(),
+		IdleInTransactionTimeouts: s.stats.idleInTransactionTimeouts.Load(),
+		QueryTimeouts:             s.stats.queryTimeouts.Load(),
 	}
 }
 

@@ -57,14 +57,24 @@ type session struct {
 	pending *pendingLogin
 
 	// Owned by the client pump.
-	rd           *wire.Reader
-	sw           *wire.Writer // to the attached server
-	skipToSync   bool         // an error was reported mid-pipeline: drop until Sync
-	pinLogged    bool
-	inject       []byte // messages the governor adds before the client's, reused
+	rd         *wire.Reader
+	sw         *wire.Writer // to the attached server
+	skipToSync bool         // an error was reported mid-pipeline: drop until Sync
+	pinLogged  bool
+	inject     []byte // messages the governor adds before the client's, reused
+	// injectBig is a large Parse body written in inject's place at
+	// injectAt, instead of being copied into it (memory.go).
+	injectBig    []byte
+	injectAt     int
 	scratch      []byte // a rewritten header, reused
 	synthOut     []byte // governor responses due before the pump next blocks
 	unnamedParse []byte // the client's last unnamed Parse, after its name
+	// unnamedHeld is what unnamedParse holds in the Server's budget (its
+	// size, when over 8 KiB), unnamedPending what was reserved for the
+	// next one (memory.go); written by the pump, under mu where the
+	// reader may look (unnamedParse).
+	unnamedHeld, unnamedPending int
+	unnamedTaken                bool // unnamedPending is a reader's buffer taken whole
 	// verifyCh carries the server's answer to a statement the pump
 	// prepared again and waits for (resolve); quit is closed when the
 	// session is terminated, so that such a wait ends.
@@ -74,13 +84,13 @@ type session struct {
 	// The request of the current attachment, kept for a retry on another
 	// connection (retry.go): replayBuf holds its messages; curStart and
 	// curCaptured say where the message being handled starts and whether
-	// it was kept; added and removed are the named statements the request
-	// added or removed (under mu).
+	// it was kept; stmtLog is what the request did to the client's named
+	// statements, in order (under mu).
 	replayBuf   []byte
+	replayHeld  int // what replayBuf holds in the Server's budget
 	curStart    int
 	curCaptured bool
-	added       []string
-	removed     []*clientStmt
+	stmtLog     []stmtChange
 	// answered is false from an attachment until the server's first
 	// answer on it; retryPending asks the pump to retry the request.
 	answered     atomic.Bool
@@ -99,6 +109,10 @@ type session struct {
 
 	// nq is the backlog of notifications from the listen hub (notify.go).
 	nq notifyQueue
+
+	// wd enforces timeouts.query and timeouts.idle_in_transaction
+	// (timeouts.go); under mu.
+	wd watchdog
 
 	wmu        sync.Mutex
 	cw         *wire.Writer // to the client
@@ -180,6 +194,7 @@ func (q *queue) pop() {
 // then leaves the server connection (if any) clean.
 func (sess *session) serve() {
 	err := sess.pump()
+	sess.stopWatch()
 	// Nothing more is written to the client: a write blocked on a client
 	// that stopped reading gives up, so that finish can take wmu.
 	_ = sess.conn.SetWriteDeadline(time.Now().Add(time.Second))
@@ -228,8 +243,10 @@ func (sess *session) pump() error {
 			sess.mu.Unlock()
 			if idle && sess.rd.Buffered() == 0 {
 				// Nothing in flight and no server: the client may stay
-				// idle for long, so it holds no buffer meanwhile.
+				// idle for long, so it holds no buffer meanwhile (nor a
+				// request kept for a retry: none is in progress).
 				sess.releaseBuffers()
+				sess.freeReplay()
 			}
 			if err := sess.rd.Fill(); err != nil {
 				if sess.retryPending.Load() {
@@ -294,13 +311,19 @@ func (sess *session) attach() (*pool.Server, error) {
 	for {
 		srv := s.pool.TryAcquire(sess.route) // the common case, without a timer
 		if srv == nil {
-			ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.QueryWait)
+			// A wait ends when the shutdown begins: a client that holds
+			// no server connection is not in a transaction, so it is
+			// disconnected at once.
+			ctx, cancel := context.WithTimeout(s.stopCtx, s.cfg.Timeouts.QueryWait)
 			var err error
 			sess.stats.beginWait()
 			srv, err = s.pool.Acquire(ctx, sess.route, nil)
 			sess.stats.endWait()
 			cancel()
 			if err != nil {
+				if s.stopCtx.Err() != nil {
+					err = pool.ErrClosed
+				}
 				return nil, err
 			}
 		}
@@ -487,7 +510,8 @@ func (sess *session) lingerExpired() {
 // at a safe point, with no session state, or with state only a
 // verification can tell is gone.
 func (sess *session) releasableLocked() bool {
-	return sess.txMode && sess.q.empty() && sess.tx == 'I' && !sess.linger && (sess.pins == 0 || sess.checkDueLocked())
+	return sess.txMode && sess.q.empty() && sess.tx == 'I' && !sess.linger && sess.wd.cancelling == nil &&
+		(sess.pins == 0 || sess.checkDueLocked())
 }
 
 // afterIdle runs when the attached server connection became idle with
@@ -560,16 +584,28 @@ func (sess *session) closeClient() {
 	_ = sess.conn.Close()
 }
 
-// drain is called at shutdown: an idle client is disconnected now; one in
-// a transaction when it finishes (or now, if force).
-func (sess *session) drain(force bool) {
+// drain is called at shutdown: it reports whether the client is idle, to
+// be disconnected now (terminateAll); one in a transaction is disconnected
+// when it finishes.
+func (sess *session) drain() (idle bool) {
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	sess.draining = true
+	return (sess.txMode && sess.server == nil) || (!sess.txMode && sess.q.empty() && sess.tx == 'I')
+}
+
+// drainNow disconnects the client at the forced end of a drain, giving up
+// writing at by.
+func (sess *session) drainNow(by time.Time) {
 	sess.mu.Lock()
 	sess.draining = true
-	idle := (sess.txMode && sess.server == nil) || (!sess.txMode && sess.q.empty() && sess.tx == 'I')
 	sess.mu.Unlock()
-	if idle || force {
-		sess.terminate(fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down"))
-	}
+	sess.terminateBy(errShuttingDown(), by)
+}
+
+// errShuttingDown is the error that ends a client's session at shutdown.
+func errShuttingDown() *clientError {
+	return fatalf(codeAdminShutdown, "terminating connection due to administrator command").withDetail("pggovernor is shutting down")
 }
 
 // sendError writes an ErrorResponse to the client.
@@ -635,18 +671,37 @@ func (sess *session) finish(cause error) {
 		sess.mu.Unlock()
 		return
 	}
+	if sess.srv.forced.Load() {
+		// The end of a forced drain: closed, not cleaned.
+		sess.detachLocked()
+		sess.mu.Unlock()
+		sess.finishForced(srv)
+		return
+	}
+	if sess.unsynced {
+		// The client left in the middle of an extended-protocol batch:
+		// Postgres would abort its implicit transaction (the backend
+		// exits at the client's EOF), and a Sync sent in its place would
+		// commit what it had executed. Closed, never completed.
+		srv.MarkBroken()
+	}
+	if srv.Broken() {
+		// Part of a frame reached it (the client left in the middle of
+		// one), or it cannot be written: nothing it answers can make it
+		// clean, so it is closed now rather than waited for.
+		sess.detachLocked()
+		sess.mu.Unlock()
+		sess.srv.pool.Release(srv)
+		return
+	}
 	// Complete what the client left half-done so the server comes back
-	// to ReadyForQuery: end a COPY FROM STDIN, close an extended batch.
+	// to ReadyForQuery: end a COPY FROM STDIN (an unsynced batch was
+	// closed above).
 	var tail []byte
 	if sess.copyIn {
 		msg := "client disconnected during COPY"
 		tail = wire.AppendHeader(tail, 'f', len(msg)+1)
 		tail = append(append(tail, msg...), 0)
-	}
-	if sess.unsynced {
-		tail = append(tail, 'S', 0, 0, 0, 4)
-		sess.q.push(entry{kind: 'S'})
-		sess.unsynced = false
 	}
 	var wait chan struct{}
 	if !sess.q.empty() {
@@ -654,7 +709,8 @@ func (sess *session) finish(cause error) {
 		sess.qEmpty = wait
 	}
 	sess.mu.Unlock()
-	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	// A forced drain cuts the cleanup short: the connection is closed.
+	ctx, cancel := context.WithTimeout(sess.srv.forceCtx, cleanupTimeout)
 	defer cancel()
 	// Complete frames the client sent are delivered, as a direct server
 	// would have received them; then the tail.

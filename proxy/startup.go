@@ -62,21 +62,30 @@ func (s *Server) serveConn(c net.Conn) {
 	sess.virtual = sess.txMode
 	sess.linkUnnamed = !s.opts.ReplayUnnamed
 	sess.slot = pool.NewHandlerSlot(sess)
+	if rc, ok := c.(*rawsock.Conn); ok && s.cfg.Timeouts.ClientWrite > 0 {
+		rc.SetWriteTimeout(s.cfg.Timeouts.ClientWrite, sess.clientWriteTimedOut)
+	}
 	// Buffers are lent while the session is active: an idle client holds
 	// none (see pump).
 	sess.rd = wire.NewPooledReader(c, &s.bufs, s.cfg.Clients.MaxMessageSize)
+	sess.rd.SetBudget(s.buffers)
 	sess.cw = wire.NewPooledWriter(c, &s.bufs)
 	sess.sw = wire.NewPooledWriter(nil, &s.bufs)
 	defer sess.releaseBuffers()
+	defer sess.releaseHeld()
 
 	_ = c.SetDeadline(time.Now().Add(s.cfg.Timeouts.ClientLogin))
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.Timeouts.ClientLogin)
+	// A login in progress when the shutdown begins ends then: it would be
+	// refused, and nothing may wait on a client that is slow to log in.
+	ctx, cancel := context.WithTimeout(s.stopCtx, s.cfg.Timeouts.ClientLogin)
+	stopCut := context.AfterFunc(s.stopCtx, func() { _ = c.SetDeadline(time.Now()) })
 	// Counted among the connections logging in once its deadline is set:
 	// dropping it sets another.
 	sess.pending = &pendingLogin{conn: c, cancel: cancel}
 	s.pending.add(sess.pending, s.cfg.Clients.MaxPendingLogins)
 	err := sess.startup(ctx)
 	s.pending.leave(sess.pending)
+	stopCut()
 	cancel()
 	if err != nil {
 		if !errors.Is(err, errCancelRequest) {
@@ -477,6 +486,8 @@ func (sess *session) loginFailed(err error) {
 	}
 	var ce *clientError
 	switch {
+	case sess.srv.stopCtx.Err() != nil:
+		ce = errShuttingDown() // the shutdown cut the login short
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		ce = fatalf(codeQueryCanceled, "canceling authentication due to timeout").
 			withHint(fmt.Sprintf("The client did not finish logging in within timeouts.client_login (%s).", sess.srv.cfg.Timeouts.ClientLogin))
@@ -484,7 +495,11 @@ func (sess *session) loginFailed(err error) {
 		ce = toClientError(err, true, sess.srv.cfg.Timeouts.QueryWait)
 	}
 	ce.fatal = true
-	sess.srv.opts.Metrics.loginFailed(loginFailureReason(err, ce))
+	reason := loginFailureReason(err, ce)
+	if ce.code == codeAdminShutdown {
+		reason = LoginFailureShutdown
+	}
+	sess.srv.opts.Metrics.loginFailed(reason)
 	level := zap.InfoLevel
 	if errors.Is(err, auth.ErrAuthFailed) || errors.Is(err, auth.ErrCertAuthFailed) {
 		level = zap.WarnLevel

@@ -13,8 +13,10 @@ import (
 	"container/list"
 	"encoding/hex"
 	"hash/maphash"
+	"sync"
 
 	"github.com/pggovernor/pggovernor/pool"
+	"github.com/pggovernor/pggovernor/wire"
 )
 
 // stmtKey identifies a statement by its query text and parameter types:
@@ -63,11 +65,17 @@ type stmtShape struct {
 
 // clientStmt is a named statement as one client prepared it.
 type clientStmt struct {
+	id     uint64 // unique in the process: what a server copy records as its origin
 	name   string // the client's name
 	key    stmtKey
-	server []byte     // the governor-owned name on server connections
-	parse  []byte     // the Parse body after the name: query, NUL, parameter types
-	eff    sqlEffects // what executing it does to session state
+	server []byte // the governor-owned name on server connections
+	// parse is the Parse body after the name: query, NUL, parameter
+	// types; read-only, shared with every client that prepared the same
+	// body (stmtTexts). kept says that this statement holds a reference
+	// to it there (given back by session.forgetStmtLocked).
+	parse []byte
+	kept  bool
+	eff   sqlEffects // what executing it does to session state
 	// shape is the statement as the server described it when the client
 	// prepared it; a copy on another connection serves the client only if
 	// its shape is the same.
@@ -77,29 +85,6 @@ type clientStmt struct {
 	// is prepared again (as Postgres re-analyses a cached statement with
 	// its fixed parameter types).
 	paramTypes []byte
-}
-
-// reparseBody returns the Parse body (after the name) that prepares cs
-// again with its resolved parameter types, or its own Parse body while
-// those are not known.
-func (cs *clientStmt) reparseBody() []byte {
-	return reparseBody(cs.parse, cs.paramTypes)
-}
-
-// reparseBody replaces the parameter types of a Parse body (query, NUL,
-// int16 count, OIDs) with those of a ParameterDescription body (int16
-// count, OIDs); without those it returns parse unchanged.
-func reparseBody(parse, paramTypes []byte) []byte {
-	if len(paramTypes) < 2 {
-		return parse
-	}
-	end := indexNUL(parse)
-	if end < 0 {
-		return parse
-	}
-	out := make([]byte, 0, end+1+len(paramTypes))
-	out = append(out, parse[:end+1]...)
-	return append(out, paramTypes...)
 }
 
 func indexNUL(b []byte) int {
@@ -157,9 +142,11 @@ type serverStmt struct {
 	// shape is how the server described it when it was prepared (unknown
 	// until the Describe that follows every governor Parse is answered).
 	shape stmtShape
-	// origin is the client statement whose Parse prepared it: until its
-	// shape is known, it serves that client statement only.
-	origin *clientStmt
+	// origin is the id of the client statement whose Parse prepared it:
+	// until its shape is known, it serves that client statement only. An
+	// id, not a pointer, so that a copy does not keep the statement's text
+	// alive after the client forgot it.
+	origin uint64
 }
 
 // servesClient reports whether the copy is the client's statement: the
@@ -168,7 +155,7 @@ func (st *serverStmt) servesClient(cs *clientStmt) bool {
 	if st.shape.ok && cs.shape.ok {
 		return st.shape == cs.shape
 	}
-	return st.origin == cs
+	return st.origin == cs.id
 }
 
 func stmtsOf(srv *pool.Server, max int) *serverState {
@@ -208,7 +195,7 @@ func (ss *serverState) add(k stmtKey, name []byte, origin *clientStmt) (st *serv
 			evict = old.name
 		}
 	}
-	st = &serverStmt{key: k, name: name, origin: origin}
+	st = &serverStmt{key: k, name: name, origin: origin.id}
 	ss.byKey[k] = ss.lru.PushFront(st)
 	return st, evict
 }
@@ -258,3 +245,95 @@ func (ss *serverState) reset() {
 
 // len is the number of prepared statements.
 func (ss *serverState) len() int { return len(ss.byKey) }
+
+// stmtTexts keeps the Parse bodies of clients' named statements
+// (transaction mode), to prepare them again on other server connections:
+// one copy per distinct body, shared by every client that prepared it and
+// counted once in limits.max_buffered_bytes. Safe for concurrent use; no
+// I/O and no copy of a body happens under its lock.
+type stmtTexts struct {
+	budget *wire.Budget
+	mu     sync.Mutex
+	m      map[stmtKey]*stmtText
+}
+
+type stmtText struct {
+	body    []byte
+	refs    int
+	counted int // what the budget counts for it
+}
+
+func newStmtTexts(budget *wire.Budget) *stmtTexts {
+	return &stmtTexts{budget: budget, m: map[stmtKey]*stmtText{}}
+}
+
+// hold returns the kept copy of body (whose key is k), taking a reference
+// to it: the caller gives it back with release. ok is false when a new
+// copy would take the budget over its limit.
+func (t *stmtTexts) hold(k stmtKey, body []byte) (kept []byte, ok bool) {
+	if kept, ok := t.ref(k); ok {
+		return kept, true
+	}
+	if !t.budget.Reserve(len(body)) {
+		return nil, false
+	}
+	own := append([]byte(nil), body...)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if st := t.m[k]; st != nil {
+		// Another client kept it meanwhile.
+		st.refs++
+		t.budget.Return(len(body))
+		return st.body, true
+	}
+	t.m[k] = &stmtText{body: own, refs: 1, counted: len(body)}
+	return own, true
+}
+
+// holdOwned is hold for a body the caller hands over, with counted bytes
+// the budget counts for it already (a reader's buffer taken whole): it is
+// kept as it is, or given back if a copy is kept already.
+func (t *stmtTexts) holdOwned(k stmtKey, body []byte, counted int) []byte {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if st := t.m[k]; st != nil {
+		st.refs++
+		t.budget.Return(counted)
+		return st.body
+	}
+	t.m[k] = &stmtText{body: body, refs: 1, counted: counted}
+	return body
+}
+
+// ref takes a reference to the kept copy of k, if there is one.
+func (t *stmtTexts) ref(k stmtKey) ([]byte, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if st := t.m[k]; st != nil {
+		st.refs++
+		return st.body, true
+	}
+	return nil, false
+}
+
+// release gives back a reference taken by hold; the last one frees the
+// copy (the bytes are the garbage collector's once no reader holds them).
+func (t *stmtTexts) release(k stmtKey) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st := t.m[k]
+	if st == nil {
+		return
+	}
+	if st.refs--; st.refs == 0 {
+		delete(t.m, k)
+		t.budget.Return(st.counted)
+	}
+}
+
+// len is the number of distinct bodies kept.
+func (t *stmtTexts) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.m)
+}

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // HeaderLen is the size of a regular message header: one type byte and a
@@ -73,13 +74,97 @@ func (p *Pool) Put(b []byte) {
 	}
 }
 
+// Budget counts, over every Reader that shares it, the bytes held in
+// buffers grown beyond their base size, against one limit (pggovernor's
+// limits.max_buffered_bytes); the Readers' owner counts its own copies of
+// large messages in it too. A nil *Budget accepts everything and counts
+// nothing. It is safe for concurrent use.
+type Budget struct {
+	limit int64
+	held  atomic.Int64
+}
+
+// NewBudget returns a Budget of limit bytes.
+func NewBudget(limit int64) *Budget { return &Budget{limit: limit} }
+
+// Reserve takes n bytes if the total stays within the limit, and reports
+// whether it did.
+func (b *Budget) Reserve(n int) bool {
+	if b == nil || n <= 0 {
+		return true
+	}
+	for {
+		cur := b.held.Load()
+		if cur+int64(n) > b.limit {
+			return false
+		}
+		if b.held.CompareAndSwap(cur, cur+int64(n)) {
+			return true
+		}
+	}
+}
+
+// Force takes n bytes whatever the limit: for bytes that are held already
+// and only move from one holder to another.
+func (b *Budget) Force(n int) {
+	if b != nil && n > 0 {
+		b.held.Add(int64(n))
+	}
+}
+
+// Return gives back n bytes taken by Reserve or Force.
+func (b *Budget) Return(n int) {
+	if b != nil && n > 0 {
+		b.held.Add(-int64(n))
+	}
+}
+
+// Held returns the bytes taken now.
+func (b *Budget) Held() int64 {
+	if b == nil {
+		return 0
+	}
+	return b.held.Load()
+}
+
+// Limit returns the limit in bytes (0 for a nil Budget: no limit).
+func (b *Budget) Limit() int64 {
+	if b == nil {
+		return 0
+	}
+	return b.limit
+}
+
+// ErrOverBudget is returned (wrapped in *BudgetError) when holding a
+// message would take the Reader's Budget over its limit.
+var ErrOverBudget = errors.New("buffered bytes over the limit")
+
+// BudgetError says that a Reader could not grow its buffer to hold a
+// message: Need more bytes beyond its base size than the Budget had left
+// under its Limit. The Reader is unchanged by the attempt but for the bytes
+// it read: the message can still be streamed or skipped (Stream).
+type BudgetError struct {
+	Need  int
+	Limit int64
+}
+
+func (e *BudgetError) Error() string {
+	return fmt.Sprintf("holding %d more bytes would take the buffered bytes over the limit of %d bytes", e.Need, e.Limit)
+}
+
+func (e *BudgetError) Unwrap() error { return ErrOverBudget }
+
 // tinyLen is the inline buffer a Reader without a buffer reads into: a
 // connection that was idle gets its next message's first bytes there, and
 // a pooled buffer only once it has data.
 const tinyLen = 256
 
-// Reader buffers a connection's bytes and exposes them frame by frame. It is
-// not safe for concurrent use.
+// Reader buffers a connection's bytes and exposes them frame by frame. Its
+// buffer grows for a frame that must be held whole (Frame, Ensure) as the
+// frame's bytes arrive — doubling, never beyond the frame — not to the
+// length a header announces, so a header of a large message costs nothing
+// until its bytes come; what it holds beyond its base size is counted in
+// its Budget, if any. It is not safe for concurrent use.
 type Reader struct {
 	rd     io.Reader
 	buf    []byte
@@ -88,6 +173,9 @@ type Reader struct {
 	base   int // the buffer size to shrink back to
 	pool   BufferPool
 	tiny   *[tinyLen]byte
+	budget *Budget
+	held   int    // bytes of buf counted in budget: len(buf) − base when grown
+	spare  []byte // the base buffer of a Reader without a pool, while grown
 }
 
 // NewReader returns a Reader with a buffer of BufferSize bytes that accepts
@@ -107,28 +195,101 @@ func NewPooledReader(rd io.Reader, pool BufferPool, maxLen int) *Reader {
 	return &Reader{rd: rd, maxLen: maxLen, base: BufferSize, pool: pool, tiny: new([tinyLen]byte)}
 }
 
+// SetBudget makes b count what the Reader holds beyond its base size from
+// now on; growth that b refuses fails with a *BudgetError. Call it before
+// the buffer grows.
+func (r *Reader) SetBudget(b *Budget) { r.budget = b }
+
+// Held returns the bytes of the buffer counted in the Reader's budget.
+func (r *Reader) Held() int { return r.held }
+
 // Release gives the buffer back to the pool when nothing is buffered
 // (a Reader from NewPooledReader only).
 func (r *Reader) Release() {
 	if r.pool == nil || r.buf == nil || r.Buffered() > 0 {
 		return
 	}
-	if len(r.buf) == r.base {
-		r.pool.Put(r.buf)
+	r.dropBuffer()
+}
+
+// Free drops the buffer and what is in it, giving the buffer back to the
+// pool and the bytes counted for it back to the budget: for a Reader that
+// is no longer used (it may be used again, but reads from an empty
+// buffer).
+func (r *Reader) Free() {
+	if r.buf == nil {
+		return
 	}
+	r.dropBuffer()
+	if r.pool == nil {
+		r.buf = make([]byte, r.base)
+	}
+}
+
+// dropBuffer lets the buffer go: back to the pool if it is a base one,
+// else its count back to the budget.
+func (r *Reader) dropBuffer() {
+	if len(r.buf) == r.base {
+		if r.pool != nil {
+			r.pool.Put(r.buf)
+		}
+	} else {
+		r.budget.Return(r.held)
+		r.held = 0
+		if r.pool != nil && r.spare != nil {
+			r.pool.Put(r.spare)
+		}
+	}
+	r.spare = nil
 	r.buf, r.r, r.w = nil, 0, 0
 }
 
 // borrow gets a buffer from the pool for a released Reader.
 func (r *Reader) borrow() {
 	if r.buf == nil {
-		if r.pool != nil {
-			r.buf = r.pool.Get()
-		} else {
-			r.buf = make([]byte, r.base)
-		}
+		r.buf = r.baseBuffer()
 		r.r, r.w = 0, 0
 	}
+}
+
+// baseBuffer returns a buffer of the base size: the pool's, or the one
+// kept while grown, or a new one.
+func (r *Reader) baseBuffer() []byte {
+	if r.spare != nil {
+		b := r.spare
+		r.spare = nil
+		return b
+	}
+	if r.pool != nil {
+		return r.pool.Get()
+	}
+	return make([]byte, r.base)
+}
+
+// resize replaces the buffer with one of size bytes (at least what is
+// unread, placed at off), counting it in the budget: force counts it even
+// over the limit (bytes that only move), otherwise a refusal is a
+// *BudgetError and leaves the Reader as it was.
+func (r *Reader) resize(size, off int, force bool) error {
+	extra := size - r.base - r.held
+	if force {
+		r.budget.Force(extra)
+	} else if !r.budget.Reserve(extra) {
+		return &BudgetError{Need: size - r.base, Limit: r.budget.Limit()}
+	}
+	grown := make([]byte, size)
+	n := copy(grown[off:], r.buf[r.r:r.w])
+	if len(r.buf) == r.base {
+		// Kept to come back to (a pool's goes back to the pool now).
+		if r.pool != nil {
+			r.pool.Put(r.buf)
+		} else {
+			r.spare = r.buf
+		}
+	}
+	r.buf, r.r, r.w = grown, 0, off+n
+	r.held += extra
+	return nil
 }
 
 // Size is the Reader's buffer size when not grown.
@@ -232,7 +393,7 @@ func (r *Reader) PeekHeader() (typ byte, frameLen int, ok bool, err error) {
 
 // Frame returns the next n bytes, reading (and growing the buffer) until
 // they are all buffered, and consumes them. The slice is valid until the
-// next call on the Reader.
+// next call on the Reader. A *BudgetError consumes nothing.
 func (r *Reader) Frame(n int) ([]byte, error) {
 	if err := r.Ensure(n); err != nil {
 		return nil, err
@@ -242,16 +403,22 @@ func (r *Reader) Frame(n int) ([]byte, error) {
 	return b, nil
 }
 
-// Ensure reads until n bytes are buffered, growing the buffer if needed.
+// Ensure reads until n bytes are buffered. The buffer grows only when it
+// is full of unread bytes, to twice its size (at most n): what it holds is
+// never more than twice what arrived. Growth the budget refuses — at once
+// when n could never fit under its limit — is a *BudgetError, with the
+// bytes read so far still buffered.
 func (r *Reader) Ensure(n int) error {
 	r.borrow()
-	if n > len(r.buf) {
-		grown := make([]byte, n)
-		r.w = copy(grown, r.buf[r.r:r.w])
-		r.r = 0
-		r.buf = grown
+	if n > len(r.buf) && r.budget != nil && int64(n-r.base) > r.budget.Limit() {
+		return &BudgetError{Need: n - r.base, Limit: r.budget.Limit()}
 	}
 	for r.Buffered() < n {
+		if r.Buffered() == len(r.buf) {
+			if err := r.resize(min(n, 2*len(r.buf)), 0, false); err != nil {
+				return err
+			}
+		}
 		if err := r.Fill(); err != nil {
 			if errors.Is(err, io.EOF) {
 				return io.ErrUnexpectedEOF
@@ -263,7 +430,9 @@ func (r *Reader) Ensure(n int) error {
 }
 
 // Prepend puts b back in front of the unread bytes, as if it had not been
-// read yet (a request replayed on another server connection).
+// read yet (a request replayed on another server connection). A buffer
+// grown for it is counted in the budget even over the limit: its bytes
+// were held already, in b.
 func (r *Reader) Prepend(b []byte) {
 	if len(b) == 0 {
 		return
@@ -271,22 +440,43 @@ func (r *Reader) Prepend(b []byte) {
 	r.borrow()
 	unread := r.Buffered()
 	if len(b)+unread > len(r.buf) {
-		grown := make([]byte, len(b)+unread)
-		copy(grown[len(b):], r.buf[r.r:r.w])
-		r.buf = grown
+		_ = r.resize(len(b)+unread, len(b), true)
 	} else {
 		copy(r.buf[len(b):], r.buf[r.r:r.w])
+		r.r, r.w = 0, len(b)+unread
 	}
 	copy(r.buf, b)
-	r.r, r.w = 0, len(b)+unread
 }
 
-// Shrink returns a buffer grown by Frame to its original size once it holds
-// nothing unread, so one large message does not pin memory.
+// TakeBuffer hands a grown buffer that holds nothing unread to the caller —
+// a frame just read from it stays valid, and is the caller's from now on —
+// with the bytes the budget counts for it (all of it, from now on), which
+// the caller gives back
+// (Budget.Return) when it lets the buffer go. The Reader goes back to a
+// base buffer. ok is false, and nothing changes, for a buffer that is not
+// grown or still holds unread bytes. This keeps a large message without
+// copying it.
+func (r *Reader) TakeBuffer() (buf []byte, held int, ok bool) {
+	if len(r.buf) <= r.base || r.Buffered() > 0 {
+		return nil, 0, false
+	}
+	// Its first base-size bytes are counted from now on too: the Reader
+	// takes a new base buffer.
+	r.budget.Force(r.base)
+	buf, held = r.buf, r.held+r.base
+	r.held = 0
+	r.buf, r.r, r.w = r.baseBuffer(), 0, 0
+	return buf, held, true
+}
+
+// Shrink returns a grown buffer to the base size once it holds nothing
+// unread, so one large message does not pin memory, and gives back what
+// the budget counted for it.
 func (r *Reader) Shrink() {
 	if len(r.buf) > r.base && r.Buffered() == 0 {
-		r.buf = make([]byte, r.base)
-		r.r, r.w = 0, 0
+		r.budget.Return(r.held)
+		r.held = 0
+		r.buf, r.r, r.w = r.baseBuffer(), 0, 0
 	}
 }
 

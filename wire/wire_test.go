@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"runtime"
 	"strings"
 	"testing"
 	"testing/iotest"
@@ -980,5 +981,199 @@ func TestReaderPrepend(t *testing.T) {
 				t.Fatalf("size %d, frame %d: want = %q, got = %q (%v)", size, i, w, f, err)
 			}
 		}
+	}
+}
+
+// growthSource serves a frame's bytes in chunks and records, at every Read,
+// how many bytes had arrived before it and how large the Reader's buffer
+// was then (what was already in it plus the room offered).
+type growthSource struct {
+	data    []byte
+	chunk   int
+	off     int
+	arrived []int
+	bufLen  []int
+}
+
+func (g *growthSource) Read(p []byte) (int, error) {
+	if g.off == len(g.data) {
+		return 0, io.EOF
+	}
+	g.arrived = append(g.arrived, g.off)
+	g.bufLen = append(g.bufLen, g.off+len(p)) // nothing consumed: the buffer holds all that arrived
+	n := copy(p, g.data[g.off:min(len(g.data), g.off+g.chunk)])
+	g.off += n
+	return n, nil
+}
+
+// TestEnsureGrowsWithArrivedBytes: the buffer grows with the bytes that
+// arrived — never to more than twice them (or the base size) — and not to
+// the length the header announces.
+func TestEnsureGrowsWithArrivedBytes(t *testing.T) {
+	const base = 8192
+	body := bytes.Repeat([]byte("x"), 1<<20)
+	msg := frame('Q', body)
+	src := &growthSource{data: msg, chunk: 3000}
+	rd := wire.NewReader(src, make([]byte, base), 1<<30)
+	_, n, err := rd.Header()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := rd.Frame(n)
+	if err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("Frame = (%d bytes, %v), want the %d-byte frame", len(got), err, len(msg))
+	}
+	for i, size := range src.bufLen {
+		if limit := max(base, 2*src.arrived[i]); size > limit {
+			t.Fatalf("read %d: buffer of %d bytes with %d arrived, want at most %d", i, size, src.arrived[i], limit)
+		}
+	}
+	if len(rd.Buffer()) > len(msg) {
+		t.Fatalf("buffer of %d bytes for a %d-byte frame", len(rd.Buffer()), len(msg))
+	}
+
+	// A header announcing 1 GiB followed by a few bytes, then nothing:
+	// the buffer stays at its base size and almost nothing is allocated.
+	announce := append(rawHeader('Q', 1<<30), "SELECT"...)
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	rd = wire.NewReader(bytes.NewReader(announce), make([]byte, base), 1<<30+1)
+	_, n, err = rd.Header()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rd.Ensure(n); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("Ensure of an announced 1 GiB frame with no body: want = io.ErrUnexpectedEOF, got = %v", err)
+	}
+	runtime.ReadMemStats(&after)
+	if len(rd.Buffer()) != base {
+		t.Fatalf("buffer grew to %d bytes for a header with no body", len(rd.Buffer()))
+	}
+	if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 1<<20 {
+		t.Fatalf("a header announcing 1 GiB allocated %d bytes", alloc)
+	}
+}
+
+// TestBudgetBoundsReaders: Readers sharing a Budget grow only while the
+// total stays under its limit; one refused keeps what it read (and can skip
+// the frame), and a frame that could never fit is refused before its body
+// is read. Shrink, Release and Free give the bytes back; Prepend counts
+// what it moves even over the limit.
+func TestBudgetBoundsReaders(t *testing.T) {
+	const base = 8192
+	b := wire.NewBudget(64 << 10)
+	big := frame('Q', bytes.Repeat([]byte("a"), 40<<10))
+	next := frame('S', nil)
+	newReader := func(data ...[]byte) *wire.Reader {
+		rd := wire.NewReader(bytes.NewReader(bytes.Join(data, nil)), make([]byte, base), 1<<30)
+		rd.SetBudget(b)
+		return rd
+	}
+	a := newReader(big, next)
+	if err := a.Ensure(len(big) + len(next)); err != nil { // both buffered
+		t.Fatal(err)
+	}
+	if _, err := a.Frame(len(big)); err != nil {
+		t.Fatal(err)
+	}
+	if b.Held() != int64(a.Held()) || a.Held() <= 0 || a.Held() > len(big)+len(next) {
+		t.Fatalf("after a %d-byte frame: budget holds %d, reader %d", len(big), b.Held(), a.Held())
+	}
+	c := newReader(big, next)
+	_, err := c.Frame(len(big))
+	var be *wire.BudgetError
+	if !errors.As(err, &be) || !errors.Is(err, wire.ErrOverBudget) || be.Limit != 64<<10 {
+		t.Fatalf("second 40 KiB frame under a 64 KiB budget: want = *BudgetError, got = %v", err)
+	}
+	if c.Buffered() == 0 {
+		t.Fatal("the refused reader lost the bytes it had read")
+	}
+	if err := c.Stream(nil, len(big)); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := c.Frame(len(next)); err != nil || !bytes.Equal(f, next) {
+		t.Fatalf("after skipping the refused frame: want = %q, got = %q (%v)", next, f, err)
+	}
+	c.Shrink()
+	if int64(a.Held()+c.Held()) != b.Held() {
+		t.Fatalf("budget holds %d, readers %d + %d", b.Held(), a.Held(), c.Held())
+	}
+	a.Shrink() // a still has next unread: keeps its buffer
+	if a.Held() == 0 {
+		t.Fatal("Shrink dropped a buffer holding unread bytes")
+	}
+	if _, err := a.Frame(len(next)); err != nil {
+		t.Fatal(err)
+	}
+	a.Shrink()
+	if b.Held() != 0 || a.Held() != 0 || len(a.Buffer()) != base {
+		t.Fatalf("after Shrink: budget holds %d, reader %d (buffer %d bytes)", b.Held(), a.Held(), len(a.Buffer()))
+	}
+
+	// Never fits: refused on the header alone.
+	cr := &countingReader{r: bytes.NewReader(append(rawHeader('Q', 1<<20), make([]byte, 100<<10)...))}
+	d := wire.NewReader(cr, make([]byte, base), 1<<30)
+	d.SetBudget(b)
+	_, n, err := d.Header()
+	if err != nil {
+		t.Fatal(err)
+	}
+	reads := cr.reads
+	if err := d.Ensure(n); !errors.As(err, &be) {
+		t.Fatalf("a 1 MiB frame under a 64 KiB budget: want = *BudgetError, got = %v", err)
+	}
+	if cr.reads != reads || len(d.Buffer()) != base {
+		t.Fatalf("a frame that can never fit was read (%d more reads, buffer %d bytes)", cr.reads-reads, len(d.Buffer()))
+	}
+
+	// Prepend of more than the limit allows is counted all the same.
+	e := newReader()
+	e.Prepend(bytes.Repeat([]byte("p"), 100<<10))
+	if b.Held() != int64(100<<10+0-base) || e.Held() != 100<<10-base {
+		t.Fatalf("after Prepend of 100 KiB: budget holds %d, reader %d", b.Held(), e.Held())
+	}
+	e.Free()
+	if b.Held() != 0 {
+		t.Fatalf("after Free: budget holds %d", b.Held())
+	}
+
+	// TakeBuffer hands a grown buffer over, its count with it (all of it
+	// now), and the frame read from it stays valid.
+	g := newReader(big, next)
+	fr, err := g.Frame(len(big))
+	if err != nil {
+		t.Fatal(err)
+	}
+	taken, held, ok := g.TakeBuffer()
+	if !ok || held != len(taken) {
+		t.Fatalf("TakeBuffer of a grown buffer holding nothing unread: ok %v, %d bytes counted for %d", ok, held, len(taken))
+	}
+	if !bytes.Equal(fr, big) {
+		t.Fatal("the frame changed after TakeBuffer")
+	}
+	if g.Held() != 0 || len(g.Buffer()) != base || b.Held() != int64(held) {
+		t.Fatalf("after TakeBuffer: reader holds %d (buffer %d bytes), budget %d", g.Held(), len(g.Buffer()), b.Held())
+	}
+	if f, err := g.Frame(len(next)); err != nil || !bytes.Equal(f, next) {
+		t.Fatalf("reading on after TakeBuffer: %q, %v", f, err)
+	}
+	if _, _, ok := g.TakeBuffer(); ok {
+		t.Fatal("TakeBuffer of a base buffer succeeded")
+	}
+	b.Return(held)
+	if b.Held() != 0 {
+		t.Fatalf("after the taken buffer's count was given back: budget holds %d", b.Held())
+	}
+
+	// A pooled Reader released while grown and empty gives its count back.
+	var pool wire.Pool
+	f := wire.NewPooledReader(bytes.NewReader(big), &pool, 1<<30)
+	f.SetBudget(b)
+	if _, err := f.Frame(len(big)); err != nil {
+		t.Fatal(err)
+	}
+	f.Release()
+	if b.Held() != 0 || f.Buffered() != 0 {
+		t.Fatalf("after Release: budget holds %d", b.Held())
 	}
 }

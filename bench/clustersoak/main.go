@@ -22,7 +22,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"slices"
@@ -35,6 +34,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pggovernor/pggovernor/bench/internal/harness"
 	"github.com/pggovernor/pggovernor/internal/pgtest"
 )
 
@@ -82,10 +82,6 @@ type soak struct {
 
 	mu       sync.Mutex
 	slots    []*slot
-	maxSrv   int
-	maxGov   int
-	over     int // samples above the budget
-	samples  int
 	unknown  []string // client errors no fault explains
 	recovery map[string][]time.Duration
 }
@@ -94,8 +90,7 @@ type soak struct {
 // clients driving it.
 type slot struct {
 	role   string
-	cmd    *exec.Cmd
-	exited chan struct{}
+	proc   *harness.Process       // nil while a fault has it down
 	addr   atomic.Pointer[string] // "" while a fault has it down
 	epoch  atomic.Int64           // bumped when a fault ends the process
 	active atomic.Int64           // clients that run transactions (the rest idle)
@@ -110,15 +105,8 @@ func run(ctx context.Context, o options) error {
 	defer os.RemoveAll(s.dir)
 	s.bin = o.governor
 	if s.bin == "" {
-		s.bin = filepath.Join(s.dir, "pggovernor")
-		root, err := repoRoot()
-		if err != nil {
+		if s.bin, err = harness.Build(ctx, s.dir, false); err != nil {
 			return err
-		}
-		build := exec.Command("go", "build", "-o", s.bin, "./cmd/pggovernor")
-		build.Dir = root
-		if out, err := build.CombinedOutput(); err != nil {
-			return fmt.Errorf("go build: %v\n%s", err, out)
 		}
 	}
 	if s.pg, err = pgtest.Start(ctx, pgtest.Options{MaxConnections: o.maxConns}); err != nil {
@@ -138,17 +126,16 @@ func run(ctx context.Context, o options) error {
 	}
 	defer func() {
 		for _, sl := range s.slots {
-			if sl.cmd != nil {
-				_ = sl.cmd.Process.Kill()
-				<-sl.exited
+			if sl.proc != nil {
+				sl.proc.Stop()
 			}
 		}
 	}()
 	runCtx, cancel := context.WithTimeout(ctx, o.duration)
 	defer cancel()
+	sampler := harness.StartSampler(harness.SamplerOptions{DSN: s.pg.SuperuserDSN("postgres"),
+		Governor: func(role string) bool { return strings.HasPrefix(role, "soak") }, Governors: s.capacity()})
 	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() { defer wg.Done(); s.sample(runCtx) }()
 	for _, sl := range s.slots {
 		for c := 0; c < o.clients; c++ {
 			wg.Add(1)
@@ -157,7 +144,7 @@ func run(ctx context.Context, o options) error {
 	}
 	s.faults(runCtx)
 	wg.Wait()
-	return s.report()
+	return s.report(sampler.Stop())
 }
 
 func (s *soak) setup(ctx context.Context) error {
@@ -184,38 +171,20 @@ func (s *soak) setup(ctx context.Context) error {
 
 // start runs the slot's replica and waits until it listens.
 func (s *soak) start(ctx context.Context, sl *slot) error {
-	cmd := exec.CommandContext(ctx, s.bin, "run", "--listen=127.0.0.1:0", "--admin-listen=",
-		"--upstream-url="+s.pg.URL(sl.role, "", "soak"), "--clients.users-file="+s.users,
-		"--clients.max-connections=1000", "--timeouts.query-wait=60s", "--timeouts.shutdown-drain=2s",
-		"--budget.reserve="+strconv.Itoa(s.o.reserve), "--budget.cluster.enabled",
-		"--budget.cluster.namespace="+strconv.Itoa(namespace),
-		"--budget.cluster.heartbeat-interval="+s.o.heartbeat.String(),
-		"--budget.cluster.member-timeout="+s.o.memberTimeout.String(), "--log.level=warn")
-	cmd.Env = append(os.Environ(), "PGGOVERNOR_UPSTREAM_PASSWORD="+password)
-	logf, err := os.OpenFile(filepath.Join(s.dir, sl.role+".log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	p, err := harness.Start(ctx, harness.Spec{Bin: s.bin, Log: filepath.Join(s.dir, sl.role+".log"),
+		Env: []string{"PGGOVERNOR_UPSTREAM_PASSWORD=" + password},
+		Args: []string{"--listen=127.0.0.1:0", "--admin-listen=",
+			"--upstream-url=" + s.pg.URL(sl.role, "", "soak"), "--clients.users-file=" + s.users,
+			"--clients.max-connections=1000", "--timeouts.query-wait=60s", "--timeouts.shutdown-drain=2s",
+			"--budget.reserve=" + strconv.Itoa(s.o.reserve), "--budget.cluster.enabled",
+			"--budget.cluster.namespace=" + strconv.Itoa(namespace),
+			"--budget.cluster.heartbeat-interval=" + s.o.heartbeat.String(),
+			"--budget.cluster.member-timeout=" + s.o.memberTimeout.String(), "--log.level=warn"}})
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w", sl.role, err)
 	}
-	cmd.Stderr = logf
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return err
-	}
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	exited := make(chan struct{})
-	go func() { _ = cmd.Wait(); logf.Close(); close(exited) }()
-	var buf [256]byte
-	n, _ := out.Read(buf[:])
-	addr, ok := strings.CutPrefix(strings.TrimSpace(string(buf[:n])), "pggovernor listening on ")
-	if !ok {
-		_ = cmd.Process.Kill()
-		<-exited
-		return fmt.Errorf("%s did not start: %q", sl.role, buf[:n])
-	}
-	sl.cmd, sl.exited = cmd, exited
-	sl.addr.Store(&addr)
+	sl.proc = p
+	sl.addr.Store(&p.Addr)
 	return nil
 }
 
@@ -264,36 +233,6 @@ func (s *soak) unexplained(msg string) {
 // capacity is what every governor connection may use: max_connections −
 // superuser_reserved_connections (3) − budget.reserve.
 func (s *soak) capacity() int { return s.o.maxConns - 3 - s.o.reserve }
-
-func (s *soak) sample(ctx context.Context) {
-	conn, err := pgx.Connect(context.Background(), s.pg.SuperuserDSN("postgres"))
-	if err != nil {
-		s.unexplained("sampler: " + err.Error())
-		return
-	}
-	defer conn.Close(context.Background())
-	t := time.NewTicker(50 * time.Millisecond)
-	defer t.Stop()
-	for {
-		var srv, gov int
-		err := conn.QueryRow(ctx, `SELECT count(*) FILTER (WHERE application_name <> 'pggovernor-control'), count(*)
-			FROM pg_stat_activity WHERE usename LIKE 'soak%' AND backend_type = 'client backend'`).Scan(&srv, &gov)
-		if err == nil {
-			s.mu.Lock()
-			s.samples++
-			s.maxSrv, s.maxGov = max(s.maxSrv, srv), max(s.maxGov, gov)
-			if gov > s.capacity() {
-				s.over++
-			}
-			s.mu.Unlock()
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
-}
 
 // leases reads the live members' leases, by replica address.
 func (s *soak) leases(ctx context.Context) (map[string]int, error) {
@@ -361,9 +300,9 @@ func (s *soak) faults(ctx context.Context) {
 			if kind == "SIGTERM" {
 				sig = syscall.SIGTERM
 			}
-			_ = sl.cmd.Process.Signal(sig)
-			<-sl.exited
-			sl.cmd = nil
+			_ = sl.proc.Signal(sig)
+			<-sl.proc.Exited()
+			sl.proc = nil
 			time.Sleep(time.Duration(rng.Int64N(int64(2 * s.o.memberTimeout)))) // down for a while
 			if err := s.start(ctx, sl); err != nil {
 				if ctx.Err() == nil {
@@ -396,13 +335,13 @@ func (s *soak) faults(ctx context.Context) {
 	}
 }
 
-func (s *soak) report() error {
+func (s *soak) report(sum harness.Summary) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	fmt.Printf("clustersoak: %d replicas × %d clients, max_connections %d, heartbeat %s, member timeout %s, %s, seed %d\n",
 		s.o.replicas, s.o.clients, s.o.maxConns, s.o.heartbeat, s.o.memberTimeout, s.o.duration, s.o.seed)
 	fmt.Printf("governor connections: at most %d (%d server connections) over %d samples; capacity %d; samples above it: %d\n",
-		s.maxGov, s.maxSrv, s.samples, s.capacity(), s.over)
+		sum.MaxGovernors, sum.MaxServers, sum.Samples, s.capacity(), sum.Over)
 	kinds := make([]string, 0, len(s.recovery))
 	for k := range s.recovery {
 		kinds = append(kinds, k)
@@ -423,30 +362,11 @@ func (s *soak) report() error {
 		fmt.Println("unexplained:", u)
 	}
 	var errs []error
-	if s.over > 0 {
-		errs = append(errs, fmt.Errorf("governor connections exceeded the capacity in %d samples", s.over))
+	if sum.Over > 0 {
+		errs = append(errs, fmt.Errorf("governor connections exceeded the capacity in %d samples, first %s", sum.Over, sum.FirstOver))
 	}
 	if len(s.unknown) > 0 {
 		errs = append(errs, fmt.Errorf("%d client errors no fault explains", len(s.unknown)))
 	}
 	return errors.Join(errs...)
-}
-
-// repoRoot walks up from the working directory to the repository root: the
-// directory whose go.mod is the product's module (bench/ is a module of its
-// own), where ./cmd/pggovernor is built.
-func repoRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for d := dir; ; d = filepath.Dir(d) {
-		b, err := os.ReadFile(filepath.Join(d, "go.mod"))
-		if err == nil && slices.Contains(strings.Split(string(b), "\n"), "module github.com/pggovernor/pggovernor") {
-			return d, nil
-		}
-		if filepath.Dir(d) == d {
-			return "", fmt.Errorf("run clustersoak from inside the pggovernor repository (no go.mod of github.com/pggovernor/pggovernor above %s)", dir)
-		}
-	}
 }

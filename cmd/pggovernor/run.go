@@ -267,6 +267,20 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			st := g.proxy.Stats()
 			return st.NotifyBacklog, st.NotifyOverflows
 		},
+		Memory: func() (int64, int64, int64) {
+			if g.proxy == nil {
+				return 0, 0, 0
+			}
+			st := g.proxy.Stats()
+			return st.BufferedBytes, st.BufferRefusals, st.StatementRefusals
+		},
+		Timeouts: func() (int64, int64, int64) {
+			if g.proxy == nil {
+				return 0, 0, 0
+			}
+			st := g.proxy.Stats()
+			return st.ClientWriteTimeouts, st.IdleInTransactionTimeouts, st.QueryTimeouts
+		},
 		Upstream: func() (bool, bool) { up, known, _ := g.health.state(); return up, known },
 		Cluster:  g.clusterStats,
 		Security: g.securityMetrics,
@@ -298,11 +312,19 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		}
 	}
 	base := up.base
-	if clustered {
+	switch u := cfg.Timeouts.ServerUnreachable; {
+	case clustered:
 		// The server drops a vanished replica's connections before the
 		// others may take its leases (pool/cluster's keepalive bound).
 		base = up.base.Copy()
 		maps.Copy(base.RuntimeParams, cluster.ServerParams(cfg.Budget.Cluster.MemberTimeout))
+	case u > 0:
+		// A silent server is given up within u, and the server drops what
+		// it cannot reach within u/2: before a connection given up is
+		// replaced (timeouts.server_unreachable).
+		base = up.base.Copy()
+		maps.Copy(base.RuntimeParams, cluster.ServerParams(u))
+		base.DialFunc = cluster.Dialer(2 * u).DialContext
 	}
 	g.pool = pool.New(pool.Options{
 		Connector: &pool.UpstreamConnector{Base: base, Password: up.password, Prepare: up.prepare,
@@ -744,9 +766,16 @@ func (g *governor) securityMetrics() metrics.Security {
 	return out
 }
 
+// stopGrace is how long the stop may take after the drain: the process
+// exits within timeouts.shutdown_drain + 1 s of the signal, whatever the
+// clients do (the proxy's forced drain takes at most 600 ms of it).
+const stopGrace = 900 * time.Millisecond
+
 // stop shuts down in order: readiness off and listeners closed, clients
-// drained for up to drain, then server connections closed.
+// drained for up to drain, then server connections closed. It returns
+// within drain + stopGrace.
 func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
+	exitBy := time.Now().Add(drain + stopGrace)
 	if err := g.pool.Resume(""); err == nil {
 		logger.Info("shutting down: paused databases resumed so that their clients can be drained")
 	}
@@ -757,7 +786,7 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 		}
 		cancel()
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithDeadline(context.Background(), exitBy)
 	defer cancel()
 	g.pool.Close(ctx)
 	if err := g.pool.Wait(ctx); err != nil {
@@ -769,7 +798,9 @@ func (g *governor) stop(logger *zap.Logger, drain time.Duration) {
 		g.control.Close()
 	}
 	if g.admin != nil {
-		_ = g.admin.Shutdown(ctx)
+		if err := g.admin.Shutdown(ctx); err != nil {
+			_ = g.admin.Close() // a scrape still running is cut off
+		}
 	}
 	logger.Info("pggovernor stopped")
 }
@@ -818,6 +849,9 @@ func newControlPool(ctx context.Context, cfg *config.Config, up *upstream, id *c
 	if c := cfg.Budget.Cluster; c.Enabled {
 		maps.Copy(pcfg.ConnConfig.RuntimeParams, cluster.ServerParams(c.MemberTimeout))
 		pcfg.ConnConfig.DialFunc = cluster.Dialer(c.MemberTimeout).DialContext
+	} else if u := cfg.Timeouts.ServerUnreachable; u > 0 {
+		maps.Copy(pcfg.ConnConfig.RuntimeParams, cluster.ServerParams(u))
+		pcfg.ConnConfig.DialFunc = cluster.Dialer(2 * u).DialContext
 	}
 	pw := id.password
 	user := id.user

@@ -269,3 +269,81 @@ func TestLingeringConnectionLostIsInvisible(t *testing.T) {
 		}
 	}
 }
+
+// TestRetriedRequestThatPreparesAndCloses: a request that prepares a
+// statement, uses it and closes it (pgx's pipeline of SendPrepare,
+// SendQueryPrepared, SendDeallocate) is moved to another connection when
+// its pooled one was terminated before reading it, and runs there as on
+// Postgres. The governor used to put the closed statement back before
+// reading the request again, whose Parse then failed with 42P05 ("prepared
+// statement already exists"). Budget 1, so that the terminated connection
+// is the one the request gets.
+func TestRetriedRequestThatPreparesAndCloses(t *testing.T) {
+	g := txGov(t, func(c *config.Config) { c.Budget.Max = 1 })
+	ctx := context.Background()
+	conn, err := pgconn.Connect(ctx, g.url("alice", userPass, "appdb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	// Whether the governor sees a termination before it hands the
+	// connection out is a race: rounds go on until three requests were
+	// moved (or 300 rounds, each a few milliseconds).
+	const wantRetried, maxRounds = 3, 300
+	failures, rounds := 0, 0
+	for i := 0; i < maxRounds && g.g.proxy.Stats().Retries < wantRetried; i++ {
+		rounds++
+		waitFor(t, 10*time.Second, "the pool's connection to be idle", func() bool { return g.g.pool.Stats().InUse == 0 })
+		terminateIdleBackends(t)
+		p := conn.StartPipeline(ctx)
+		name := fmt.Sprintf("s%d", i)
+		p.SendPrepare(name, "SELECT $1::int + 1", nil)
+		p.SendQueryPrepared(name, [][]byte{[]byte(strconv.Itoa(i))}, nil, nil)
+		p.SendDeallocate(name)
+		p.SendPipelineSync()
+		var got string
+		err := func() error {
+			if err := p.Flush(); err != nil {
+				return err
+			}
+			for {
+				res, err := p.GetResults()
+				if err != nil {
+					return err
+				}
+				switch r := res.(type) {
+				case *pgconn.ResultReader:
+					res := r.Read()
+					if res.Err != nil {
+						return res.Err
+					}
+					if len(res.Rows) == 1 {
+						got = string(res.Rows[0][0])
+					}
+				case *pgconn.PipelineSync:
+					return nil
+				case nil:
+					return errors.New("pipeline ended without its Sync")
+				}
+			}
+		}()
+		if cerr := p.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil || got != strconv.Itoa(i+1) {
+			failures++
+			t.Logf("round %d: want = %d, got = %q (%v)", i, i+1, got, err)
+			if conn.IsClosed() {
+				t.Fatalf("the connection closed after round %d", i)
+			}
+		}
+	}
+	retried := g.g.proxy.Stats().Retries
+	t.Logf("requests moved to another connection: %d of %d", retried, rounds)
+	if failures != 0 {
+		t.Fatalf("pipelines failing after their idle server connection was terminated: want = 0 of %d, got = %d", rounds, failures)
+	}
+	if retried < wantRetried {
+		t.Fatalf("requests moved to another connection in %d rounds: want >= %d, got = %d (the test did not exercise the retry)", rounds, wantRetried, retried)
+	}
+}

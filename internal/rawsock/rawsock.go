@@ -17,11 +17,13 @@
 package rawsock
 
 import (
+	"errors"
 	"io"
 	"net"
 	"os"
 	"sync"
 	"syscall"
+	"time"
 	"unsafe"
 )
 
@@ -39,10 +41,23 @@ func Wrap(c net.Conn) net.Conn {
 	if err != nil {
 		return c
 	}
-	s := &Conn{Conn: c, raw: rc}
+	s := &Conn{Conn: c, raw: rc, armedAt: -1}
 	s.readFn, s.writeFn = s.read, s.write
 	return s
 }
+
+// ErrWriteTimeout is what a Write returns (wrapped in a *net.OpError) when
+// the peer took none of its bytes for the write timeout (SetWriteTimeout).
+// It is a net.Error whose Timeout is true.
+var ErrWriteTimeout error = writeTimeoutError{}
+
+type writeTimeoutError struct{}
+
+func (writeTimeoutError) Error() string {
+	return "write timed out: the peer took no bytes within the write timeout"
+}
+func (writeTimeoutError) Timeout() bool   { return true }
+func (writeTimeoutError) Temporary() bool { return false }
 
 // Conn is a socket whose Read and Write are raw system calls. Its zero
 // value is not usable: make one with Wrap.
@@ -62,6 +77,86 @@ type Conn struct {
 	wbuf []byte
 	wn   int
 	werr syscall.Errno
+
+	// The write timeout (SetWriteTimeout). stall and onStall are set
+	// before the connection is shared; armedAt (s.wn when the automatic
+	// deadline was last set, -1 when none is) and timedOut belong to the
+	// Write holding wmu.
+	stall    time.Duration
+	onStall  func()
+	armedAt  int
+	timedOut bool
+	// dmu orders the write deadlines: userWD is the one set through
+	// SetWriteDeadline or SetDeadline, autoWD the automatic one in force
+	// (zero when none); the socket's is the earlier of the two.
+	dmu    sync.Mutex
+	userWD time.Time
+	autoWD time.Time
+}
+
+// SetWriteTimeout bounds how long a Write may wait for the peer to take
+// bytes: a Write during which the socket accepts none of them for d fails
+// with ErrWriteTimeout, the socket is closed, onStall (if not nil) is
+// called once, and every later Write fails at once. A peer that reads
+// slowly but steadily is not cut off: the time runs from the last byte the
+// socket took. 0 (the default) waits for ever.
+//
+// It costs nothing while writes complete at once: the deadline is set only
+// when a write has to wait for the peer (the socket's send buffer is full),
+// and cleared when it completes. A deadline set with SetWriteDeadline or
+// SetDeadline still applies; the earlier of the two ends the wait, and only
+// the write timeout's counts as a timeout here. Call it before the
+// connection is used by more than one goroutine. onStall runs on the
+// writing goroutine after the socket was closed; it must not write to the
+// connection.
+func (s *Conn) SetWriteTimeout(d time.Duration, onStall func()) {
+	s.stall, s.onStall = d, onStall
+}
+
+// SetWriteDeadline sets the write deadline as net.Conn's does; while a
+// Write waits under the write timeout, the earlier of the two applies.
+func (s *Conn) SetWriteDeadline(t time.Time) error {
+	s.dmu.Lock()
+	defer s.dmu.Unlock()
+	s.userWD = t
+	if !s.autoWD.IsZero() && (t.IsZero() || s.autoWD.Before(t)) {
+		t = s.autoWD
+	}
+	return s.Conn.SetWriteDeadline(t)
+}
+
+// SetDeadline sets the read and write deadlines as net.Conn's does (see
+// SetWriteDeadline).
+func (s *Conn) SetDeadline(t time.Time) error {
+	if err := s.Conn.SetReadDeadline(t); err != nil {
+		return err
+	}
+	return s.SetWriteDeadline(t)
+}
+
+// armWriteTimeout sets the automatic write deadline, d from now. Called by
+// the Write holding wmu, from the poller's callback.
+func (s *Conn) armWriteTimeout() {
+	s.dmu.Lock()
+	defer s.dmu.Unlock()
+	s.autoWD = time.Now().Add(s.stall)
+	t := s.autoWD
+	if !s.userWD.IsZero() && s.userWD.Before(t) {
+		t = s.userWD
+	}
+	_ = s.Conn.SetWriteDeadline(t)
+}
+
+// disarmWriteTimeout puts the socket's write deadline back to the one set
+// by the user, and reports whether the automatic one was the earlier, so
+// that a deadline error is the write timeout's.
+func (s *Conn) disarmWriteTimeout() (autoFirst bool) {
+	s.dmu.Lock()
+	defer s.dmu.Unlock()
+	autoFirst = s.userWD.IsZero() || !s.autoWD.After(s.userWD)
+	s.autoWD = time.Time{}
+	_ = s.Conn.SetWriteDeadline(s.userWD)
+	return autoFirst
 }
 
 // Read reads from the socket like net.Conn's Read: it waits in the
@@ -117,12 +212,30 @@ func (s *Conn) Write(p []byte) (int, error) {
 		return 0, nil
 	}
 	s.wmu.Lock()
-	defer s.wmu.Unlock()
+	if s.timedOut {
+		s.wmu.Unlock()
+		return 0, s.opError("write", ErrWriteTimeout)
+	}
 	raceReleaseWrite(p)
 	s.wbuf, s.wn, s.werr = p, 0, 0
 	err := s.raw.Write(s.writeFn)
 	n, errno := s.wn, s.werr
 	s.wbuf = nil
+	stalled := false
+	if s.armedAt >= 0 {
+		s.armedAt = -1
+		if s.disarmWriteTimeout() && err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			s.timedOut, stalled = true, true
+			err = s.opError("write", ErrWriteTimeout)
+		}
+	}
+	s.wmu.Unlock()
+	if stalled {
+		_ = s.Conn.Close()
+		if s.onStall != nil {
+			s.onStall()
+		}
+	}
 	switch {
 	case err != nil:
 		return n, err
@@ -140,6 +253,12 @@ func (s *Conn) write(fd uintptr) bool {
 			s.wn += int(n)
 		case syscall.EINTR:
 		case syscall.EAGAIN:
+			if s.stall > 0 && s.wn != s.armedAt {
+				// The peer is not reading: the write timeout runs from
+				// now, or again from now if it took bytes since.
+				s.armedAt = s.wn
+				s.armWriteTimeout()
+			}
 			return false
 		default:
 			s.werr = errno
@@ -150,6 +269,9 @@ func (s *Conn) write(fd uintptr) bool {
 }
 
 // opError is the error net.Conn would return for errno.
-func (s *Conn) opError(op string, errno syscall.Errno) error {
-	return &net.OpError{Op: op, Net: s.LocalAddr().Network(), Source: s.LocalAddr(), Addr: s.RemoteAddr(), Err: os.NewSyscallError(op, errno)}
+func (s *Conn) opError(op string, err error) error {
+	if errno, ok := err.(syscall.Errno); ok {
+		err = os.NewSyscallError(op, errno)
+	}
+	return &net.OpError{Op: op, Net: s.LocalAddr().Network(), Source: s.LocalAddr(), Addr: s.RemoteAddr(), Err: err}
 }

@@ -140,6 +140,91 @@ func TestWriteToClosedPeer(t *testing.T) {
 	}
 }
 
+// TestWriteTimeout: a Write the peer takes nothing of for the write
+// timeout fails with ErrWriteTimeout (a net.Error whose Timeout is true),
+// the socket is closed (the peer reads EOF after what was written),
+// onStall is called once, and later Writes fail at once.
+func TestWriteTimeout(t *testing.T) {
+	for _, network := range []string{"tcp", "unix"} {
+		t.Run(network, func(t *testing.T) {
+			w, p := pair(t, network)
+			stalls := make(chan struct{}, 2)
+			w.(*Conn).SetWriteTimeout(100*time.Millisecond, func() { stalls <- struct{}{} })
+			_, err := w.Write(make([]byte, 64<<20)) // far more than the socket buffers hold
+			var ne net.Error
+			if !errors.Is(err, ErrWriteTimeout) || !errors.As(err, &ne) || !ne.Timeout() {
+				t.Fatalf("write to a peer that does not read: want ErrWriteTimeout, got = %v", err)
+			}
+			if _, err := w.Write([]byte("x")); !errors.Is(err, ErrWriteTimeout) {
+				t.Fatalf("write after the timeout: want ErrWriteTimeout at once, got = %v", err)
+			}
+			if _, err := io.Copy(io.Discard, p); err != nil {
+				t.Fatalf("the peer reading after the timeout: want what was written then EOF, got = %v", err)
+			}
+			if len(stalls) != 1 {
+				t.Fatalf("onStall calls: want = 1, got = %d", len(stalls))
+			}
+		})
+	}
+}
+
+// TestWriteTimeoutRunsFromProgress: a peer that reads slowly but steadily
+// is not cut off, though the whole Write takes longer than the timeout; a
+// deadline of the user's that passes first ends the Write as on a
+// net.Conn, not as a write timeout, and the connection stays usable.
+func TestWriteTimeoutRunsFromProgress(t *testing.T) {
+	w, p := pair(t, "tcp")
+	const timeout = time.Second
+	stalls := make(chan struct{}, 1)
+	w.(*Conn).SetWriteTimeout(timeout, func() { stalls <- struct{}{} })
+	// Small socket buffers, so that the Write lasts about as long as the
+	// reading: 256 reads of 16 KiB, 10 ms apart, at least 2.5 s.
+	if err := w.(*Conn).Conn.(*net.TCPConn).SetWriteBuffer(16 << 10); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.(*net.TCPConn).SetReadBuffer(16 << 10); err != nil {
+		t.Fatal(err)
+	}
+	out := make([]byte, 4<<20)
+	began := time.Now()
+	done := make(chan error, 1)
+	go func() { _, err := w.Write(out); done <- err }() // owner: this test; ends when everything was read
+	buf := make([]byte, 16<<10)
+	for got := 0; got < len(out); {
+		n, err := p.Read(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got += n
+		time.Sleep(10 * time.Millisecond) // a slow reader: 10 ms between reads
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("write to a slow but steady reader: want no error, got = %v", err)
+	}
+	if took := time.Since(began); took < 2*timeout {
+		t.Fatalf("the write took %s, less than twice the timeout %s: the test proves nothing about progress", took, timeout)
+	}
+
+	// A user deadline before the write timeout.
+	if err := w.SetWriteDeadline(time.Now().Add(50 * time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	_, err := w.Write(make([]byte, 64<<20))
+	if !errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, ErrWriteTimeout) {
+		t.Fatalf("write past the user's deadline: want os.ErrDeadlineExceeded, got = %v", err)
+	}
+	if len(stalls) != 0 {
+		t.Fatal("onStall was called for the user's deadline")
+	}
+	if err := w.SetWriteDeadline(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = io.Copy(io.Discard, p) }() // owner: this test; ends when w is closed at cleanup
+	if _, err := w.Write(make([]byte, 1<<20)); err != nil {
+		t.Fatalf("write after the user's deadline was cleared: %v", err)
+	}
+}
+
 // TestWrapLeavesOthers: what is not a socket of the net package is
 // returned as it is.
 func TestWrapLeavesOthers(t *testing.T) {
@@ -155,6 +240,7 @@ func TestWrapLeavesOthers(t *testing.T) {
 // through wrapped sockets allocate nothing.
 func TestNoAllocations(t *testing.T) {
 	w, p := pair(t, "tcp")
+	w.(*Conn).SetWriteTimeout(time.Minute, nil) // free while writes complete at once
 	w2 := Wrap(p)
 	msg := []byte("Q\x00\x00\x00\x0dSELECT 1\x00")
 	buf := make([]byte, 64)
