@@ -167,3 +167,29 @@ func BenchmarkRelay(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkIdle is internal/evloop's BenchmarkIdle on gnet: the resident
+// memory of 10,000 idle client sockets enrolled on its loops (measured once,
+// whatever b.N):
+//
+//	cd bench/gnetspike && go test -run '^$' -bench Idle -benchtime 1x .
+func BenchmarkIdle(b *testing.B) {
+	b.Run("gnet", func(b *testing.B) {
+		const n = 10000
+		d, err := relaybench.StartDriver()
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer d.Close()
+		r := newRelay(b, 2, false)
+		defer r.Close()
+		per, err := relaybench.Idle(d, n, func(c net.Conn) error {
+			_, err := r.cli.EnrollContext(c, &pair{})
+			return err
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(per, "RSS-B/socket")
+	})
+}
