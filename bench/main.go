@@ -26,11 +26,12 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/pggovernor/pggovernor/bench/internal/harness"
 )
 
 func main() {
@@ -190,7 +191,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		return err
 	}
-	root, err := moduleRoot()
+	root, err := harness.RepoRoot()
 	if err != nil {
 		return err
 	}
@@ -399,23 +400,4 @@ func indent(s, prefix string) string {
 		return ""
 	}
 	return prefix + strings.ReplaceAll(s, "\n", "\n"+prefix)
-}
-
-// moduleRoot walks up from the working directory to the repository root:
-// the directory whose go.mod is the product's module (bench/ is a module
-// of its own, github.com/pggovernor/pggovernor/bench).
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for d := dir; ; d = filepath.Dir(d) {
-		b, err := os.ReadFile(filepath.Join(d, "go.mod"))
-		if err == nil && slices.Contains(strings.Split(string(b), "\n"), "module github.com/pggovernor/pggovernor") {
-			return d, nil
-		}
-		if filepath.Dir(d) == d {
-			return "", fmt.Errorf("run bench from inside the pggovernor repository (no go.mod found above %s)", dir)
-		}
-	}
 }
