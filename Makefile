@@ -4,15 +4,16 @@
 # the benchmark) is checked here and installed with apt-get when possible,
 # or named precisely. The tests themselves install nothing.
 #
-# Three Go modules: the product (.), deploy/ (the Helm chart's tests, the
+# Four Go modules: the product (.), deploy/ (the Helm chart's tests, the
 # image builder: Helm, Kubernetes and go-containerregistry stay out of the
-# product's go.mod) and bench/ (the benchmark harness and its plotting).
+# product's go.mod), bench/ (the benchmark harness and its plotting) and
+# bench/gnetspike (the relay engine spike's gnet side; vetted, no tests).
 
 GO       ?= go
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 BIN      := bin/pggovernor
-MODULES  := . deploy bench
+MODULES  := . deploy bench bench/gnetspike
 
 # Build with the toolchain go.mod names (its toolchain line: the newest
 # patch release), fetched through the module proxy when the local go is

@@ -26,11 +26,12 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/pggovernor/pggovernor/bench/internal/harness"
 )
 
 func main() {
@@ -61,6 +62,7 @@ type options struct {
 	noInstall   bool
 	keep        bool
 	diagnose    bool
+	relay       bool   // the relay scaling run (internal/evloop's BenchmarkRelay)
 	runCases    bool   // run the pgbench cases (false for an idle-only run)
 	root        string // the repository root
 	argv        []string
@@ -88,6 +90,7 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.logLevel, "governor-log-level", "warn", "pggovernor --log.level (its log is shown when a run fails)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the temporary directory (pooler configurations and logs) instead of removing it")
 	fs.BoolVar(&o.diagnose, "diagnose", true, "after the cases: a CPU profile of pggovernor and each pooler's system calls per transaction (strace -c), in the report")
+	fs.BoolVar(&o.relay, "relay-scaling", true, "after the cases: the relay alone (internal/evloop's BenchmarkRelay against scripted servers, no Postgres) at 1 and 2 event loops, -reps times, for the targets table")
 	fs.BoolVar(&o.noInstall, "no-install", false, "do not apt-get install pgbouncer when it is missing (skip the target instead)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
@@ -100,6 +103,9 @@ func parseOptions(args []string, stderr io.Writer) (options, error) {
 	if o.quick {
 		if !set["diagnose"] {
 			o.diagnose = false
+		}
+		if !set["relay-scaling"] {
+			o.relay = false
 		}
 		if !set["duration"] {
 			o.duration = 5 * time.Second
@@ -185,7 +191,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		return err
 	}
-	root, err := moduleRoot()
+	root, err := harness.RepoRoot()
 	if err != nil {
 		return err
 	}
@@ -273,6 +279,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if o.runCases && o.diagnose && ctx.Err() == nil {
 		diag = runDiagnostics(ctx, e, o, targets, maxClients, logf)
 	}
+	var relay relayScaling
+	if o.runCases && o.relay && ctx.Err() == nil {
+		relay = runRelayScaling(ctx, e, o, logf)
+	}
 	var idle []idleResult
 	if o.idle > 0 && ctx.Err() == nil {
 		n := o.idle
@@ -293,7 +303,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if results == nil && idle == nil {
 		return errors.New("nothing was measured")
 	}
-	if err := writeReport(o, facts, cases, targetNames, results, idle, diag, stdout, logf); err != nil {
+	if err := writeReport(o, facts, cases, targetNames, results, idle, diag, relay, stdout, logf); err != nil {
 		return err
 	}
 	if ctx.Err() != nil {
@@ -390,23 +400,4 @@ func indent(s, prefix string) string {
 		return ""
 	}
 	return prefix + strings.ReplaceAll(s, "\n", "\n"+prefix)
-}
-
-// moduleRoot walks up from the working directory to the repository root:
-// the directory whose go.mod is the product's module (bench/ is a module
-// of its own, github.com/pggovernor/pggovernor/bench).
-func moduleRoot() (string, error) {
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for d := dir; ; d = filepath.Dir(d) {
-		b, err := os.ReadFile(filepath.Join(d, "go.mod"))
-		if err == nil && slices.Contains(strings.Split(string(b), "\n"), "module github.com/pggovernor/pggovernor") {
-			return d, nil
-		}
-		if filepath.Dir(d) == d {
-			return "", fmt.Errorf("run bench from inside the pggovernor repository (no go.mod found above %s)", dir)
-		}
-	}
 }

@@ -220,7 +220,7 @@ func commandLine() string {
 }
 
 // writeReport prints the report and writes it, and the chart, to o.out.
-func writeReport(o options, f facts, cases []benchCase, targetNames []string, rs *resultSet, idle []idleResult, diag diagnostics, stdout io.Writer, logf func(string, ...any)) error {
+func writeReport(o options, f facts, cases []benchCase, targetNames []string, rs *resultSet, idle []idleResult, diag diagnostics, relay relayScaling, stdout io.Writer, logf func(string, ...any)) error {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# pggovernor benchmark, %s\n\n", f.date.Format("2006-01-02 15:04 UTC"))
 	if rs != nil {
@@ -229,7 +229,7 @@ func writeReport(o options, f facts, cases []benchCase, targetNames []string, rs
 	if len(idle) > 0 {
 		writeIdleTable(&b, idle)
 	}
-	writeTargets(&b, rs, idle)
+	writeTargets(&b, rs, idle, diag, relay)
 	writeDiagnostics(&b, diag)
 	fmt.Fprintf(&b, "## Machine and software\n\n")
 	fmt.Fprintf(&b, "- CPU: %s, nproc %d\n", f.cpuModel, f.nproc)
@@ -374,16 +374,47 @@ func mib(r row) string {
 	return fmt.Sprintf("%.1f", r.rssMiB)
 }
 
-// writeTargets compares the results with the goals set for pggovernor on
-// this kind of machine, each MET or NOT MET with the figures, or not
-// measured in this session.
-func writeTargets(b *strings.Builder, rs *resultSet, idle []idleResult) {
-	type goal struct {
-		name    string
-		ok      bool
-		known   bool
-		figures string
+// The targets of issue 14 (relay engine v2) for this kind of machine (2
+// cores shared by pgbench, the pooler and Postgres).
+const (
+	targetCPURatio      = 0.75 // own CPU per transaction ≤ this × PgBouncer's
+	targetTPSRatio      = 1.1  // TPS ≥ this × PgBouncer's at 8, 64 and 1000 clients
+	targetTPSRatio1     = 1.0  // TPS ≥ this × PgBouncer's at 1 client
+	targetLatencyRatio  = 1.3  // 1-client mean latency ≤ this × direct
+	targetSyscallsPerTx = 4.5  // strace -c, -S simple, 64 clients
+	targetIdleClients   = 10000
+	targetIdleKiB       = 2.0 // RSS per idle client
+	targetActiveClients = 1000
+	targetActiveMiB     = 40.0 // peak RSS with 1000 active clients
+	targetStormRatio    = 1.0  // connection storm TPS ≥ this × PgBouncer's
+)
+
+// Verdicts of the targets table.
+const (
+	verdictMet         = "MET"
+	verdictNotMet      = "NOT MET"
+	verdictNotMeasured = "not measured in this session"
+	verdictReported    = "reported (no threshold)"
+)
+
+// goal is one line of the targets table.
+type goal struct {
+	name    string
+	verdict string
+	figures string
+}
+
+// judge is MET or NOT MET.
+func judge(ok bool) string {
+	if ok {
+		return verdictMet
 	}
+	return verdictNotMet
+}
+
+// targetGoals compares the session's results with the targets, each MET or
+// NOT MET with the figures, or not measured in this session.
+func targetGoals(rs *resultSet, idle []idleResult, diag diagnostics, relay relayScaling) []goal {
 	var goals []goal
 	cell := func(c string, n int, t string) (row, bool) {
 		if rs == nil {
@@ -392,57 +423,153 @@ func writeTargets(b *strings.Builder, rs *resultSet, idle []idleResult) {
 		r := rs.aggregate(resultKey{c, n, t})
 		return r, r.ok
 	}
-	ratio := func(name, c string, n int, min float64) {
+	both := func(c string, n int) (g, p row, ok bool) {
 		g, ok1 := cell(c, n, targetGovernor)
 		p, ok2 := cell(c, n, targetPgBouncer)
-		gl := goal{name: name}
-		if ok1 && ok2 && p.tps > 0 {
-			r := g.tps / p.tps
-			gl.known, gl.ok = true, r >= min
-			gl.figures = fmt.Sprintf("%.2f× (%.0f vs %.0f TPS)", r, g.tps, p.tps)
+		return g, p, ok1 && ok2
+	}
+	mode := func(c string) string { return strings.TrimPrefix(c, "select-") }
+	selects := []string{"select-simple", "select-extended"}
+
+	for _, c := range selects {
+		for _, n := range []int{8, 64, 1000} {
+			gl := goal{name: fmt.Sprintf("own CPU per transaction ≤ %.2f× PgBouncer's, -S %s, %d clients", targetCPURatio, mode(c), n), verdict: verdictNotMeasured}
+			if g, p, ok := both(c, n); ok && g.cpuOK && p.cpuOK && p.cpuPer10k > 0 {
+				r := g.cpuPer10k / p.cpuPer10k
+				gl.verdict = judge(r <= targetCPURatio)
+				// s per 10k tx × 100 = µs per tx.
+				gl.figures = fmt.Sprintf("%.2f× (%.1f vs %.1f µs)", r, g.cpuPer10k*100, p.cpuPer10k*100)
+			}
+			goals = append(goals, gl)
+		}
+	}
+	for _, c := range selects {
+		for _, n := range []int{1, 8, 64, 1000} {
+			want := targetTPSRatio
+			if n == 1 {
+				want = targetTPSRatio1
+			}
+			gl := goal{name: fmt.Sprintf("TPS ≥ %.1f× PgBouncer's, -S %s, %d client%s", want, mode(c), n, plural(n)), verdict: verdictNotMeasured}
+			if g, p, ok := both(c, n); ok && p.tps > 0 {
+				r := g.tps / p.tps
+				gl.verdict = judge(r >= want)
+				gl.figures = fmt.Sprintf("%.2f× (%.0f vs %.0f TPS)", r, g.tps, p.tps)
+			}
+			goals = append(goals, gl)
+		}
+	}
+	for _, c := range selects {
+		gl := goal{name: fmt.Sprintf("1-client mean latency ≤ %.1f× direct, -S %s", targetLatencyRatio, mode(c)), verdict: verdictNotMeasured}
+		if g, ok1 := cell(c, 1, targetGovernor); ok1 {
+			if d, ok2 := cell(c, 1, targetDirect); ok2 && d.meanMs > 0 {
+				r := g.meanMs / d.meanMs
+				gl.verdict = judge(r <= targetLatencyRatio)
+				gl.figures = fmt.Sprintf("%.2f× (%.3f vs %.3f ms)", r, g.meanMs, d.meanMs)
+			}
 		}
 		goals = append(goals, gl)
 	}
-	ratio("≥ 1.3× PgBouncer TPS at -S 64 clients", "select-simple", 64, 1.3)
-	ratio("≥ 1.3× PgBouncer TPS at -S 1000 clients", "select-simple", 1000, 1.3)
-	ratio("≥ 1.0× PgBouncer TPS at -S 1 client", "select-simple", 1, 1.0)
-	ratio("≥ 1.0× PgBouncer TPS at -S 8 clients", "select-simple", 8, 1.0)
-	lat := goal{name: "1-client latency ≤ 1.5× direct (-S simple, mean)"}
-	if g, ok1 := cell("select-simple", 1, targetGovernor); ok1 {
-		if d, ok2 := cell("select-simple", 1, targetDirect); ok2 && d.meanMs > 0 {
-			r := g.meanMs / d.meanMs
-			lat.known, lat.ok = true, r <= 1.5
-			lat.figures = fmt.Sprintf("%.2f× (%.3f vs %.3f ms)", r, g.meanMs, d.meanMs)
+
+	sys := goal{name: fmt.Sprintf("system calls per transaction ≤ %.1f (strace -c, -S simple, %d clients)", targetSyscallsPerTx, profileClients), verdict: verdictNotMeasured}
+	for _, sp := range diag.syscalls {
+		if sp.target == targetGovernor {
+			sys.verdict = judge(sp.total <= targetSyscallsPerTx)
+			sys.figures = fmt.Sprintf("%.2f", sp.total)
 		}
 	}
-	goals = append(goals, lat)
-	ratio("connection storm (-C, 32 clients) ≥ 1.5× PgBouncer", "storm", 32, 1.5)
-	idleGoal := goal{name: "idle clients ≤ 16 KiB RSS each"}
+	for _, sp := range diag.syscalls {
+		if sp.target == targetPgBouncer && sys.figures != "" {
+			sys.figures += fmt.Sprintf(" (PgBouncer %.2f)", sp.total)
+		}
+	}
+	goals = append(goals, sys)
+
+	idleGoal := goal{name: fmt.Sprintf("%d idle clients ≤ %.0f KiB RSS each", targetIdleClients, targetIdleKiB), verdict: verdictNotMeasured}
 	for _, r := range idle {
-		if r.Target == targetGovernor && r.Opened > 0 {
-			kib := r.perClientKiB()
-			idleGoal.known, idleGoal.ok = true, kib <= 16
-			idleGoal.figures = fmt.Sprintf("%.1f KiB per client (%d clients)", kib, r.Opened)
+		if r.Target != targetGovernor || r.Opened == 0 {
+			continue
+		}
+		kib := r.perClientKiB()
+		idleGoal.figures = fmt.Sprintf("%.2f KiB per client (%d clients)", kib, r.Opened)
+		if r.Opened >= targetIdleClients {
+			idleGoal.verdict = judge(kib <= targetIdleKiB)
+		} else {
+			idleGoal.figures += fmt.Sprintf("; fewer than %d opened", targetIdleClients)
 		}
 	}
 	goals = append(goals, idleGoal)
-	errGoal := goal{name: "1000 clients on 20 server connections with zero errors"}
-	if g, ok := cell("select-simple", 1000, targetGovernor); ok {
-		errGoal.known, errGoal.ok = true, g.errors == 0
-		errGoal.figures = fmt.Sprintf("%d errors", g.errors)
-	}
-	goals = append(goals, errGoal)
 
-	fmt.Fprintf(b, "## Targets\n\n| goal | result | figures |\n|---|---|---|\n")
-	for _, g := range goals {
-		verdict := "not measured in this session"
-		switch {
-		case g.known && g.ok:
-			verdict = "MET"
-		case g.known:
-			verdict = "NOT MET"
+	rss := goal{name: fmt.Sprintf("%d active clients ≤ %.0f MiB peak RSS (-S simple and extended)", targetActiveClients, targetActiveMiB), verdict: verdictNotMeasured}
+	var peaks []string
+	peak := 0.0
+	for _, c := range selects {
+		if g, ok := cell(c, targetActiveClients, targetGovernor); ok && g.rssMiB > 0 {
+			peak = max(peak, g.rssMiB)
+			peaks = append(peaks, fmt.Sprintf("%s %.1f MiB", mode(c), g.rssMiB))
 		}
-		fmt.Fprintf(b, "| %s | %s | %s |\n", g.name, verdict, g.figures)
+	}
+	if len(peaks) > 0 {
+		rss.verdict = judge(peak <= targetActiveMiB)
+		rss.figures = strings.Join(peaks, ", ")
+	}
+	goals = append(goals, rss)
+
+	storm := goal{name: fmt.Sprintf("connection storm (-C, 32 clients, md5) ≥ %.1f× PgBouncer's TPS", targetStormRatio), verdict: verdictNotMeasured}
+	if g, p, ok := both("storm", 32); ok && p.tps > 0 {
+		r := g.tps / p.tps
+		storm.verdict = judge(r >= targetStormRatio)
+		storm.figures = fmt.Sprintf("%.2f× (%.0f vs %.0f TPS)", r, g.tps, p.tps)
+	}
+	goals = append(goals, storm)
+
+	var loops []string
+	for _, n := range relayLoops {
+		loops = append(loops, fmt.Sprintf("N=%d", n))
+	}
+	scaling := goal{name: fmt.Sprintf("relay scaling, %s loops, per core (relaybench: %s, %d clients, scripted servers)", strings.Join(loops, "/"), relayEngine, relayClients), verdict: verdictNotMeasured}
+	var parts []string
+	for _, n := range relayLoops {
+		runs := relay.byLoops(n)
+		if len(runs) == 0 {
+			continue
+		}
+		parts = append(parts, fmt.Sprintf("N=%d: %s tx per CPU-second, %s tx/s (%d runs, median [range])", n,
+			spread(runs, func(r relayRun) float64 { return r.txPerCPUs }, "%.0f"),
+			spread(runs, func(r relayRun) float64 { return r.txPerSec }, "%.0f"), len(runs)))
+	}
+	if len(parts) == len(relayLoops) {
+		scaling.verdict = verdictReported
+		first, last := relay.byLoops(relayLoops[0]), relay.byLoops(relayLoops[len(relayLoops)-1])
+		tps := func(runs []relayRun) float64 {
+			v := make([]float64, len(runs))
+			for i, r := range runs {
+				v[i] = r.txPerSec
+			}
+			return median(v)
+		}
+		parts = append(parts, fmt.Sprintf("N=%d/N=%d tx/s %.2f×", relayLoops[len(relayLoops)-1], relayLoops[0], tps(last)/tps(first)))
+	}
+	scaling.figures = strings.Join(parts, "; ")
+	if relay.note != "" {
+		scaling.figures = strings.TrimPrefix(scaling.figures+"; "+relay.note, "; ")
+	}
+	goals = append(goals, scaling)
+	return goals
+}
+
+// plural is "s" unless n is 1.
+func plural(n int) string {
+	if n == 1 {
+		return ""
+	}
+	return "s"
+}
+
+// writeTargets writes the targets table (targetGoals).
+func writeTargets(b *strings.Builder, rs *resultSet, idle []idleResult, diag diagnostics, relay relayScaling) {
+	fmt.Fprintf(b, "## Targets\n\n| goal | result | figures |\n|---|---|---|\n")
+	for _, g := range targetGoals(rs, idle, diag, relay) {
+		fmt.Fprintf(b, "| %s | %s | %s |\n", g.name, g.verdict, strings.ReplaceAll(g.figures, "|", "\\|"))
 	}
 	fmt.Fprintln(b)
 }

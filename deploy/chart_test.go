@@ -177,6 +177,8 @@ func checkInvariants(t *testing.T, name string, o *chartrender.Objects) {
 		"upstream.ssl.cert_file": cfg.Upstream.SSL.CertFile, "upstream.ssl.key_file": cfg.Upstream.SSL.KeyFile,
 		"clients.users_file": cfg.Clients.UsersFile, "clients.tls.cert_file": cfg.Clients.TLS.CertFile,
 		"clients.tls.key_file": cfg.Clients.TLS.KeyFile, "clients.tls.client_ca_file": cfg.Clients.TLS.ClientCAFile,
+		"clients.hba_file": cfg.Clients.HBAFile, "budget.cluster.secret_file": cfg.Budget.Cluster.SecretFile,
+		"budget.cluster.control_password_file": cfg.Budget.Cluster.ControlPasswordFile,
 	} {
 		if path == "" {
 			continue
@@ -187,6 +189,23 @@ func checkInvariants(t *testing.T, name string, o *chartrender.Objects) {
 		}
 		if m := vol.Secret.DefaultMode; m == nil || *m&0o007 != 0 {
 			t.Fatalf("%s: the Secret's files are readable by others (defaultMode %v)", key, m)
+		}
+	}
+
+	// GOMEMLIMIT, where the chart sets it, is the Go runtime's syntax and
+	// below the container's memory limit, so the runtime collects before
+	// the kernel kills.
+	for _, e := range ctr.Env {
+		if e.Name != "GOMEMLIMIT" {
+			continue
+		}
+		n, err := strconv.ParseInt(e.Value, 10, 64)
+		if err != nil || n <= 0 {
+			t.Fatalf("GOMEMLIMIT %q: want a positive number of bytes", e.Value)
+		}
+		limit, ok := ctr.Resources.Limits[corev1.ResourceMemory]
+		if !ok || n >= limit.Value() {
+			t.Fatalf("GOMEMLIMIT %d: want it below the container's memory limit (%v)", n, limit.String())
 		}
 	}
 
@@ -380,6 +399,9 @@ func TestChartRefusesAtInstall(t *testing.T) {
 			[]string{"terminationGracePeriodSeconds 30 leaves no time for the drain", "shutdown_drain (30s)"}},
 		{"half of mTLS", map[string]any{"secrets.upstreamTLS.name": "x", "secrets.upstreamTLS.certKey": "tls.crt"}, []string{"certKey and keyKey"}},
 		{"network policy without Postgres", map[string]any{"networkPolicy.enabled": true}, []string{"networkPolicy.postgres is required"}},
+		{"control password without its role", map[string]any{"secrets.controlPassword.name": "x"}, []string{"config.budget.cluster.control_user"}},
+		{"hba file twice", map[string]any{"secrets.clientHBA.name": "x", "config.clients.hba_file": "/etc/hba"}, []string{"secrets.clientHBA.name or config.clients.hba_file"}},
+		{"GOMEMLIMIT over the limit", map[string]any{"goMemLimitPercent": 120}, []string{"goMemLimitPercent"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := render(t, c, "defaults", tc.sets)

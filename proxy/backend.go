@@ -71,9 +71,15 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 	fatal := typ == 'E' && more == 0 && errorIsFatal(data)
 	if fatal && sess.idleOnLocked() {
 		// The client is between transactions: it never learns that
-		// this connection went away (it was only lingering).
+		// this connection went away (it was only lingering). The
+		// connection is closed, never handed out again; what the server
+		// answered before, read with the FATAL, is the client's and is
+		// flushed here (the reader flushes only for the client it
+		// serves, which is no longer this one).
+		srv.MarkBroken()
 		sess.detachLocked()
 		sess.mu.Unlock()
+		_ = sess.ServerFlush(srv)
 		sess.srv.pool.Release(srv)
 		return nil
 	}
@@ -133,6 +139,13 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				sess.armLinger()
 				sess.answered.Store(false)
 				sess.relinked = true
+				// What was kept for a retry is answered: a FATAL on the
+				// lingering connection before the Bind (its backend
+				// terminated) must not send it again (the client would
+				// get its answers twice); the connection is then left
+				// silently, and the Bind prepares the statement again
+				// on another one.
+				sess.replayable = false
 			}
 			if sess.q.empty() {
 				sess.lexSettledLocked()
@@ -468,6 +481,7 @@ func (sess *session) ServerLost(srv *pool.Server, err error) {
 	}
 	sess.verified(verifyResult{failed: true})
 	sess.mu.Unlock()
+	_ = sess.ServerFlush(srv) // the answers read before the loss are the client's
 	sess.srv.pool.Release(srv)
 	if idle {
 		return

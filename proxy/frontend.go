@@ -357,6 +357,13 @@ var staleStmtName = []byte("pgg_stale")
 // without mu.
 func (sess *session) resolve(srv *pool.Server, name []byte) (target, error) {
 	sess.mu.Lock()
+	// No answer is awaited now: one left in the channel is a lost
+	// connection's (ServerLost posts one in case the pump waits), and
+	// must not be taken for the answer to what is prepared below.
+	select {
+	case <-sess.verifyCh:
+	default:
+	}
 	ss := sess.stmtsOf(srv)
 	sess.resetInject()
 	sess.closePending(ss)

@@ -422,6 +422,7 @@ type serverStats struct {
 	notifyQueued    atomic.Int64 // bytes in the sessions' notification backlogs
 	notifyOverflows atomic.Int64
 	retries         atomic.Int64
+	lingerExpiries  atomic.Int64
 	stateChecks     atomic.Int64
 	stateFound      atomic.Int64
 	bufferRefusals  atomic.Int64
@@ -457,6 +458,10 @@ type Stats struct {
 	// because the one they were sent on was terminated before it read them
 	// (retry.go).
 	Retries int64
+	// UnnamedLingerExpired counts connections released after holding a
+	// client's unnamed statement for its Bind longer than the linger
+	// allows: that Bind then prepares it again (a PrepareMiss).
+	UnnamedLingerExpired int64
 	// StateChecks counts verifications of a server connection's session
 	// state before its release (transaction mode); StateFound those that
 	// found state (or could not tell) and kept the client pinned.
@@ -506,6 +511,8 @@ func (s *Server) Stats() Stats {
 		Retries:         s.stats.retries.Load(),
 		StateChecks:     s.stats.stateChecks.Load(),
 		StateFound:      s.stats.stateFound.Load(),
+
+		UnnamedLingerExpired: s.stats.lingerExpiries.Load(),
 
 		BufferedBytes:     s.buffers.Held(),
 		BufferRefusals:    s.stats.bufferRefusals.Load(),

@@ -503,6 +503,7 @@ func (sess *session) lingerExpired() {
 	}
 	sess.linger = false
 	sess.mu.Unlock()
+	sess.srv.stats.lingerExpiries.Add(1)
 	sess.afterIdle(srv)
 }
 

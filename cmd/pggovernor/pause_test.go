@@ -49,17 +49,20 @@ func TestPauseResumeUnder50Clients(t *testing.T) {
 	var commits atomic.Int64
 	errs := make(chan error, clients)
 	var wg sync.WaitGroup
+	// The clients stop, and are awaited, before their connections close
+	// (cleanups run last first), also when the test fails early.
+	clientCtx, stopClients := context.WithCancel(ctx)
 	for i := 0; i < clients; i++ {
 		conn := connectPgx(t, g.url("app", appPass, "appdb")+"&default_query_exec_mode=simple_protocol")
 		wg.Add(1)
 		go func(i int, conn *pgx.Conn) {
 			defer wg.Done()
 			for n := 0; n < perClient; n++ {
-				err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-					if _, err := tx.Exec(ctx, "INSERT INTO paused_tx VALUES ($1, $2)", i, n); err != nil {
+				err := pgx.BeginFunc(clientCtx, conn, func(tx pgx.Tx) error {
+					if _, err := tx.Exec(clientCtx, "INSERT INTO paused_tx VALUES ($1, $2)", i, n); err != nil {
 						return err
 					}
-					_, err := tx.Exec(ctx, "SELECT pg_sleep(0.001)")
+					_, err := tx.Exec(clientCtx, "SELECT pg_sleep(0.001)")
 					return err
 				})
 				if err != nil {
@@ -70,6 +73,7 @@ func TestPauseResumeUnder50Clients(t *testing.T) {
 			}
 		}(i, conn)
 	}
+	t.Cleanup(func() { stopClients(); wg.Wait() })
 	waitFor(t, 30*time.Second, "transactions to run before the pause", func() bool { return commits.Load() >= 200 })
 
 	console := connectPgx(t, g.consoleURL("alice", userPass))

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -345,5 +347,99 @@ func TestRetriedRequestThatPreparesAndCloses(t *testing.T) {
 	}
 	if retried < wantRetried {
 		t.Fatalf("requests moved to another connection in %d rounds: want >= %d, got = %d (the test did not exercise the retry)", rounds, wantRetried, retried)
+	}
+}
+
+// TestLibpqUnderRandomTerminations: lib/pq clients through database/sql
+// run parameterised autocommit INSERTs (Parse, Describe, Sync, then Bind,
+// Execute, Sync on the unnamed statement) while server connections are
+// terminated at random, as the fault suite's pg_terminate_backend does. A
+// client may see its connection lost (57P01, or the reset); it must never
+// see a message Postgres would not send at that step of the protocol. The
+// governor used to send the Parse's answers again after the Bind when the
+// connection lingering for the Bind was terminated (the Parse request,
+// answered, was taken for one to retry): lib/pq failed with "unexpected
+// Bind response ParseComplete", as in the fault suite; and when that
+// connection's FATAL came in the same read as the Parse's answers, it left
+// them unsent, and the client waited for ever.
+func TestLibpqUnderRandomTerminations(t *testing.T) {
+	for _, mode := range []string{"link", "replay"} {
+		t.Run(mode, func(t *testing.T) {
+			var opts []option
+			if mode == "replay" {
+				opts = append(opts, withReplayUnnamed())
+			}
+			libpqUnderTerminations(t, startGov(t, nil, func(c *config.Config) { c.Budget.Max = 4; c.Clients.MaxConnections = 500 }, opts...))
+		})
+	}
+}
+
+func libpqUnderTerminations(t *testing.T, g *gov) {
+	ctx := context.Background()
+	if _, err := shared.ExecIn(ctx, "appdb", "DROP TABLE IF EXISTS terminated_rows; CREATE TABLE terminated_rows (id int, client int); GRANT ALL ON terminated_rows TO app"); err != nil {
+		t.Fatal(err)
+	}
+	const clients, inserts = 8, 300
+	stop := make(chan struct{})
+	killerDone := make(chan struct{})
+	var terminated atomic.Int64
+	go func() { // owner: the test; exits when stop closes
+		defer close(killerDone)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			rows, err := shared.Exec(ctx, `SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+				WHERE usename = 'app' AND datname = 'appdb' AND backend_type = 'client backend'
+				AND application_name <> 'pggovernor-control' AND random() < 0.5`)
+			if err == nil {
+				n, _ := strconv.Atoi(rows[0][0])
+				terminated.Add(int64(n))
+			}
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
+	var mu sync.Mutex
+	var violations []string
+	lost := 0
+	// A client waiting for an answer that cannot come (the governor once
+	// left a lingering connection's answers unflushed when its FATAL came
+	// in the same read) fails the test here rather than at its timeout.
+	watchdog := time.AfterFunc(2*time.Minute, func() {
+		panic("lib/pq clients still waiting after 2 minutes: an answer was never sent")
+	})
+	defer watchdog.Stop()
+	parallel(t, clients, func(i int) error {
+		db := openPq(t, g.url("alice", userPass, "appdb"), 1)
+		for j := 0; j < inserts; j++ {
+			_, err := db.ExecContext(ctx, "INSERT INTO terminated_rows VALUES ($1, $2)", j, i)
+			if err == nil {
+				continue
+			}
+			mu.Lock()
+			if strings.Contains(err.Error(), "unexpected") || strings.Contains(err.Error(), "protocol") {
+				violations = append(violations, fmt.Sprintf("client %d insert %d: %v", i, j, err))
+			} else {
+				lost++
+			}
+			mu.Unlock()
+		}
+		return nil
+	})
+	close(stop)
+	<-killerDone
+	t.Logf("%d clients × %d inserts, %d server connections terminated: %d inserts lost with theirs, %d requests moved to another, %d protocol violations",
+		clients, inserts, terminated.Load(), lost, g.g.proxy.Stats().Retries, len(violations))
+	if len(violations) > 0 {
+		t.Fatalf("protocol violations seen by lib/pq: %v", violations)
+	}
+	if terminated.Load() < 10 {
+		t.Fatalf("%d server connections terminated: too few for the test to prove anything", terminated.Load())
 	}
 }

@@ -29,7 +29,6 @@ type resetForwarder struct {
 	addr   string
 	armed  atomic.Bool
 	resets atomic.Int32
-	wg     sync.WaitGroup
 }
 
 func startResetForwarder(t *testing.T, addr string) *resetForwarder {
@@ -39,20 +38,27 @@ func startResetForwarder(t *testing.T, addr string) *resetForwarder {
 		t.Fatal(err)
 	}
 	f := &resetForwarder{ln: ln, addr: addr}
-	f.wg.Add(1)
-	go func() { // owner: f; exits when the test closes ln
-		defer f.wg.Done()
+	serveRelays(t, ln, f.relay)
+	return f
+}
+
+// serveRelays accepts connections on ln and runs relay for each until the
+// test ends, when ln is closed and every relay awaited.
+func serveRelays(t *testing.T, ln net.Listener, relay func(net.Conn)) {
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // owner: the test; exits when its cleanup closes ln
+		defer wg.Done()
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			f.wg.Add(1)
-			go func() { defer f.wg.Done(); f.relay(c) }() // owner: f; exits when either side closes
+			wg.Add(1)
+			go func() { defer wg.Done(); relay(c) }() // owner: the test; exits when either side closes
 		}
 	}()
-	t.Cleanup(func() { _ = ln.Close(); f.wg.Wait() })
-	return f
+	t.Cleanup(func() { _ = ln.Close(); wg.Wait() })
 }
 
 func (f *resetForwarder) relay(c net.Conn) {
@@ -148,7 +154,6 @@ type toServerResetter struct {
 	typ    byte
 	armed  atomic.Bool
 	resets atomic.Int32
-	wg     sync.WaitGroup
 }
 
 func startToServerResetter(t *testing.T, addr string, typ byte) *toServerResetter {
@@ -158,19 +163,7 @@ func startToServerResetter(t *testing.T, addr string, typ byte) *toServerResette
 		t.Fatal(err)
 	}
 	f := &toServerResetter{ln: ln, addr: addr, typ: typ}
-	f.wg.Add(1)
-	go func() { // owner: f; exits when the test closes ln
-		defer f.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			f.wg.Add(1)
-			go func() { defer f.wg.Done(); f.relay(c) }() // owner: f; exits when either side closes
-		}
-	}()
-	t.Cleanup(func() { _ = ln.Close(); f.wg.Wait() })
+	serveRelays(t, ln, f.relay)
 	return f
 }
 

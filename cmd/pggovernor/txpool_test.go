@@ -254,9 +254,14 @@ func TestLibpqUnnamedAcrossSync(t *testing.T) {
 				return nil
 			})
 			st := g.g.proxy.Stats()
-			if mode == "link" && st.PrepareMisses != 0 {
-				t.Fatalf("linked: want the unnamed statement never prepared again, got %+v", st)
+			// Linked, the statement is prepared again only after a
+			// linger expired: lib/pq's Bind came more than the linger
+			// after its Parse's Sync, which a loaded machine does now
+			// and then.
+			if mode == "link" && st.PrepareMisses > st.UnnamedLingerExpired {
+				t.Fatalf("linked: want the unnamed statement prepared again only after a linger expired, got %d misses, %d expiries (%+v)", st.PrepareMisses, st.UnnamedLingerExpired, st)
 			}
+			t.Logf("prepare misses %d, linger expiries %d", st.PrepareMisses, st.UnnamedLingerExpired)
 			if mode == "replay" && st.PrepareMisses == 0 {
 				t.Fatalf("replay: want the unnamed statement prepared again at least once, got %+v", st)
 			}

@@ -126,6 +126,27 @@ Fails on what would put a secret in the ConfigMap or cannot start.
 {{- fail (printf "secrets.clientTLS.name is required with config.clients.tls.mode %s: a kubernetes.io/tls Secret with the certificate pggovernor presents" $c.clients.tls.mode) -}}
 {{- end -}}
 {{- end -}}
+{{- if $s.clientHBA.name -}}
+{{- if $c.clients.hba_file -}}
+{{- fail "set secrets.clientHBA.name or config.clients.hba_file, not both" -}}
+{{- end -}}
+{{- $_ := set $c.clients "hba_file" (printf "%s/client-hba/%s" $dir $s.clientHBA.key) -}}
+{{- end -}}
+{{- if $s.clusterSecret.name -}}
+{{- if $c.budget.cluster.secret_file -}}
+{{- fail "set secrets.clusterSecret.name or config.budget.cluster.secret_file, not both" -}}
+{{- end -}}
+{{- $_ := set $c.budget.cluster "secret_file" (printf "%s/cluster-secret/%s" $dir $s.clusterSecret.key) -}}
+{{- end -}}
+{{- if $s.controlPassword.name -}}
+{{- if not $c.budget.cluster.control_user -}}
+{{- fail "secrets.controlPassword is the password of config.budget.cluster.control_user: set that role too" -}}
+{{- end -}}
+{{- if $c.budget.cluster.control_password_file -}}
+{{- fail "set secrets.controlPassword.name or config.budget.cluster.control_password_file, not both" -}}
+{{- end -}}
+{{- $_ := set $c.budget.cluster "control_password_file" (printf "%s/control-password/%s" $dir $s.controlPassword.key) -}}
+{{- end -}}
 {{- if .Values.iam.enabled -}}
 {{- $_ := set $c.upstream "connector" "awsiamrds" -}}
 {{- if .Values.iam.region -}}
@@ -156,5 +177,25 @@ Fails on what would put a secret in the ConfigMap or cannot start.
 {{- fail (printf "terminationGracePeriodSeconds %d leaves no time for the drain: it must exceed lifecycle.preStopSleepSeconds (%d) + config.timeouts.shutdown_drain (%ds), or the kubelet kills pggovernor while transactions still run" (int $grace) $pre $drain) -}}
 {{- end -}}
 {{- int $grace -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+GOMEMLIMIT from resources.limits.memory and goMemLimitPercent, in bytes;
+empty when either is unset or the limit is not in Ki, Mi or Gi.
+*/}}
+{{- define "pggovernor.goMemLimit" -}}
+{{- $pct := int .Values.goMemLimitPercent -}}
+{{- $lim := "" -}}
+{{- with .Values.resources }}{{ with .limits }}{{ $lim = toString (.memory | default "") }}{{ end }}{{ end -}}
+{{- $own := false -}}
+{{- range .Values.extraEnv }}{{ if eq .name "GOMEMLIMIT" }}{{ $own = true }}{{ end }}{{ end -}}
+{{- if and (gt $pct 0) (regexMatch "^[0-9]+(Ki|Mi|Gi)$" $lim) (not $own) -}}
+{{- if gt $pct 100 -}}
+{{- fail "goMemLimitPercent must be at most 100: GOMEMLIMIT above the container's memory limit lets the kernel kill the process first" -}}
+{{- end -}}
+{{- $n := regexFind "^[0-9]+" $lim | int64 -}}
+{{- $unit := get (dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824) (regexFind "(Ki|Mi|Gi)$" $lim) | int64 -}}
+{{- div (mul $n $unit $pct) 100 -}}
 {{- end -}}
 {{- end -}}
