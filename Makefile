@@ -35,7 +35,7 @@ IMAGE    := bin/pggovernor-image.tar
 IMAGEBIN := bin/pggovernor-linux-$(GOARCH)
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 
-.PHONY: all build image run test test-short vet vulncheck fmt fuzz faults bench bench-quick soak deps deps-bench clean
+.PHONY: all build image run test test-short vet vulncheck fmt fuzz faults faults-switchover bench bench-quick soak deps deps-bench clean
 
 all: build
 
@@ -82,8 +82,21 @@ fuzz:
 ## binary under each fault three times; prints the table of fault,
 ## acknowledged, missing, unknown, errors by SQLSTATE and recovery, and fails
 ## on any violation. FAULTSFLAGS passes flags (-only, -rounds, -keep, -v).
+## Then the switchover suite (faults-switchover).
 faults: deps
 	cd bench && $(GO) run ./faults $(FAULTSFLAGS)
+	@$(MAKE) --no-print-directory faults-switchover
+
+## faults-switchover: the switchover suite in full (cmd/pggovernor's
+## TestSwitchover with PGGOVERNOR_FAULTS=full): a primary and a synchronous
+## replica, 32 writers through pggovernor, the primary's role moved (aurora,
+## multi-az, dns, cluster) three times each; prints the table of case,
+## acknowledged, missing, errors per client, time to writes resumed and
+## connections to the old host after 2 s, and fails on a missing commit,
+## more than one error per client or a bound of 2 s not held. make test runs
+## the short version (8 writers, once, the times only reported).
+faults-switchover: deps
+	PGGOVERNOR_FAULTS=full $(GO) test -count=1 -timeout 30m -run '^TestSwitchover$$' -v ./cmd/pggovernor
 
 vet:
 	@set -e; for m in $(MODULES); do echo "go vet ($$m)"; (cd $$m && $(GO) vet ./...); done

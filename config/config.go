@@ -95,7 +95,16 @@ type Upstream struct {
 	// variables fill in what it leaves out, as with libpq. A user in it
 	// selects the sidecar model (every client is served as that user); no
 	// user selects the multi-role model (each client's own role goes
-	// upstream, with its password from clients.users_file).
+	// upstream, with its password from clients.users_file). It may name
+	// several hosts (postgres://h1:5432,h2:5432/db, or host=h1,h2
+	// port=5432,5432), tried in order by every new server connection and
+	// the control connection, with libpq's target_session_attrs (any,
+	// read-write, read-only, primary, standby, prefer-standby) and
+	// load_balance_hosts (disable, random); target_session_attrs holds for a
+	// connection's whole life: the connections to a server that stops
+	// being what it asks for are retired and new ones opened where the URL
+	// leads then (README, Failover). Host names are resolved again for
+	// every connection.
 	URL string `yaml:"url" secret:"url"`
 	// Password is the upstream password for the sidecar model, when it is
 	// not in the URL or a file. Prefer PasswordFile.
@@ -486,11 +495,14 @@ type Admin struct {
 	// kubectl port-forward): a warning is logged otherwise.
 	Pprof bool `yaml:"pprof"`
 	// ProbeInterval is how often pggovernor checks that the upstream server
-	// answers, for /readyz and pggovernor_upstream_up: a round trip on the
-	// control connection when the budget is derived from the server; with
-	// budget.max, on a server connection idle for this long, if any (none
-	// is opened for it). Every attempt to open a server connection counts
-	// as evidence too.
+	// answers, for /readyz and pggovernor_upstream_up, and is still what
+	// upstream.url's target_session_attrs asks for (pg_is_in_recovery() and
+	// the server's default_transaction_read_only; one that is not has its
+	// connections retired): a round trip on the control connection when the
+	// budget is derived from the server; with budget.max, on a server
+	// connection idle for this long, if any (none is opened for it). Every
+	// attempt to open a server connection counts as evidence too. In
+	// cluster mode the heartbeats are the probe.
 	ProbeInterval time.Duration `yaml:"probe_interval" min:"100ms"`
 }
 

@@ -128,7 +128,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		c.budgetUsed, c.waitTimeouts, c.connects, c.connectErrors, c.received, c.sent, c.upstreamUp, c.paused,
 		c.leases, c.replicas, c.borrowed, c.rebalances, c.leaseLosses, c.rowsIgnored, c.foreignLocks, c.certExpiry, c.iamMints,
 		c.notifyBacklog, c.notifyOverflows, c.pendingLogins, c.throttleDelays, c.throttled, c.buffered, c.bufferRefusals, c.stmtRefusals,
-		c.clientTimeouts} {
+		c.clientTimeouts, c.upstreamSwitches, c.upstreamPrimary} {
 		ch <- d
 	}
 }
@@ -169,6 +169,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			gauge(c.budgetShare, float64(share))
 		}
 		gauge(c.budgetUsed, float64(st.Open))
+		counter(c.upstreamSwitches, float64(st.UpstreamSwitches))
+		if st.UpstreamAddr != "" {
+			gauge(c.upstreamPrimary, 1, st.UpstreamAddr)
+		}
 		counter(c.waitTimeouts, float64(st.WaitTimeouts))
 		counter(c.connects, float64(st.Connects))
 		counter(c.connectErrors, float64(st.ConnectErrors))

@@ -134,6 +134,7 @@ type scrapeDescs struct {
 	pendingLogins, throttleDelays, throttled             *prometheus.Desc
 	buffered, bufferRefusals, stmtRefusals               *prometheus.Desc
 	clientTimeouts                                       *prometheus.Desc
+	upstreamSwitches, upstreamPrimary                    *prometheus.Desc
 }
 
 func newScrapeDescs() scrapeDescs {
@@ -169,12 +170,16 @@ func newScrapeDescs() scrapeDescs {
 		received:      own("client_received_bytes_total", "Bytes received from clients."),
 		sent:          own("client_sent_bytes_total", "Bytes sent to clients."),
 		upstreamUp:    own("upstream_up", "1 when the upstream server answered the last health probe, 0 when it did not."),
-		paused:        own("paused", "1 while a PAUSE from the admin console holds one or more databases."),
-		leases:        own("cluster_leases", "Leases this replica holds on the cluster budget, its control connection's included (budget.cluster)."),
-		replicas:      own("cluster_replicas", "Replicas seen sharing the connection budget (budget.cluster)."),
-		borrowed:      own("cluster_borrowed_leases", "Leases this replica holds beyond its fair share, borrowed while other replicas do not need them (budget.cluster)."),
-		rebalances:    own("cluster_rebalances_total", "Times this replica gave leases back because another replica had waiting clients (budget.cluster)."),
-		leaseLosses:   own("cluster_lease_losses_total", "Times this replica lost its control connection, and with it its leases (budget.cluster)."),
+		upstreamSwitches: own("upstream_switches_total",
+			"Times new server connections went to another server than before: after the connections to a server that stopped fitting target_session_attrs (demoted, made read-only, promoted) were retired, or when the server used before did not take a new connection and another host of upstream.url did."),
+		upstreamPrimary: own("upstream_primary_info",
+			"1, labelled with the address (IP and port) new server connections go to: the primary with target_session_attrs read-write or primary, whichever host of upstream.url fits otherwise.", "address"),
+		paused:      own("paused", "1 while a PAUSE from the admin console holds one or more databases."),
+		leases:      own("cluster_leases", "Leases this replica holds on the cluster budget, its control connection's included (budget.cluster)."),
+		replicas:    own("cluster_replicas", "Replicas seen sharing the connection budget (budget.cluster)."),
+		borrowed:    own("cluster_borrowed_leases", "Leases this replica holds beyond its fair share, borrowed while other replicas do not need them (budget.cluster)."),
+		rebalances:  own("cluster_rebalances_total", "Times this replica gave leases back because another replica had waiting clients (budget.cluster)."),
+		leaseLosses: own("cluster_lease_losses_total", "Times this replica lost its control connection, and with it its leases (budget.cluster)."),
 		rowsIgnored: own("cluster_rows_ignored_total",
 			"Rows of the membership table ignored (budget.cluster), by reason: heartbeat (not finite or in the future), replica_id, slots, address (not host:port or outside budget.cluster.peer_cidrs), malformed; counted at every heartbeat that reads one, once for one the heartbeat deletes.", "reason"),
 		foreignLocks: own("cluster_foreign_locks",

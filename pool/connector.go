@@ -28,6 +28,12 @@ type UpstreamConnector struct {
 	// Prepare, if set, adjusts the copied config before connecting (TLS
 	// certificates reloaded from disk, say).
 	Prepare func(ctx context.Context, cfg *pgconn.Config) error
+	// LoadBalance tries the hosts, and the addresses of each name, in
+	// random order (libpq's load_balance_hosts=random; RandomizeHosts).
+	// Without it they are tried in the order of the URL, as pgconn does:
+	// every connection resolves the names again (Base.LookupFunc, the
+	// system's resolver), so a DNS name that moved is followed.
+	LoadBalance bool
 }
 
 // Connect opens and hijacks one connection.
@@ -65,6 +71,9 @@ func (c *UpstreamConnector) Connect(ctx context.Context, route Route, params map
 		if err := c.Prepare(ctx, cfg); err != nil {
 			return nil, err
 		}
+	}
+	if c.LoadBalance {
+		RandomizeHosts(cfg)
 	}
 	conn, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {

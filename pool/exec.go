@@ -19,10 +19,26 @@ import (
 // It returns the first error the server reported. If ctx ends first, the
 // connection is marked broken. The caller keeps the connection.
 func (p *Pool) Exec(ctx context.Context, s *Server, queries ...string) error {
-	if len(queries) == 0 {
-		return nil
+	_, err := p.exec(ctx, s, false, queries...)
+	return err
+}
+
+// QueryRow runs query on a connection the caller holds, as Exec does, and
+// returns the columns of its first row as text (NULL as ""); an error when
+// it returned no row.
+func (p *Pool) QueryRow(ctx context.Context, s *Server, query string) ([]string, error) {
+	row, err := p.exec(ctx, s, true, query)
+	if err == nil && row == nil {
+		err = errors.New("the query returned no row")
 	}
-	h := &execHandler{remaining: len(queries), done: make(chan struct{})}
+	return row, err
+}
+
+func (p *Pool) exec(ctx context.Context, s *Server, wantRow bool, queries ...string) ([]string, error) {
+	if len(queries) == 0 {
+		return nil, nil
+	}
+	h := &execHandler{remaining: len(queries), done: make(chan struct{}), wantRow: wantRow}
 	s.SetHandler(NewHandlerSlot(h))
 	defer s.SetHandler(nil)
 	var buf []byte
@@ -42,24 +58,24 @@ func (p *Pool) Exec(ctx context.Context, s *Server, queries ...string) error {
 	s.writeMu.Unlock()
 	if err != nil {
 		s.MarkBroken()
-		return fmt.Errorf("writing to the server: %w", err)
+		return nil, fmt.Errorf("writing to the server: %w", err)
 	}
 	select {
 	case <-h.done:
 	case <-ctx.Done():
 		s.MarkBroken()
-		return fmt.Errorf("waiting for the server: %w", ctx.Err())
+		return nil, fmt.Errorf("waiting for the server: %w", ctx.Err())
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.lost != nil {
-		return h.lost
+		return nil, h.lost
 	}
 	s.TxStatus = h.status
 	for k, v := range h.params {
 		s.Params[k] = v
 	}
-	return h.err
+	return h.row, h.err
 }
 
 // Reset runs queries (for example DISCARD ALL) on a held connection, then
@@ -84,6 +100,8 @@ type execHandler struct {
 	params    map[string]string
 	done      chan struct{}
 	finished  bool
+	wantRow   bool
+	row       []string // the first DataRow, when wantRow
 }
 
 func (h *execHandler) ServerMessage(_ *Server, typ byte, data []byte, more int) error {
@@ -98,6 +116,16 @@ func (h *execHandler) ServerMessage(_ *Server, typ byte, data []byte, more int) 
 		var er pgproto3.ErrorResponse
 		if err := er.Decode(body); err == nil && h.err == nil {
 			h.err = pgconn.ErrorResponseToPgError(&er)
+		}
+	case 'D':
+		if h.wantRow && h.row == nil {
+			var dr pgproto3.DataRow
+			if err := dr.Decode(body); err == nil {
+				h.row = make([]string, len(dr.Values))
+				for i, v := range dr.Values {
+					h.row[i] = string(v)
+				}
+			}
 		}
 	case 'S':
 		var ps pgproto3.ParameterStatus

@@ -21,6 +21,13 @@ var route = pool.Route{Database: "bench", User: "bench"}
 // closed at the end of the test.
 func newTestPool(t *testing.T, limit int, events pool.Events) *pool.Pool {
 	t.Helper()
+	return newTestPoolWith(t, limit, pool.Options{Events: events})
+}
+
+// newTestPoolWith is newTestPool with options (its connector and logger
+// are the test's).
+func newTestPoolWith(t *testing.T, limit int, o pool.Options) *pool.Pool {
+	t.Helper()
 	fb, err := pgtest.StartFakeBackend()
 	if err != nil {
 		t.Fatal(err)
@@ -29,7 +36,8 @@ func newTestPool(t *testing.T, limit int, events pool.Events) *pool.Pool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := pool.New(pool.Options{Connector: &pool.UpstreamConnector{Base: base}, Logger: zap.NewNop(), Events: events})
+	o.Connector, o.Logger = &pool.UpstreamConnector{Base: base}, zap.NewNop()
+	p := pool.New(o)
 	p.SetLimit(limit)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

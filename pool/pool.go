@@ -66,6 +66,20 @@ type Options struct {
 	// Events receives measurements as they happen (the metrics package
 	// turns them into histograms); nil fields are skipped.
 	Events Events
+	// Target is the upstream URL's target_session_attrs: a connection
+	// whose server stops being what it asks for is retired (upstream.go).
+	// "" is any.
+	Target Target
+	// LoadBalance is the upstream URL's load_balance_hosts=random:
+	// connections spread over the hosts on purpose, so a connection opened
+	// to another address than the last one's is not a switch.
+	LoadBalance bool
+	// HoldOnSwitch is set when the limit is leases held on the server
+	// (budget.cluster): a retirement for a role change sets the limit to 0
+	// at once, under the pool's lock, so that no connection opens on the
+	// next server under leases taken on the last; the lease manager sets
+	// it again once it holds leases where new connections go.
+	HoldOnSwitch bool
 }
 
 // Events are callbacks for measurements that a scrape-time snapshot cannot
@@ -88,6 +102,10 @@ type Events struct {
 	// in use): the cluster lease manager asks for more leases at once
 	// instead of at its next heartbeat.
 	Queued func()
+	// Retired is called when the connections to an upstream address were
+	// retired (its server no longer fits target_session_attrs, or stopped
+	// answering): the governor moves its control connection too.
+	Retired func(addr string)
 }
 
 // Pool is the set of server connections. All methods are safe for
@@ -117,6 +135,8 @@ type Pool struct {
 	pausedDBs     map[string]bool
 	resumed       chan struct{}
 	pausedWaiting int
+	// up is what the pool knows of the upstream servers (upstream.go).
+	up upstreamState
 
 	done     chan struct{}
 	loopDone chan struct{}
@@ -206,6 +226,14 @@ type Stats struct {
 	Opening, Closing int
 	// Paused is true while a PAUSE holds at least one database.
 	Paused bool
+	// UpstreamAddr is the address the last server connection was opened
+	// to ("" before any): the server new connections go to.
+	UpstreamAddr string
+	// UpstreamSwitches counts the times new server connections went to
+	// another server than before: after the connections to a server that
+	// stopped fitting target_session_attrs were retired, or when the
+	// server used before did not take a new connection and another did.
+	UpstreamSwitches int64
 }
 
 // New returns a pool with an unknown (zero) budget: Acquire waits until
@@ -368,6 +396,7 @@ func (p *Pool) Stats() Stats {
 	}
 	st.Closing = p.closingLocked()
 	st.Paused = p.pauseAll || len(p.pausedDBs) > 0
+	st.UpstreamAddr, st.UpstreamSwitches = p.up.current, p.up.switches
 	return st
 }
 
@@ -481,7 +510,7 @@ func (p *Pool) Servers() []ServerInfo {
 
 // closeNeeded reports whether s will be closed rather than reused.
 func (p *Pool) closeNeeded(s *Server, now time.Time) bool {
-	return s.Broken() || (!s.expires.IsZero() && now.After(s.expires))
+	return s.Broken() || s.retired.Load() || (!s.expires.IsZero() && now.After(s.expires))
 }
 
 // AddClient counts a client logged in for r, until RemoveClient: a route
@@ -665,9 +694,11 @@ func (p *Pool) TryAcquire(r Route) *Server {
 		p.mu.Unlock()
 		return nil
 	}
-	n := len(rs.idle)
-	s := rs.idle[n-1]
-	rs.idle = rs.idle[:n-1]
+	s := p.popIdleLocked(rs)
+	if s == nil {
+		p.mu.Unlock()
+		return nil
+	}
 	rs.inUse++
 	p.mu.Unlock()
 	if s.Broken() || (p.opts.ServerCheckDelay > 0 && p.now().Sub(s.lastUsed) >= p.opts.ServerCheckDelay) {
@@ -715,7 +746,9 @@ var retryableSQLStates = map[string]bool{
 // network failed (a net.Error: refused, reset, unreachable, a name not
 // resolved, a timeout; a Unix socket not there yet); the server closed the
 // connection during startup (EOF); pgconn timed out or says nothing was
-// sent (pgconn.Timeout, pgconn.SafeToRetry). A file pggovernor could not
+// sent (pgconn.Timeout, pgconn.SafeToRetry); the servers answered but none
+// is what target_session_attrs asks for (during a failover, the one that
+// fits is about to be promoted). A file pggovernor could not
 // read (a certificate, a key: an *fs.PathError) is not retried: waiting
 // does not make it appear. Anything else (a refused password, an unknown
 // database, a certificate that does not verify) is final.
@@ -723,6 +756,9 @@ func retryable(err error) bool {
 	var self interface{ Retryable() bool }
 	if errors.As(err, &self) {
 		return self.Retryable()
+	}
+	if wrongRole(err) {
+		return true
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
@@ -769,12 +805,12 @@ func (p *Pool) acquireGrant(ctx context.Context, r Route, start time.Time, lastE
 		return grant{}, errPaused
 	}
 	rs := p.route(r)
-	if n := len(rs.idle); n > 0 && p.waiters.len() == 0 {
-		s := rs.idle[n-1]
-		rs.idle = rs.idle[:n-1]
-		rs.inUse++
-		p.mu.Unlock()
-		return grant{server: s}, nil
+	if p.waiters.len() == 0 {
+		if s := p.popIdleLocked(rs); s != nil {
+			rs.inUse++
+			p.mu.Unlock()
+			return grant{server: s}, nil
+		}
 	}
 	if p.waiters.len() == 0 && p.total < p.limit {
 		p.total++
@@ -887,10 +923,16 @@ func (p *Pool) connect(ctx context.Context, r Route, params map[string]string) (
 		return nil, err
 	}
 	now := p.now()
+	addr := ""
+	if a := hc.Conn.RemoteAddr(); a != nil {
+		addr = a.String()
+	}
 	s := &Server{
 		pool:      p,
 		route:     r,
 		conn:      hc.Conn,
+		addr:      addr,
+		opened:    RoleFromParams(hc.ParameterStatuses),
 		id:        p.nextID.Add(1),
 		pid:       hc.PID,
 		secretKey: hc.SecretKey,
@@ -924,10 +966,14 @@ func (p *Pool) connect(ctx context.Context, r Route, params map[string]string) (
 		}
 		rs.welcome = w
 	}
+	switched := p.noteConnectedLocked(addr, now)
 	p.mu.Unlock()
 	go s.readLoop(p.getBuf()) // owner: s; exits when the connection closes
+	if switched != nil {
+		p.logger.Warn("upstream switched: new server connections go to another server", switched...)
+	}
 	p.logger.Debug("server connection opened", zap.Uint64("server_id", s.id), zap.String("db", r.Database),
-		zap.String("user", r.User), zap.Uint32("backend_pid", s.pid))
+		zap.String("user", r.User), zap.Uint32("backend_pid", s.pid), zap.String("address", addr), zap.Stringer("role", s.opened))
 	return s, nil
 }
 
@@ -963,11 +1009,14 @@ func (p *Pool) roundTrip(ctx context.Context, s *Server) error {
 	return err
 }
 
-// Probe checks that the upstream server answers with a round trip on the
-// least recently used idle connection, if it has been idle for at least
-// minIdle (a busier pool proves the server's health with its own traffic).
-// The probe does not count as a use: the connection is still closed after
-// timeouts.server_idle. probed is false when no connection qualified.
+// Probe checks that the upstream server answers, and is still what
+// target_session_attrs asks for (RoleQuery), on the least recently used
+// idle connection, if it has been idle for at least minIdle (a busier pool
+// proves the server's health with its own traffic; a change of its role
+// shows in its traffic too: ObserveError, ObserveParameter). A server that
+// no longer fits has its connections retired. The probe does not count as
+// a use: the connection is still closed after timeouts.server_idle. probed
+// is false when no connection qualified.
 func (p *Pool) Probe(ctx context.Context, minIdle time.Duration) (rtt time.Duration, probed bool, err error) {
 	now := p.now()
 	p.mu.Lock()
@@ -980,12 +1029,22 @@ func (p *Pool) Probe(ctx context.Context, minIdle time.Duration) (rtt time.Durat
 	p.route(s.route).inUse++
 	p.mu.Unlock()
 	began := p.now()
-	err = p.roundTrip(ctx, s)
+	row, err := p.QueryRow(ctx, s, RoleQuery)
 	rtt = p.now().Sub(began)
+	if f := p.opts.Events.Checked; f != nil {
+		f(rtt, err)
+	}
+	var role Role
+	if err == nil {
+		role, err = RoleFromRow(row)
+	}
 	if err != nil {
 		s.MarkBroken()
 	}
 	p.release(s, false)
+	if err == nil && !p.opts.Target.Fits(s.opened, role) {
+		p.retire(s.addr, fmt.Sprintf("the probe found a %s, target_session_attrs is %s", role, p.opts.Target), true)
+	}
 	return rtt, true, err
 }
 
@@ -1030,11 +1089,16 @@ func (p *Pool) releaseLocked(s *Server, used bool, now time.Time) (terminate boo
 		// A paused database keeps no connection: maintenance or a
 		// failover may follow.
 		return s.retire()
-	case rs.retiring:
+	case rs.retiring, s.retired.Load():
 		return s.retire()
 	case p.total > p.limit:
 		p.countSurplusLocked(s.route)
 		return s.retire()
+	case p.checkOnReleaseLocked(s, rs):
+		// Its address is suspect: this connection checks the server.
+	case p.suspectLocked(s.addr):
+		// Kept aside until the check of its server ends (serveIdleOf).
+		rs.idle = append(rs.idle, s)
 	case p.waiters.len() > 0:
 		if p.waiters.peek().route == s.route {
 			p.grantLocked(grant{server: s})
@@ -1110,6 +1174,20 @@ func (p *Pool) removeIdleLocked(s *Server) {
 			return
 		}
 	}
+}
+
+// popIdleLocked removes and returns the route's most recently used idle
+// connection whose server is not under check (suspect), nil if none.
+func (p *Pool) popIdleLocked(rs *routeState) *Server {
+	for i := len(rs.idle) - 1; i >= 0; i-- {
+		s := rs.idle[i]
+		if p.suspectLocked(s.addr) {
+			continue
+		}
+		rs.idle = append(rs.idle[:i], rs.idle[i+1:]...)
+		return s
+	}
+	return nil
 }
 
 // oldestIdleLocked finds the least recently used idle connection, of any

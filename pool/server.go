@@ -40,6 +40,10 @@ type Server struct {
 	route Route
 	conn  net.Conn
 	id    uint64
+	// addr is the address the connection reached; opened is what its
+	// server was when it was opened (upstream.go).
+	addr   string
+	opened Role
 
 	// PID and secret key of the backend, for CancelRequest.
 	pid       uint32
@@ -64,6 +68,8 @@ type Server struct {
 	handler atomic.Pointer[HandlerSlot]
 	closing atomic.Bool
 	broken  atomic.Bool
+	// retired: its server no longer fits, so it is closed at release.
+	retired atomic.Bool
 	// terminatedIdle records that the backend said it was terminated
 	// (admin_shutdown, idle_session_timeout) while nobody held it.
 	terminatedIdle atomic.Bool
@@ -208,8 +214,14 @@ func (s *Server) idleMessage(typ byte, frame []byte) error {
 	case 'S':
 		// A parameter changed while idle (in_hot_standby at a promotion,
 		// say): the connection's recorded state is stale, so it is not
-		// reused.
+		// reused. If it says the server changed, the server is checked.
 		s.broken.Store(true)
+		var ps pgproto3.ParameterStatus
+		if err := ps.Decode(frame[wire.HeaderLen:]); err == nil {
+			if now := s.opened.with(ps.Name, ps.Value); !s.pool.opts.Target.Fits(s.opened, now) {
+				s.pool.suspect(s, fmt.Sprintf("the server reported %s = %s", ps.Name, ps.Value), false)
+			}
+		}
 		return nil
 	case 'N':
 		return nil
@@ -218,6 +230,9 @@ func (s *Server) idleMessage(typ byte, frame []byte) error {
 		if err := er.Decode(frame[wire.HeaderLen:]); err == nil {
 			if er.Code == "57P01" || er.Code == "57P05" {
 				s.terminatedIdle.Store(true)
+			}
+			if er.Code == "57P01" || er.Code == "57P02" || er.Code == "57P03" {
+				s.pool.suspect(s, "the server terminated an idle connection (SQLSTATE "+er.Code+")", false)
 			}
 			return fmt.Errorf("idle server connection closed by the server: %s (SQLSTATE %s)", er.Message, er.Code)
 		}

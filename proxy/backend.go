@@ -49,6 +49,9 @@ type entry struct {
 // ServerMessage implements pool.Handler: it follows the server's responses
 // against the queue and forwards them to the client.
 func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more int) error {
+	if typ == 'E' && more == 0 {
+		srv.ObserveError(data) // a read-only or terminated server: the pool checks it
+	}
 	sess.mu.Lock()
 	if sess.server != srv {
 		cur := sess.server
@@ -183,6 +186,7 @@ func (sess *session) ServerMessage(srv *pool.Server, typ byte, data []byte, more
 				var ps pgproto3.ParameterStatus
 				if err := ps.Decode(data[wire.HeaderLen:]); err == nil {
 					srv.Params[ps.Name] = ps.Value
+					srv.ObserveParameter(ps.Name, ps.Value)
 					sess.stateOf(srv).paramsChanged()
 					if !suppress {
 						sess.noteParam(ps.Name, ps.Value)

@@ -69,8 +69,13 @@ func (sess *session) prepareWithoutServer(cs *clientStmt) (done bool, err error)
 	desc, err := prep(ctx, sess.route, string(query), oids)
 	cancel()
 	var pgErr *pgconn.PgError
+	var connErr *pgconn.ConnectError
 	switch {
-	case errors.As(err, &pgErr):
+	case errors.As(err, &pgErr) && !errors.As(err, &connErr) && pgErr.Severity != "FATAL" && pgErr.Severity != "PANIC":
+		// The server's answer to the statement. Not a failure to open
+		// the control connection, nor its loss (a server shutting down,
+		// full, failing over): those are not the client's, who waits for
+		// a server connection instead.
 		sess.rd.Discard(batchLen)
 		out := appendPgError(nil, pgErr)
 		sess.mu.Lock()

@@ -816,10 +816,27 @@ func (sess *session) settingStatements(srv *pool.Server, view map[string]string)
 			continue
 		}
 		if want, ok := view[canon]; ok && srv.Params[canon] != want {
+			if canon == "default_transaction_read_only" && !sess.hasSetting(canon) {
+				// The client did not ask for it: it gets the server's
+				// (RESET), never a value that overrides a server made
+				// read-only since the client logged in.
+				add(canon, "", true)
+				continue
+			}
 			add(canon, want, false)
 		}
 	}
 	return b.String()
+}
+
+// hasSetting reports whether the client set the parameter name at startup.
+func (sess *session) hasSetting(name string) bool {
+	for k := range sess.settings {
+		if strings.EqualFold(k, name) {
+			return true
+		}
+	}
+	return false
 }
 
 // settingsDiffer reports, without allocating, whether settingStatements

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -151,6 +152,7 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 			connCfg.Password = pw
 		}
 	}
+	d.hosts(ctx, cfg, up, &connCfg.Config)
 	cctx, cancel := context.WithTimeout(ctx, cfg.Timeouts.ServerConnect)
 	defer cancel()
 	conn, err := pgx.ConnectConfig(cctx, connCfg)
@@ -167,7 +169,11 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 	}
 	pg := conn.PgConn()
 	d.row("server: host", hostOf(pg))
-	d.row("server: port", up.base.Port)
+	if ta, ok := pg.Conn().RemoteAddr().(*net.TCPAddr); ok {
+		d.row("server: port", ta.Port)
+	} else {
+		d.row("server: port", up.base.Port) // a Unix socket: the port in its name
+	}
 	d.row("server: user", user)
 	d.row("server: current_database", db)
 	d.row("server: tls", tlsState(pg))
@@ -222,6 +228,90 @@ func (d *doctor) run(ctx context.Context, cfg *config.Config) {
 		d.row("server: client connections now", open)
 	}
 	d.row("round trip (median of 10)", medianRTT(ctx, conn).Round(time.Microsecond))
+}
+
+// hosts connects to each host of upstream.url on its own (every address
+// its name resolves to now) and prints whether it answered and what it is,
+// then which one new server connections would use: the first, in the
+// URL's order, that target_session_attrs accepts (with load_balance_hosts
+// random, any of those). It is a problem when none does.
+func (d *doctor) hosts(ctx context.Context, cfg *config.Config, up *upstream, base *pgconn.Config) {
+	type host struct {
+		name     string
+		attempts []*pgconn.FallbackConfig // its TLS attempts, in order
+	}
+	var hosts []host
+	all := append([]*pgconn.FallbackConfig{{Host: base.Host, Port: base.Port, TLSConfig: base.TLSConfig}}, base.Fallbacks...)
+	for _, fb := range all {
+		name := net.JoinHostPort(fb.Host, strconv.Itoa(int(fb.Port)))
+		if n := len(hosts); n > 0 && hosts[n-1].name == name {
+			hosts[n-1].attempts = append(hosts[n-1].attempts, fb)
+			continue
+		}
+		hosts = append(hosts, host{name: name, attempts: []*pgconn.FallbackConfig{fb}})
+	}
+	lb := "disable"
+	if up.loadBalance {
+		lb = "random"
+	}
+	d.row("upstream: hosts", fmt.Sprintf("%d (target_session_attrs %s, load_balance_hosts %s)", len(hosts), up.target, lb))
+	var fits []string
+	for _, h := range hosts {
+		hc := base.Copy()
+		hc.Host, hc.Port, hc.TLSConfig = h.attempts[0].Host, h.attempts[0].Port, h.attempts[0].TLSConfig
+		hc.Fallbacks = h.attempts[1:]
+		hc.ValidateConnect, hc.AfterConnect = nil, nil
+		cctx, cancel := context.WithTimeout(ctx, cfg.Timeouts.ServerConnect)
+		role, addr, err := hostRole(cctx, hc)
+		cancel()
+		if err != nil {
+			d.row("  "+h.name, "did not answer: "+err.Error())
+			d.warn("host %s of upstream.url did not answer: new server connections skip it; a failover to it would fail", h.name)
+			continue
+		}
+		verdict := "not used: target_session_attrs is " + string(up.target)
+		if up.target.Fits(role, role) && (up.target != pool.TargetPreferStandby || role.Standby) {
+			verdict = "fits target_session_attrs"
+			fits = append(fits, h.name)
+		}
+		d.row("  "+h.name, fmt.Sprintf("answered from %s: %s (%s)", addr, role, verdict))
+	}
+	switch {
+	case len(fits) == 0 && up.target == pool.TargetPreferStandby:
+		d.row("upstream: server used now", "a primary (no standby answered; prefer-standby falls back to one)")
+	case len(fits) == 0:
+		d.problem("no host of upstream.url fits target_session_attrs %s: new server connections fail until one does (a failover in progress? a wrong host list?)", up.target)
+	case up.loadBalance:
+		d.row("upstream: server used now", strings.Join(fits, ", ")+" (load_balance_hosts random: any of these)")
+	default:
+		d.row("upstream: server used now", fits[0])
+	}
+}
+
+// hostRole connects with cfg and asks the server what it is
+// (pool.RoleQuery); addr is the address that answered.
+func hostRole(ctx context.Context, cfg *pgconn.Config) (role pool.Role, addr string, err error) {
+	c, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return pool.Role{}, "", err
+	}
+	defer c.Close(context.WithoutCancel(ctx))
+	if ra := c.Conn().RemoteAddr(); ra != nil {
+		addr = ra.String()
+	}
+	res := c.ExecParams(ctx, pool.RoleQuery, nil, nil, nil, nil).Read()
+	if res.Err != nil {
+		return pool.Role{}, addr, res.Err
+	}
+	if len(res.Rows) != 1 {
+		return pool.Role{}, addr, errors.New("the role query returned no row")
+	}
+	row := make([]string, len(res.Rows[0]))
+	for i, v := range res.Rows[0] {
+		row[i] = string(v)
+	}
+	role, err = pool.RoleFromRow(row)
+	return role, addr, err
 }
 
 // usesMD5 reports whether some login may use the md5 method: clients.auth

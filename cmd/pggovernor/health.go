@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"time"
 
@@ -58,30 +59,47 @@ func (h *upstreamHealth) connected(_ pool.Route, _ time.Duration, err error) {
 	}
 }
 
-// probeLoop checks the upstream every interval until ctx ends: a round trip
-// on the control connection when there is one (derived budget), or, with
-// budget.max, on a server connection that has sat idle for an interval
-// (pool.Probe; none is opened for it, so with no idle connection the
-// evidence is the clients' own connection attempts). observe receives the
-// control connection's round trips (the pool reports its own).
-func (h *upstreamHealth) probeLoop(ctx context.Context, interval, timeout time.Duration, control *pgxpool.Pool,
-	p *pool.Pool, observe func(time.Duration)) {
-	t := time.NewTicker(interval)
+// probeOptions are what probeLoop needs.
+type probeOptions struct {
+	// interval is admin.probe_interval; timeout bounds one probe.
+	interval, timeout time.Duration
+	// control is the control connection's pool (nil with budget.max).
+	control *pgxpool.Pool
+	// pool is the server connections' pool.
+	pool *pool.Pool
+	// target is the upstream's target_session_attrs.
+	target pool.Target
+	// observe receives the control connection's round trips (the pool
+	// reports its own).
+	observe func(time.Duration)
+}
+
+// probeLoop checks the upstream every interval until ctx ends: what the
+// server is (pool.RoleQuery) on the control connection when there is one
+// (derived budget), or, with budget.max, on a server connection that has
+// sat idle for an interval (pool.Probe; none is opened for it, so with no
+// idle connection the evidence is the clients' own connection attempts).
+// A server that no longer fits target_session_attrs (a primary demoted or
+// made read-only, a standby promoted) has every connection to it retired,
+// the control connection included, which is opened again where
+// upstream.url leads now.
+func (h *upstreamHealth) probeLoop(ctx context.Context, o probeOptions) {
+	t := time.NewTicker(o.interval)
 	defer t.Stop()
 	for {
-		pctx, cancel := context.WithTimeout(ctx, timeout)
-		if control != nil {
+		pctx, cancel := context.WithTimeout(ctx, o.timeout)
+		if o.control != nil {
 			began := time.Now()
-			err := control.Ping(pctx)
+			err := h.probeControl(pctx, o)
 			if ctx.Err() != nil {
 				cancel()
 				return
 			}
 			if err == nil {
-				observe(time.Since(began))
+				o.observe(time.Since(began))
 			}
 			h.record(err == nil, err)
-		} else if _, probed, err := p.Probe(pctx, interval); probed && ctx.Err() == nil {
+		} else if _, probed, err := o.pool.Probe(pctx, o.interval); probed && ctx.Err() == nil {
 			h.record(err == nil, err)
 		}
 		cancel()
@@ -91,4 +109,39 @@ func (h *upstreamHealth) probeLoop(ctx context.Context, interval, timeout time.D
 		case <-t.C:
 		}
 	}
+}
+
+// probeControl asks the control connection's server what it is; one that
+// no longer fits target_session_attrs (compared with what it was when the
+// connection was opened) is retired in the pool, and the control
+// connection closed so that the next use opens one where upstream.url
+// leads now.
+func (h *upstreamHealth) probeControl(ctx context.Context, o probeOptions) error {
+	c, err := o.control.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	var inRecovery bool
+	var readOnly string
+	if err := c.QueryRow(ctx, pool.RoleQuery).Scan(&inRecovery, &readOnly); err != nil {
+		c.Release()
+		return err
+	}
+	now := pool.Role{Known: true, Standby: inRecovery, ReadOnly: inRecovery || readOnly == "on"}
+	pg := c.Conn().PgConn()
+	opened, _ := pg.CustomData()[controlRoleKey].(pool.Role)
+	if o.target.Fits(opened, now) {
+		c.Release()
+		return nil
+	}
+	addr := ""
+	if ra := pg.Conn().RemoteAddr(); ra != nil {
+		addr = ra.String()
+	}
+	_ = c.Conn().Close(ctx) // the pool destroys a closed connection at Release
+	c.Release()
+	h.logger.Warn("the control connection's server no longer fits target_session_attrs: reconnecting",
+		zap.String("address", addr), zap.Stringer("role", now), zap.String("target_session_attrs", string(o.target)))
+	o.pool.RetireAddr(addr, fmt.Sprintf("the probe found a %s, target_session_attrs is %s", now, o.target))
+	return nil
 }

@@ -125,8 +125,17 @@ func TestMetricsUnderWorkload(t *testing.T) {
 			t.Fatalf("%s: want >= %v, got = %v", name, least, got)
 		}
 	}
-	// No series is labelled with a client address or query text.
+	// No series is labelled with a client address or query text. The one
+	// address label is the server's new connections go to (one series,
+	// from the hosts of upstream.url).
+	if mf := mfs["pggovernor_upstream_primary_info"]; mf == nil || len(mf.GetMetric()) != 1 ||
+		mf.GetMetric()[0].GetLabel()[0].GetValue() != shared.Addr() {
+		t.Fatalf("pggovernor_upstream_primary_info: want = one series, address %s; got = %v", shared.Addr(), mf)
+	}
 	for name, mf := range mfs {
+		if name == "pggovernor_upstream_primary_info" {
+			continue
+		}
 		for _, m := range mf.GetMetric() {
 			for _, lp := range m.GetLabel() {
 				if strings.Contains(lp.GetValue(), "127.0.0.1") || strings.Contains(lp.GetValue(), "SELECT") {

@@ -14,6 +14,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -139,22 +140,25 @@ func runCommand(ctx context.Context, args, environ []string, stdout, stderr io.W
 
 // governor is one running instance: the pieces and their lifecycle.
 type governor struct {
-	cfg       *config.Config
-	logger    *zap.Logger
-	users     *auth.Users
-	hba       *auth.HBA // nil without clients.hba_file
-	pool      *pool.Pool
-	proxy     *proxy.Server
-	control   *pgxpool.Pool
-	cluster   *cluster.Manager // nil without budget.cluster
-	up        *upstream
-	clientTLS *tlsconf.Server // nil with clients.tls.mode disable
-	throttle  *auth.Throttle
-	admin     *http.Server
-	adminLn   net.Listener
-	cancel    context.CancelFunc
-	bg        sync.WaitGroup // the budget and probe loops
-	serveErr  chan error
+	cfg     *config.Config
+	logger  *zap.Logger
+	users   *auth.Users
+	hba     *auth.HBA // nil without clients.hba_file
+	pool    *pool.Pool
+	proxy   *proxy.Server
+	control *pgxpool.Pool
+	// controlAddr is the address the control connection reached, as of
+	// its last connect (nil before).
+	controlAddr atomic.Pointer[string]
+	cluster     *cluster.Manager // nil without budget.cluster
+	up          *upstream
+	clientTLS   *tlsconf.Server // nil with clients.tls.mode disable
+	throttle    *auth.Throttle
+	admin       *http.Server
+	adminLn     net.Listener
+	cancel      context.CancelFunc
+	bg          sync.WaitGroup // the budget and probe loops
+	serveErr    chan error
 	// registry holds every metric; metrics are the handles.
 	registry *prometheus.Registry
 	metrics  *metrics.Metrics
@@ -191,7 +195,13 @@ type startDeps struct {
 	load  func() (config.Config, error)
 	// replayUnnamed: see withReplayUnnamed.
 	replayUnnamed bool
+	// lookup replaces the resolver of the upstream's host names.
+	lookup pgconn.LookupFunc
 }
+
+// withLookup resolves the upstream's host names with f instead of the
+// system's resolver (a test's DNS whose answer changes).
+func withLookup(f pgconn.LookupFunc) option { return func(d *startDeps) { d.lookup = f } }
 
 // withReplayUnnamed releases a client's server connection between a Parse
 // of the unnamed statement and its Bind, and prepares it again where the
@@ -311,6 +321,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 			m.Queued()
 		}
 	}
+	events.Retired = g.upstreamRetired
 	base := up.base
 	switch u := cfg.Timeouts.ServerUnreachable; {
 	case clustered:
@@ -328,7 +339,10 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 	}
 	g.pool = pool.New(pool.Options{
 		Connector: &pool.UpstreamConnector{Base: base, Password: up.password, Prepare: up.prepare,
-			Timeout: cfg.Timeouts.ServerConnect},
+			Timeout: cfg.Timeouts.ServerConnect, LoadBalance: up.loadBalance},
+		Target:           up.target,
+		LoadBalance:      up.loadBalance,
+		HoldOnSwitch:     clustered,
 		Logger:           logger.Named("pool"),
 		ServerIdle:       cfg.Timeouts.ServerIdle,
 		ServerLifetime:   cfg.Timeouts.ServerLifetime,
@@ -348,7 +362,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		var id *controlIdentity
 		id, err = newControlIdentity(cfg, up, logger, deps)
 		if err == nil {
-			g.control, err = newControlPool(bg, cfg, up, id)
+			g.control, err = newControlPool(bg, cfg, up, id, &g.controlAddr)
 		}
 		if err != nil {
 			cancel()
@@ -381,6 +395,7 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 						g.metrics.UpstreamRoundTripSeconds.Observe(d.Seconds())
 					}
 					g.health.record(err == nil, err)
+					g.heartbeatRefused(err)
 				},
 				Acquired: func(d time.Duration) { g.metrics.ClusterLeaseAcquireSeconds.Observe(d.Seconds()) },
 			},
@@ -408,8 +423,14 @@ func start(ctx context.Context, cfg *config.Config, logger *zap.Logger, opts ...
 		g.bg.Add(1)
 		go func() { // owner: governor; exits when g.cancel is called
 			defer g.bg.Done()
-			g.health.probeLoop(bg, cfg.Admin.ProbeInterval, cfg.Timeouts.ServerConnect, g.control, g.pool,
-				func(d time.Duration) { g.metrics.UpstreamRoundTripSeconds.Observe(d.Seconds()) })
+			g.health.probeLoop(bg, probeOptions{
+				interval: cfg.Admin.ProbeInterval,
+				timeout:  cfg.Timeouts.ServerConnect,
+				control:  g.control,
+				pool:     g.pool,
+				target:   up.target,
+				observe:  func(d time.Duration) { g.metrics.UpstreamRoundTripSeconds.Observe(d.Seconds()) },
+			})
 		}()
 	}
 	var proxyPeers proxy.Peers
@@ -828,12 +849,57 @@ func (g *governor) prepareOnControl(cfg *config.Config) proxy.PrepareFunc {
 	}
 }
 
+// upstreamRetired is the pool's Events.Retired: the connections to addr
+// were retired, so the control connection, if it is there, is closed too
+// (at once when idle, else when its user gives it back) and the next use
+// opens one where upstream.url leads now. In cluster mode the lease
+// manager holds it for good: its heartbeat, a write, fails on a server
+// that no longer takes writes, and it reconnects.
+func (g *governor) upstreamRetired(addr string) {
+	if g.control == nil {
+		return
+	}
+	if a := g.controlAddr.Load(); a != nil && *a == addr {
+		g.logger.Info("the control connection's server was retired: reconnecting it", zap.String("address", addr))
+		if g.cluster != nil {
+			// Its leases count nothing on the next server: none are
+			// used until they are taken again there.
+			g.cluster.Move()
+			return
+		}
+		g.control.Reset()
+	}
+}
+
+// heartbeatRefused is told of every cluster heartbeat's outcome. The
+// heartbeat is a write on the control connection, which never makes its
+// own transactions read-only: one refused with 25006 says its server is
+// read-only now (a writer demoted, default_transaction_read_only turned
+// on), so every connection to it is retired, as the probe does outside
+// cluster mode (in cluster mode the heartbeats are the probe).
+func (g *governor) heartbeatRefused(err error) {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "25006" {
+		return
+	}
+	if a := g.controlAddr.Load(); a != nil {
+		g.pool.RetireAddr(*a, "the cluster heartbeat, a write on the control connection, was refused as read-only (SQLSTATE 25006)")
+	}
+}
+
+// controlRoleKey is where the control connection keeps, in its pgconn's
+// CustomData, the pool.Role of its server when it was opened.
+const controlRoleKey = "pggovernor.role"
+
 // newControlPool is the control plane's pool of one connection (counted in
 // the budget): the budget's reads, the health probe, and with
 // budget.cluster the leases, whose connection also carries keepalives and
 // tcp_user_timeout on both ends so that a vanished peer is noticed within
-// the cluster's bounds.
-func newControlPool(ctx context.Context, cfg *config.Config, up *upstream, id *controlIdentity) (*pgxpool.Pool, error) {
+// the cluster's bounds. It opens its connection through the same hosts,
+// target_session_attrs and load_balance_hosts as the server connections;
+// addr records where each one went, and the connection's CustomData what
+// its server was (controlRoleKey), for the probe.
+func newControlPool(ctx context.Context, cfg *config.Config, up *upstream, id *controlIdentity, addr *atomic.Pointer[string]) (*pgxpool.Pool, error) {
 	pcfg, err := pgxpool.ParseConfig(up.connString)
 	if err != nil {
 		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, cfg.Upstream.URL))
@@ -855,9 +921,27 @@ func newControlPool(ctx context.Context, cfg *config.Config, up *upstream, id *c
 	}
 	pw := id.password
 	user := id.user
+	pcfg.AfterConnect = func(_ context.Context, c *pgx.Conn) error {
+		pg := c.PgConn()
+		params := map[string]string{}
+		for _, k := range []string{"in_hot_standby", "default_transaction_read_only"} {
+			if v := pg.ParameterStatus(k); v != "" {
+				params[k] = v
+			}
+		}
+		pg.CustomData()[controlRoleKey] = pool.RoleFromParams(params)
+		if ra := pg.Conn().RemoteAddr(); ra != nil {
+			a := ra.String()
+			addr.Store(&a)
+		}
+		return nil
+	}
 	pcfg.BeforeConnect = func(ctx context.Context, cc *pgx.ConnConfig) error {
 		if err := up.tls.Apply(&cc.Config); err != nil {
 			return err
+		}
+		if up.loadBalance {
+			pool.RandomizeHosts(&cc.Config)
 		}
 		if pw == nil {
 			return nil

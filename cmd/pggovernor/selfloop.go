@@ -38,7 +38,7 @@ func checkUpstreamNotSelf(ctx context.Context, c *config.Config, base *pgconn.Co
 	wildcard := lhost == "" || net.ParseIP(lhost) != nil && net.ParseIP(lhost).IsUnspecified()
 	var listenIPs []net.IP
 	if !wildcard {
-		listenIPs = resolve(ctx, lhost)
+		listenIPs = resolve(ctx, net.DefaultResolver.LookupHost, lhost)
 	}
 	var local []net.IP
 	if wildcard {
@@ -57,7 +57,7 @@ func checkUpstreamNotSelf(ctx context.Context, c *config.Config, base *pgconn.Co
 		if filepath.IsAbs(host) {
 			return c.UnixSocketDir != "" && filepath.Clean(host) == filepath.Clean(c.UnixSocketDir)
 		}
-		for _, ip := range resolve(ctx, host) {
+		for _, ip := range resolve(ctx, base.LookupFunc, host) {
 			switch {
 			case wildcard && (ip.IsLoopback() || ip.IsUnspecified() || slices.ContainsFunc(local, ip.Equal)):
 				return true
@@ -85,19 +85,28 @@ func checkUpstreamNotSelf(ctx context.Context, c *config.Config, base *pgconn.Co
 	return nil
 }
 
-// resolve returns the addresses of a host name or literal; none when it
-// does not resolve.
-func resolve(ctx context.Context, host string) []net.IP {
+// resolve returns the addresses of a host name or literal, looked up with
+// lookup (the upstream's resolver: what its connections will reach); none
+// when it does not resolve.
+func resolve(ctx context.Context, lookup pgconn.LookupFunc, host string) []net.IP {
 	if ip := net.ParseIP(host); ip != nil {
 		return []net.IP{ip}
 	}
-	addrs, err := net.DefaultResolver.LookupIPAddr(ctx, host)
+	if lookup == nil {
+		lookup = net.DefaultResolver.LookupHost
+	}
+	addrs, err := lookup(ctx, host)
 	if err != nil {
 		return nil
 	}
 	ips := make([]net.IP, 0, len(addrs))
 	for _, a := range addrs {
-		ips = append(ips, a.IP)
+		if h, _, err := net.SplitHostPort(a); err == nil {
+			a = h // a lookup may answer host:port (pgconn.LookupFunc)
+		}
+		if ip := net.ParseIP(a); ip != nil {
+			ips = append(ips, ip)
+		}
 	}
 	return ips
 }

@@ -40,6 +40,39 @@ type upstream struct {
 	// awsRegion and awsCreds are what iam signs with.
 	awsRegion string
 	awsCreds  aws.CredentialsProvider
+	// target is the URL's target_session_attrs (PGTARGETSESSIONATTRS):
+	// which servers connections may use, for their whole life.
+	target pool.Target
+	// loadBalance is the URL's load_balance_hosts=random
+	// (PGLOADBALANCEHOSTS), which pggovernor implements (pgconn does not).
+	loadBalance bool
+}
+
+// upstreamHosts parses what libpq's multi-host connection strings add:
+// target_session_attrs (pgconn checks it when connecting; the pool goes on
+// checking it) and load_balance_hosts, which pgconn does not know and would
+// send to the server as a run-time parameter, so it is taken out of base.
+func upstreamHosts(cs string, base *pgconn.Config) (pool.Target, bool, error) {
+	tsa := config.URLParam(cs, "target_session_attrs")
+	if tsa == "" {
+		tsa = os.Getenv("PGTARGETSESSIONATTRS")
+	}
+	target, err := pool.ParseTarget(tsa)
+	if err != nil {
+		return "", false, fmt.Errorf("key upstream.url: %w", err)
+	}
+	lb, ok := base.RuntimeParams["load_balance_hosts"]
+	delete(base.RuntimeParams, "load_balance_hosts")
+	if !ok {
+		lb = os.Getenv("PGLOADBALANCEHOSTS")
+	}
+	switch lb {
+	case "", "disable":
+		return target, false, nil
+	case "random":
+		return target, true, nil
+	}
+	return "", false, fmt.Errorf("key upstream.url: unknown load_balance_hosts value %q: use disable or random", lb)
 }
 
 // controlIdentity is the role the control connection logs in as and its
@@ -149,10 +182,20 @@ func newUpstream(ctx context.Context, c *config.Config, users *auth.Users, logge
 		}
 		return nil, fmt.Errorf("key upstream.url: %s", redactParseError(err, c.Upstream.URL))
 	}
+	if deps.lookup != nil {
+		base.LookupFunc = deps.lookup
+	}
+	target, lb, err := upstreamHosts(cs, base)
+	if err != nil {
+		return nil, err
+	}
+	if c.Budget.Cluster.Enabled && (target == pool.TargetReadOnly || target == pool.TargetStandby || target == pool.TargetPreferStandby) {
+		return nil, fmt.Errorf("key upstream.url: target_session_attrs=%s with budget.cluster.enabled: the cluster's leases are written on the server, which a read-only server or a standby refuses; use read-write or primary", target)
+	}
 	if err := checkUpstreamNotSelf(ctx, c, base); err != nil {
 		return nil, err
 	}
-	u := &upstream{connString: cs, base: base}
+	u := &upstream{connString: cs, base: base, target: target, loadBalance: lb}
 	if u.tls, err = tlsconf.NewUpstream(topts); err != nil {
 		return nil, err
 	}

@@ -2,6 +2,7 @@ package pgtest
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"io"
@@ -13,7 +14,9 @@ import (
 // on demand: answering with no cost of its own, so that a benchmark
 // measures only the governor's relay. It accepts any user without a
 // password and answers every simple Query with one row ("1") and every
-// Sync with ReadyForQuery. It does not parse SQL.
+// Sync with ReadyForQuery. It does not parse SQL, but for the pool's role
+// query (a Query that mentions pg_is_in_recovery), answered as a primary
+// does: (f, off).
 type FakeBackend struct {
 	ln   net.Listener
 	wg   sync.WaitGroup
@@ -71,7 +74,7 @@ func (fb *FakeBackend) accept() {
 }
 
 // fakeResponses are the canned responses, built once per backend.
-type fakeResponses struct{ welcome, queryResult, sync []byte }
+type fakeResponses struct{ welcome, queryResult, roleResult, sync []byte }
 
 func newFakeResponses() fakeResponses {
 	return fakeResponses{welcome: concat(
@@ -90,6 +93,13 @@ func newFakeResponses() fakeResponses {
 		msg('D', []byte{0, 1}, u32(1), []byte("1")),
 		msg('C', cstr("SELECT 1")),
 		msg('Z', []byte{'I'}),
+	), roleResult: concat(
+		msg('T', []byte{0, 2},
+			cstr("pg_is_in_recovery"), u32(0), []byte{0, 0}, u32(16), []byte{0, 1}, u32(0xffffffff), []byte{0, 0},
+			cstr("reset_val"), u32(0), []byte{0, 0}, u32(25), []byte{0xff, 0xff}, u32(0xffffffff), []byte{0, 0}),
+		msg('D', []byte{0, 2}, u32(1), []byte("f"), u32(3), []byte("off")),
+		msg('C', cstr("SELECT 1")),
+		msg('Z', []byte{'I'}),
 	), sync: msg('Z', []byte{'I'})}
 }
 
@@ -97,6 +107,7 @@ func serveFake(c net.Conn, resp fakeResponses) error {
 	r := bufio.NewReaderSize(c, 8192)
 	w := bufio.NewWriterSize(c, 8192)
 	var hdr [5]byte
+	var qbuf []byte // a Query's text, reused
 	// Startup packet (SSLRequest answered 'N' first).
 	for {
 		if _, err := io.ReadFull(r, hdr[:4]); err != nil {
@@ -126,11 +137,27 @@ func serveFake(c net.Conn, resp fakeResponses) error {
 			return err
 		}
 		n := int(binary.BigEndian.Uint32(hdr[1:])) - 4
-		if _, err := r.Discard(n); err != nil {
+		if n < 0 {
+			return errors.New("bad message length")
+		}
+		role := false
+		if hdr[0] == 'Q' && n <= len(roleQueryMark)+4096 {
+			if cap(qbuf) < n {
+				qbuf = make([]byte, n)
+			}
+			if _, err := io.ReadFull(r, qbuf[:n]); err != nil {
+				return err
+			}
+			role = bytes.Contains(qbuf[:n], []byte(roleQueryMark))
+		} else if _, err := r.Discard(n); err != nil {
 			return err
 		}
 		switch hdr[0] {
 		case 'Q':
+			if role {
+				_, _ = w.Write(resp.roleResult)
+				break
+			}
 			_, _ = w.Write(resp.queryResult)
 		case 'S':
 			_, _ = w.Write(resp.sync)
@@ -144,6 +171,9 @@ func serveFake(c net.Conn, resp fakeResponses) error {
 		}
 	}
 }
+
+// roleQueryMark is what identifies the pool's role query.
+const roleQueryMark = "pg_is_in_recovery"
 
 func msg(typ byte, parts ...[]byte) []byte {
 	body := concat(parts...)

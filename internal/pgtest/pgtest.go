@@ -239,7 +239,7 @@ func (c *Cluster) writeConfig() error {
 			"host all all ::1/128 scram-sha-256",
 		}
 	}
-	hbaText := "local all all trust\n" + strings.Join(hba, "\n") + "\n"
+	hbaText := "local all all trust\nlocal replication all trust\n" + strings.Join(hba, "\n") + "\n"
 	if err := c.writeFile("pg_hba.conf", []byte(hbaText)); err != nil {
 		return err
 	}
@@ -303,7 +303,8 @@ func (c *Cluster) start(ctx context.Context) error {
 			if c.opts.Logf != nil {
 				c.opts.Logf("postgres: %s", line)
 			}
-			if strings.Contains(line, "database system is ready to accept connections") {
+			if strings.Contains(line, "database system is ready to accept connections") ||
+				strings.Contains(line, "database system is ready to accept read-only connections") { // a standby
 				once.Do(func() { close(ready) })
 			}
 		}

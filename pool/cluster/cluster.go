@@ -143,6 +143,17 @@ type Stats struct {
 type Manager struct {
 	o    Options
 	kick chan struct{}
+	// move asks Run to leave the session's server (Move); moving is set
+	// from Move until Run has closed that session: meanwhile the pool gets
+	// no lease of it.
+	move   chan struct{}
+	moving atomic.Bool
+	// rejoinUntil is set by a Move to a member timeout ahead: until this
+	// replica has joined again, or then, Run tries every tenth of a
+	// heartbeat instead of at every heartbeat (the server that fits may be
+	// a standby being promoted; the others' rows shrink as their
+	// connections to the old server close). Owned by Run.
+	rejoinUntil time.Time
 	// lastOK is when the last successful write of this member's row was
 	// sent (UnixNano on o.Now's clock), read by the fence timer.
 	lastOK atomic.Int64
@@ -197,7 +208,7 @@ func New(o Options) *Manager {
 	if o.Addr == nil {
 		o.Addr = func() string { return "" }
 	}
-	m := &Manager{o: o, kick: make(chan struct{}, 1), joined: o.Now(), failed: map[int]bool{}}
+	m := &Manager{o: o, kick: make(chan struct{}, 1), move: make(chan struct{}, 1), joined: o.Now(), failed: map[int]bool{}}
 	m.stats.Ignored = map[string]uint64{}
 	for _, r := range IgnoredReasons() {
 		m.stats.Ignored[r] = 0
@@ -210,6 +221,26 @@ func New(o Options) *Manager {
 func (m *Manager) Queued() {
 	select {
 	case m.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Move is told that the server the control connection is on no longer
+// fits upstream.url's target_session_attrs (a primary demoted or made
+// read-only: the pool retired its connections to it). The leases are
+// advisory locks on that server and count nothing on the one new server
+// connections go to, so the pool opens none from now (its limit is 0 at
+// once) until Run has closed the session and joined the cluster again on
+// a new control connection, opened where upstream.url leads now, at once
+// and then at every heartbeat until one fits. It never blocks.
+func (m *Manager) Move() {
+	m.moving.Store(true)
+	m.fenceMu.Lock()
+	m.o.Pool.SetLimitNote(noteLost)
+	m.o.Pool.SetLimit(0)
+	m.fenceMu.Unlock()
+	select {
+	case m.move <- struct{}{}:
 	default:
 	}
 }
@@ -247,6 +278,7 @@ var (
 	noteShare    = "this replica's share of the cluster budget"
 	noteLost     = "this replica's share of the cluster budget (none while its control connection to the server is down)"
 	errNoReplica = errors.New("no replica number is free")
+	errMoved     = errors.New("the control connection's server no longer fits upstream.url's target_session_attrs: its leases count nothing where new server connections go")
 )
 
 // Run keeps the leases until ctx ends: a heartbeat every o.Heartbeat, a
@@ -281,7 +313,7 @@ func (m *Manager) Run(ctx context.Context) {
 			return
 		case <-tick.C:
 			m.Step(ctx)
-			tick.Reset(m.o.Heartbeat)
+			tick.Reset(m.interval())
 		case <-m.kick:
 			// At most one quick look per tenth of a heartbeat.
 			if now := m.o.Now(); now.Sub(quick) >= m.o.Heartbeat/10 {
@@ -290,6 +322,9 @@ func (m *Manager) Run(ctx context.Context) {
 			}
 		case <-changed:
 			m.GiveBack(ctx)
+		case <-m.move:
+			m.moveNow(ctx)
+			tick.Reset(m.interval())
 		}
 		if ok := m.lastOK.Load(); ok != armed {
 			armed = ok
@@ -300,6 +335,26 @@ func (m *Manager) Run(ctx context.Context) {
 			rearm <- time.Unix(0, ok).Add(3 * m.o.MemberTimeout / 4)
 		}
 	}
+}
+
+// moveNow closes the session on the server that no longer fits (Move)
+// and joins again on a new one.
+func (m *Manager) moveNow(ctx context.Context) {
+	if m.sess != nil {
+		m.lose(ctx, errMoved)
+	}
+	m.moving.Store(false) // the session whose leases counted nothing is closed
+	m.rejoinUntil = m.o.Now().Add(m.o.MemberTimeout)
+	m.Step(ctx)
+}
+
+// interval is the time to the next Step: a heartbeat, or a tenth of one
+// while rejoining after a Move.
+func (m *Manager) interval() time.Duration {
+	if m.sess == nil && m.o.Now().Before(m.rejoinUntil) {
+		return m.o.Heartbeat / 10
+	}
+	return m.o.Heartbeat
 }
 
 // fenceLoop calls Fence at the deadline last received on rearm.
@@ -484,7 +539,7 @@ func (m *Manager) Fence() {
 func (m *Manager) setLimit(leases int, note string) {
 	m.fenceMu.Lock()
 	defer m.fenceMu.Unlock()
-	if !m.o.Now().Before(m.validUntil()) {
+	if !m.o.Now().Before(m.validUntil()) || m.moving.Load() {
 		leases, note = 0, noteLost
 	}
 	m.o.Pool.SetLimitNote(note)

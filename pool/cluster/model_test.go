@@ -641,3 +641,47 @@ func TestLapsedMemberTakesANewNumber(t *testing.T) {
 		w.check(t)
 	})
 }
+
+// TestMoveHoldsTheLimitUntilRejoined: Move (the control connection's
+// server no longer fits target_session_attrs) sets the pool's limit to 0
+// at once, whatever the loop is doing; no heartbeat of the old session
+// gives it leases again; moveNow closes that session and joins on a new
+// one, which gives the limit back.
+func TestMoveHoldsTheLimitUntilRejoined(t *testing.T) {
+	rapid.Check(t, func(t *rapid.T) {
+		ctx := context.Background()
+		w := &world{t: t, now: time.Unix(1_700_000_000, 0), capacity: 8,
+			sessions: map[*modelSession]bool{}, locks: map[int]*modelSession{}, rows: map[int]modelRow{}}
+		w.join()
+		r := w.replicas[0]
+		r.m.Step(ctx)
+		if r.p.limit == 0 {
+			t.Fatalf("setup: want a limit once joined, got = 0")
+		}
+		old := r.store.sess
+		r.m.Move()
+		if r.p.limit != 0 {
+			t.Fatalf("after Move: want limit = 0 at once, got = %d", r.p.limit)
+		}
+		w.now = w.now.Add(modelHeartbeat)
+		r.m.Step(ctx) // a heartbeat on the old session, before Run took the move
+		if r.p.limit != 0 {
+			t.Fatalf("a heartbeat of the old session after Move: want limit = 0, got = %d", r.p.limit)
+		}
+		<-r.m.move
+		r.m.moveNow(ctx)
+		if w.sessions[old] {
+			t.Fatal("after moveNow: the old session is still open")
+		}
+		if r.store.sess == old || r.m.sess == nil {
+			t.Fatal("after moveNow: want a new session, joined")
+		}
+		if r.p.limit == 0 {
+			t.Fatal("after rejoining: want the limit back, got = 0")
+		}
+		if got := r.m.interval(); got != modelHeartbeat {
+			t.Fatalf("interval once joined: want = %s, got = %s", modelHeartbeat, got)
+		}
+		w.check(t)
+	})
+}
